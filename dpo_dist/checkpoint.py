@@ -1,0 +1,141 @@
+"""What is in a checkpoint directory, read without loading it: config, weight files, tensor byte ranges.
+
+Each rank later reads only its own slice of each tensor (for the file fingerprint), so we parse the safetensors
+headers ourselves: 8-byte little-endian header length, a JSON header, then raw data whose `data_offsets` are relative
+to the end of the header. `safe_open(...).get_slice` would do as well but maps the whole file into RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .fingerprint import SAFETENSORS_DTYPES
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be used, with the fix in the message."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset of the first element in `file`
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorEntry]:
+    path = str(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated (no safetensors header): re-copy or re-save the checkpoint")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise CheckpointError(f"{path} has a corrupt safetensors header (length {n}): re-copy the file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} has a corrupt safetensors header: re-copy the file") from None
+    base = 8 + n
+    out: dict[str, TensorEntry] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(meta.get("dtype", ""))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+        begin, end = meta["data_offsets"]
+        if base + end > size:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes; "
+                "re-copy or re-save the checkpoint"
+            )
+        out[name] = TensorEntry(name, path, dtype, tuple(meta["shape"]), base + begin, end - begin)
+    return out
+
+
+def weight_files(ckpt: str | Path, allow_pickle: bool = False) -> list[Path]:
+    """The safetensors files of a checkpoint, checked to exist; pickle-only checkpoints are refused by default."""
+    d = Path(ckpt)
+    index = d / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError):
+            raise CheckpointError(f"{index} is not a valid safetensors index: re-save the checkpoint") from None
+        files = sorted({d / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names missing shard(s) {', '.join(missing)}: copy them into {d}")
+        return files
+    if (d / SINGLE_NAME).is_file():
+        return [d / SINGLE_NAME]
+    if any((d / p).is_file() for p in PICKLE_NAMES):
+        if allow_pickle:
+            return []
+        raise CheckpointError(
+            f"{d} has only pickle .bin weights, which can run code when loaded: convert them to safetensors, "
+            "or set model.allow_pickle: true if you trust the source"
+        )
+    raise CheckpointError(f"no weights in {d}: expected {SINGLE_NAME} or {INDEX_NAME}")
+
+
+def preflight(ckpt: str | Path, allow_pickle: bool = False) -> dict:
+    """Cheap checks before any rank loads anything; returns config.json as a dict."""
+    d = Path(ckpt)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist: check model.path / reference.path")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{d} has no config.json: point to a directory written by save_pretrained")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}): re-save it") from None
+    weight_files(d, allow_pickle)
+    return config
+
+
+def tensor_index(ckpt: str | Path) -> dict[str, TensorEntry]:
+    """Every tensor of a safetensors checkpoint by name."""
+    out: dict[str, TensorEntry] = {}
+    for f in weight_files(ckpt):
+        out.update(read_safetensors_header(f))
+    return out
+
+
+def read_elements(entry: TensorEntry, start: int, n: int) -> bytes:
+    """Bytes of elements [start, start + n) of a tensor, read with one pread (no mapping, no full read)."""
+    if n <= 0:
+        return b""
+    item = torch.empty((), dtype=entry.dtype).element_size()
+    fd = os.open(entry.file, os.O_RDONLY)
+    try:
+        want = n * item
+        buf = os.pread(fd, want, entry.start + start * item)
+    finally:
+        os.close(fd)
+    if len(buf) != want:
+        raise CheckpointError(f"{entry.file} is truncated inside tensor {entry.name}: re-copy the file")
+    return buf

@@ -1,0 +1,104 @@
+"""The `dpo-dist` command line. `--help` stays fast: torch, deepspeed and trl are imported inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run YAML (default: the embedded tiny SFT model and preference data)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (repeatable), e.g. --set train.beta=0.2")
+    p.add_argument("--model", help="SFT checkpoint directory (model.path)")
+    p.add_argument("--reference", help="reference checkpoint directory (reference.path; default: the model)")
+    p.add_argument("--sharding", choices=["zero2", "zero3", "zero3_offload"], help="policy sharding (sharding.name)")
+    p.add_argument("--placement", help="reference placement (reference.placement)")
+    p.add_argument("--output-dir", help="where report.json and trainer output go (train.output_dir)")
+    p.add_argument("--smoke-steps", type=int, help="run N real training steps and check loss and parameter motion")
+    p.add_argument("--overwrite", action="store_true", help="reuse an output dir that holds another run's report")
+
+
+def _overrides(args: argparse.Namespace):
+    from .config import parse_override
+
+    pairs = [parse_override(o) for o in args.overrides]
+    named = {"model": "model.path", "reference": "reference.path", "sharding": "sharding.name",
+             "placement": "reference.placement", "output_dir": "train.output_dir", "smoke_steps": "verify.smoke_steps"}
+    for attr, key in named.items():
+        val = getattr(args, attr, None)
+        if val is not None:
+            pairs.append((key.split("."), val))
+    if getattr(args, "overwrite", False):
+        pairs.append((["overwrite"], True))
+    return pairs
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load
+
+    try:
+        cfg = load(args.config, _overrides(args))
+    except ConfigError as e:
+        print(f"dpo-dist: {e.one_line()}", file=sys.stderr)
+        return 2
+    from .distributed import DistContext
+    from .run import InitRun, finish
+
+    ctx = DistContext.from_env(cfg.sharding.timeout_s)
+    code = 1
+    try:
+        result = InitRun(cfg, ctx, debug=args.debug).run()
+        code = finish(result, ctx, cfg.train.output_dir)
+    finally:
+        ctx.teardown()
+    return code
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .launcher import LaunchSpec, build_launch
+
+    init_args = list(args.init_args)
+    if init_args and init_args[0] == "--":
+        init_args = init_args[1:]
+    spec = LaunchSpec(sharding=args.sharding, num_processes=args.num_processes, num_machines=args.num_machines,
+                      machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
+                      main_process_port=args.port, cpu=args.cpu, init_args=tuple(init_args))
+    argv, env = build_launch(spec)
+    shown = " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(argv)
+    if args.dry_run:
+        print(shown)
+        return 0
+    print(f"[dpo-dist] {shown}", flush=True)
+    return subprocess.call(argv, env={**os.environ, **env})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_init = sub.add_parser("init", help="load policy + reference, prove they start identical, build the "
+                            "DPOTrainer, write the quality-gate report (run under accelerate launch)")
+    _add_config_args(p_init)
+    p_init.add_argument("--debug", action="store_true", help="print tracebacks")
+    p_init.set_defaults(func=cmd_init)
+
+    p_launch = sub.add_parser("launch", help="build (and run) the accelerate launch command for `init`")
+    p_launch.add_argument("--sharding", default="zero3", choices=["zero2", "zero3", "zero3_offload"])
+    p_launch.add_argument("--num-processes", type=int, default=2, help="processes per machine")
+    p_launch.add_argument("--num-machines", type=int, default=1)
+    p_launch.add_argument("--machine-rank", type=int, default=0)
+    p_launch.add_argument("--main-process-ip")
+    p_launch.add_argument("--port", type=int, default=29500)
+    p_launch.add_argument("--cpu", action="store_true", help="CPU-only machine: DeepSpeed CPU accelerator + gloo")
+    p_launch.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    p_launch.add_argument("init_args", nargs=argparse.REMAINDER, help="-- then arguments for `dpo-dist init`")
+    p_launch.set_defaults(func=cmd_launch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

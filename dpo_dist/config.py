@@ -1,0 +1,310 @@
+"""One typed config tree for a dpo-dist run, loaded strictly from YAML.
+
+Frozen dataclasses per concern; unknown keys, wrong types and bad values are all collected and reported in one
+`ConfigError` (torchtune/nanotron style), so a user fixes their YAML in one go. Precedence: CLI overrides > YAML >
+defaults. Derived values (resolved paths, DeepSpeed dicts) live in functions elsewhere, not in `__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_PROMPTS = (
+    "Explain machine learning in simple terms.",
+    "What is a good way to learn a new language?",
+    "Why is the sky blue?",
+    "Give me one tip for writing clear code.",
+)
+DEFAULT_REFERENCE_TEXT = (
+    "Machine learning lets computers learn patterns from examples instead of following fixed rules."
+)
+
+SHARDING_NAMES = ("zero2", "zero3", "zero3_offload")
+PLACEMENTS = ("zero3", "cpu", "lora", "precomputed", "ranks")
+IMPLEMENTED_PLACEMENTS = ("zero3",)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, reported at once."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
+
+    def one_line(self) -> str:
+        return f"invalid {self.source}: " + "; ".join(self.problems)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The SFT checkpoint the policy (and by default the reference) is loaded from."""
+
+    path: str = "default"  # a checkpoint directory; "default" = the embedded tiny SFT model
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # safetensors only unless the user opts into pickle .bin files
+    pad_policy: Literal["eos", "fail"] = "eos"  # no pad token: set pad = eos with a warning, or fail
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """Where the frozen reference comes from and where it lives."""
+
+    path: str | None = None  # None = the policy's checkpoint
+    placement: Literal["zero3", "cpu", "lora", "precomputed", "ranks"] = "zero3"
+    on_zero2: Literal["replica", "refuse"] = "replica"  # zero3 placement with a ZeRO-2 policy
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How the policy is sharded: a DeepSpeed config shipped by name, or the user's own JSON."""
+
+    name: Literal["zero2", "zero3", "zero3_offload"] | None = None  # None: from the accelerate launch, else zero3
+    ds_config: str | None = None  # a DeepSpeed JSON path; overrides `name`
+    timeout_s: int = 600  # collective timeout: a mismatch fails after this, never after torch's 30 min default
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """The proofs run before training: generation, fingerprints, initial KL, optional smoke steps."""
+
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    reference_text: str = DEFAULT_REFERENCE_TEXT
+    kl_max: float = 1e-4
+    kl_chunk: int = 4096
+    generation: bool = True
+    max_new_tokens: int = 24
+    fingerprint_files: bool = True
+    smoke_steps: int = 0
+    smoke_learning_rate: float = 1e-2  # smoke steps only: large enough that every bf16 weight visibly moves
+    loss_tolerance: float = 1e-4
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preference data: JSONL files or `datasets` directories with prompt/chosen/rejected strings."""
+
+    train: str = "default"
+    eval: str | None = "default"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """DPO arguments; the named ones and `extra` pass through to TRL's DPOConfig."""
+
+    beta: float = 0.1
+    learning_rate: float = 1e-6
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    max_length: int = 1024
+    max_prompt_length: int = 512  # TRL 1.x dropped it; we truncate prompts (keeping their end) in data prep
+    logging_steps: int = 10
+    save_steps: int = 100
+    output_dir: str = "runs/dpo-dist"
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # more DPOConfig fields, checked against DPOConfig
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    overwrite: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# strict construction
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check (and gently coerce) a YAML value against a field type. Returns (ok, value)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            ok, v = _type_ok(value, a)
+            if ok:
+                return True, v
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if origin is Literal:
+        return value in args, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-6" as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(
+            value, (int, float)
+        ) else value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        ok = all(_type_ok(v, args[0])[0] for v in value)
+        return ok, tuple(value)
+    if origin is dict:
+        return isinstance(value, dict), value
+    return isinstance(value, tp), value
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if origin is tuple:
+        return "a list of strings"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'top level'}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            problems.append(f"unknown key '{where}'{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{where}.", problems)
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            problems.append(f"'{where}' must be {_describe(tp)}, got {value!r}")
+            continue
+        kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _check_values(cfg: RunConfig, problems: list[str]) -> None:
+    t, v = cfg.train, cfg.verify
+    if t.beta <= 0:
+        problems.append(f"'train.beta' must be > 0, got {t.beta}")
+    if t.learning_rate <= 0:
+        problems.append(f"'train.learning_rate' must be > 0, got {t.learning_rate}")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "max_length", "max_prompt_length", "logging_steps", "save_steps"):
+        if getattr(t, name) < 1:
+            problems.append(f"'train.{name}' must be >= 1, got {getattr(t, name)}")
+    if t.max_prompt_length >= t.max_length:
+        problems.append(
+            f"'train.max_prompt_length' ({t.max_prompt_length}) must be < 'train.max_length' ({t.max_length}): "
+            "no room would be left for the completion"
+        )
+    if not (0 < v.kl_max < 1):
+        problems.append(f"'verify.kl_max' must be in (0, 1), got {v.kl_max}")
+    if v.kl_chunk < 1 or v.max_new_tokens < 1 or v.smoke_steps < 0:
+        problems.append("'verify.kl_chunk' and 'verify.max_new_tokens' must be >= 1, 'verify.smoke_steps' >= 0")
+    if not v.prompts:
+        problems.append("'verify.prompts' must hold at least one prompt")
+    if cfg.sharding.timeout_s < 10:
+        problems.append(f"'sharding.timeout_s' must be >= 10 seconds, got {cfg.sharding.timeout_s}")
+    if cfg.reference.placement not in IMPLEMENTED_PLACEMENTS:
+        problems.append(
+            f"'reference.placement: {cfg.reference.placement}' is not available in this version "
+            f"(available: {', '.join(IMPLEMENTED_PLACEMENTS)})"
+        )
+    reserved = {f.name for f in dataclasses.fields(TrainConfig)} | {"deepspeed", "use_cpu", "bf16", "fp16"}
+    clash = sorted(set(t.extra) & reserved)
+    if clash:
+        problems.append(f"'train.extra' must not set {', '.join(clash)}: use the dedicated keys or sharding config")
+
+
+def from_dict(data: dict[str, Any] | None, source: str = "config") -> RunConfig:
+    """Build and validate a RunConfig; raise one ConfigError naming every problem."""
+    problems: list[str] = []
+    cfg = _build(RunConfig, data or {}, "", problems)
+    if not problems:
+        _check_values(cfg, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], yaml-parsed value)."""
+    if "=" not in item:
+        raise ConfigError([f"override '{item}' must look like section.key=value"], "command line")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def merge_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
+    """Apply dotted overrides on a nested dict (CLI wins over YAML)."""
+    out = yaml.safe_load(yaml.safe_dump(data)) if data else {}
+    for keys, value in overrides:
+        node = out
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return out
+
+
+def load(path: str | Path | None, overrides: list[tuple[list[str], Any]] | None = None) -> RunConfig:
+    """Load YAML (None = all defaults), apply CLI overrides, validate strictly."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError([f"config file '{p}' does not exist: pass an existing YAML file with --config"], source)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {str(e).splitlines()[0]}"], source) from None
+        if not isinstance(data, dict):
+            raise ConfigError(["the top level must be a mapping of sections (model, reference, ...)"], source)
+    if overrides:
+        data = merge_overrides(data, overrides)
+        source += " + command line"
+    return from_dict(data, source)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain dict (YAML/JSON-safe) for the report and the resolved config file."""
+    d = dataclasses.asdict(cfg)
+    d["verify"]["prompts"] = list(d["verify"]["prompts"])
+    return d

@@ -1,0 +1,85 @@
+"""Preference data: load JSONL or a `datasets` directory, validate every row, truncate long prompts.
+
+TRL 1.x's DPOConfig has no max_prompt_length; we keep the seed's limit and truncate prompts here, keeping their end
+(the question a user asked is usually last), and report how many were cut.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FIELDS = ("prompt", "chosen", "rejected")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on, with the fix in the message."""
+
+
+@dataclass
+class PreparedData:
+    rows: list[dict[str, str]]
+    truncated_prompts: int
+    identical_pairs: int
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        raise DataError(f"dataset {path} does not exist: check data.train / data.eval")
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        ds = load_from_disk(str(path))
+        if hasattr(ds, "keys"):  # a DatasetDict: take its train split
+            if "train" not in ds:
+                raise DataError(f"dataset directory {path} has splits {list(ds.keys())} but no 'train'")
+            ds = ds["train"]
+        return [dict(r) for r in ds]
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({e.msg}): fix that line") from None
+    return rows
+
+
+def validate(rows: list[dict], name: str) -> None:
+    if not rows:
+        raise DataError(f"{name} dataset is empty: it needs rows with prompt, chosen and rejected")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict):
+            raise DataError(f"{name} row {i} is not an object with prompt/chosen/rejected")
+        missing = [k for k in FIELDS if k not in r]
+        if missing:
+            raise DataError(f"{name} row {i} lacks {', '.join(missing)}: every row needs prompt, chosen, rejected")
+        bad = [k for k in FIELDS if not isinstance(r[k], str) or not r[k].strip()]
+        if bad:
+            raise DataError(f"{name} row {i}: {', '.join(bad)} must be non-empty strings")
+
+
+def prepare(path: Path, name: str, tok, max_prompt_length: int) -> PreparedData:
+    rows = read_rows(path)
+    validate(rows, name)
+    identical = sum(1 for r in rows if r["chosen"] == r["rejected"])
+    if identical == len(rows):
+        raise DataError(f"{name} dataset: chosen == rejected in every row, so there is no preference to learn")
+    out, cut = [], 0
+    for r in rows:
+        ids = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        prompt = r["prompt"]
+        if len(ids) > max_prompt_length:
+            prompt = tok.decode(ids[-max_prompt_length:])
+            cut += 1
+        out.append({"prompt": prompt, "chosen": r["chosen"], "rejected": r["rejected"]})
+    return PreparedData(out, cut, identical)
+
+
+def to_dataset(rows: list[dict[str, str]]):
+    from datasets import Dataset
+
+    return Dataset.from_list(rows)

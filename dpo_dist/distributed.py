@@ -1,0 +1,113 @@
+"""Rank logic in one small object, so the core never branches on rank itself.
+
+Modelled on TRL's `DistributedBackend` and nanochat's `print0`: the process group is created here with a deliberate
+timeout (accelerate's CPU path would otherwise leave torch's 30-minute default), failure flags are all-reduced so every
+rank decides together (accelerate's set_trigger/check_trigger), and a single process works with no process group.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+
+class DistContext:
+    """World facts plus the few collectives the verification needs; all no-ops for a single process."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, device: torch.device | None = None):
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.device = device or torch.device("cpu")
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, timeout_s: int) -> DistContext:
+        """Join the job started by accelerate/torchrun/srun (RANK, WORLD_SIZE, MASTER_ADDR set), or run alone."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if world == 1:
+            return cls(0, 1, 0, _device(local_rank))
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        acc = get_accelerator()
+        if acc.device_name() != "cpu":
+            acc.set_device(local_rank)
+        if not torch.distributed.is_initialized():
+            # DeepSpeed picks nccl on GPUs, gloo with its CPU accelerator (no oneCCL needed); we add the timeout.
+            deepspeed.init_distributed(
+                dist_backend=acc.communication_backend_name(),
+                timeout=timedelta(seconds=timeout_s),
+                auto_mpi_discovery=False,
+            )
+        return cls(rank, world, local_rank, _device(local_rank))
+
+    # -- facts --------------------------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def print0(self, *args: Any) -> None:
+        if self.is_main:
+            print(*args, flush=True)
+
+    def warn(self, msg: str) -> None:
+        """A warning printed once (rank 0)."""
+        if self.is_main:
+            print(f"WARNING: {msg}", file=sys.stderr, flush=True)
+
+    # -- collectives --------------------------------------------------------------------------------------------
+    def _comm_device(self) -> torch.device:
+        if not self.distributed:
+            return torch.device("cpu")
+        return torch.device("cpu") if torch.distributed.get_backend() == "gloo" else self.device
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """All-reduce a copy of `t` and return it on t's device (int64 sums wrap modulo 2^64, as fingerprints need)."""
+        if not self.distributed:
+            return t.clone()
+        x = t.detach().to(self._comm_device()).clone()
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+               "min": torch.distributed.ReduceOp.MIN}
+        torch.distributed.all_reduce(x, op=ops[op])
+        return x.to(t.device)
+
+    def all_ok(self, ok: bool) -> bool:
+        """True only if `ok` holds on every rank: the shared decision that keeps ranks in step."""
+        return bool(self.all_reduce(torch.tensor([1 if ok else 0], dtype=torch.int64), "min").item())
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's object, in rank order, on every rank (small things only: check results)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def teardown(self) -> None:
+        """Barrier then destroy: without it gloo processes sometimes abort at exit (seen 4 in 10 runs)."""
+        if self.distributed and torch.distributed.is_initialized():
+            try:
+                torch.distributed.barrier()
+            finally:
+                torch.distributed.destroy_process_group()
+
+
+def _device(local_rank: int) -> torch.device:
+    if os.environ.get("DS_ACCELERATOR", "") == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)

@@ -1,0 +1,146 @@
+"""Additive weight fingerprint: prove bitwise equality of sharded weights without gathering them.
+
+For a tensor flattened to x_0..x_{N-1}, let b_i be the raw bit pattern of x_i read as an unsigned integer of the
+element's width (8/16/32/64 bits) and w_i = ((i + 1) * 0x9E3779B1) mod 2^32. The fingerprint is the int64 pair
+
+    F = (sum_i w_i * b_i mod 2^64, sum_i b_i mod 2^64)        (two's complement wrap)
+
+Why this shape: F is a sum over positions, so each rank fingerprints only its own contiguous shard (at its global
+offset) and an all-reduce SUM in int64 (which wraps mod 2^64) yields exactly the fingerprint of the whole tensor,
+whatever the split. The weights are distinct and non-zero for i < 2^32 - 1 (the multiplier is odd). Changing one
+element by d changes F by (w_i * d, d) and swapping two different elements changes it by ((b_i - b_j)(w_j - w_i), 0)
+(mod 2^64), so a change goes unseen only if that product is = 0 mod 2^64:
+
+- 8/16/32-bit dtypes: both factors are non-zero with |factor| < 2^32, so |product| < 2^64 and it cannot vanish:
+  every single-element change alters both components, every swap of different values alters the first.
+- 64-bit dtypes: any single-element change still alters the second component. The first component misses a change
+  (or a swap) only when the 2-adic valuations of the two factors add up to >= 64, e.g. values differing by a
+  multiple of 2^(64 - v(i - j)) swapped at distance i - j; adjacent swaps are always caught.
+
+Several simultaneous changes can cancel (F is linear in the b_i): this is an integrity check against bugs (wrong
+shard, stale buffer, lossy cast), not a cryptographic hash. All arithmetic is int64 with wraparound; no floats.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+
+MULT = 0x9E3779B1
+_MASK32 = 0xFFFFFFFF
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+# Element width in bytes -> (integer view dtype, mask that makes its value the unsigned bit pattern, or None).
+_VIEWS: dict[int, tuple[torch.dtype, int | None]] = {
+    1: (torch.uint8, None),
+    2: (torch.int16, 0xFFFF),
+    4: (torch.int32, _MASK32),
+    8: (torch.int64, None),
+}
+
+# Weights w_k for positions k = 0..n-1 (offset 0), one growing tensor per device; read-only and shared by all calls.
+_BASE: dict[torch.device, torch.Tensor] = {}
+
+
+def _base_weights(n: int, device: torch.device) -> torch.Tensor:
+    """Cached ((k + 1) * MULT) mod 2^32 for k < n, so each chunk only needs an add and a mask."""
+    base = _BASE.get(device)
+    if base is None or base.numel() < n:
+        base = torch.arange(1, n + 1, dtype=torch.int64, device=device).mul_(MULT).bitwise_and_(_MASK32)
+        _BASE[device] = base
+    return base[:n]
+
+
+def shard_range(numel: int, rank: int, world: int) -> tuple[int, int]:
+    """(start, count) of the flat elements rank ``rank`` owns under ZeRO-3's padded equal-size partitioning."""
+    if world < 1 or not 0 <= rank < world or numel < 0:
+        raise ValueError(f"bad shard request: numel={numel} rank={rank} world={world}")
+    part = -(-numel // world)
+    start = rank * part
+    return start, max(0, min(part, numel - start))
+
+
+def fingerprint_flat(flat: torch.Tensor, offset: int = 0, chunk: int = 1 << 22) -> torch.Tensor:
+    """Fingerprint of a 1-D slice holding global positions [offset, offset + numel) of some flattened tensor.
+
+    Runs on flat's device and returns int64 [2] there (no host sync). Extra memory is about 2 int64 buffers of
+    ``chunk`` elements plus the cached weights; the input is never copied as a whole nor converted to float.
+    """
+    if flat.dim() != 1:
+        raise ValueError(f"fingerprint_flat expects a 1-D tensor, got shape {tuple(flat.shape)}")
+    if offset < 0 or chunk < 1:
+        raise ValueError(f"bad offset={offset} or chunk={chunk}")
+    device = flat.device
+    numel = flat.numel()
+    out = torch.zeros(2, dtype=torch.int64, device=device)
+    if numel == 0:
+        return out
+    size = flat.element_size()
+    if size not in _VIEWS or flat.is_complex():
+        raise TypeError(f"unsupported dtype for fingerprinting: {flat.dtype}")
+    view_dtype, mask = _VIEWS[size]
+    bits = flat.view(view_dtype)  # reinterpret, no copy (same element size works for any stride)
+    n_max = min(chunk, numel)
+    base = _base_weights(n_max, device)
+    wbuf = torch.empty(n_max, dtype=torch.int64, device=device)
+    bbuf = None if view_dtype == torch.int64 else torch.empty(n_max, dtype=torch.int64, device=device)
+    wsum, bsum = out[0], out[1]
+    for start in range(0, numel, n_max):
+        n = min(n_max, numel - start)
+        if bbuf is None:
+            b = bits[start : start + n]  # 64-bit: the int64 value already is the pattern mod 2^64
+        else:
+            b = bbuf[:n]
+            b.copy_(bits[start : start + n])  # uint8 converts unsigned; int16/int32 sign-extend, fixed by the mask
+            if mask is not None:
+                b.bitwise_and_(mask)
+        bsum.add_(b.sum())
+        w = wbuf[:n]
+        torch.add(base[:n], ((offset + start) * MULT) & _MASK32, out=w)  # < 2^33, no overflow
+        w.bitwise_and_(_MASK32).mul_(b)  # w_i * b_i < 2^48 for <= 16-bit values; wraps mod 2^64 for wider ones
+        wsum.add_(w.sum())
+    return out
+
+
+def fingerprint_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Fingerprint of a whole tensor in logical (row-major) order; non-contiguous input is copied by reshape."""
+    return fingerprint_flat(t.reshape(-1), 0)
+
+
+def fingerprint_bytes(buf: bytes | bytearray | memoryview, dtype: torch.dtype, offset_elems: int) -> torch.Tensor:
+    """Fingerprint raw little-endian elements (a byte range of a safetensors file) at element offset offset_elems.
+
+    Wraps the buffer without copying (torch.frombuffer) and returns int64 [2] on CPU; empty buffer -> zeros.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("fingerprint_bytes assumes a little-endian host (safetensors data is little-endian)")
+    nbytes = memoryview(buf).nbytes
+    if nbytes == 0:
+        return torch.zeros(2, dtype=torch.int64)
+    size = torch.empty(0, dtype=dtype).element_size()
+    if nbytes % size:
+        raise ValueError(f"buffer of {nbytes} bytes is not a whole number of {dtype} elements")
+    with warnings.catch_warnings():  # read-only bytes trigger a "not writable" warning; we never write
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(buf, dtype=dtype)
+    return fingerprint_flat(flat, offset_elems)
+
+
+def fingerprint_hex(fp: torch.Tensor) -> str:
+    """32 hex chars: both components as unsigned 64-bit, for logs and cross-process comparison."""
+    a, b = (int(v) & 0xFFFFFFFFFFFFFFFF for v in fp.detach().cpu().reshape(-1).tolist())
+    return f"{a:016x}{b:016x}"

@@ -1,0 +1,145 @@
+"""Forward-pass checks: greedy generation, perplexity, and the initial KL(policy || reference).
+
+ZeRO-3 runs a forward as a collective (each layer's weights are gathered from every rank), so every rank runs exactly
+the same number of forwards here: prompts are split over ranks and the short shards are padded with a masked-out
+repeat (DeepSpeed#860 and transformers#36638 are the hangs this avoids).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+
+import torch
+
+from .distributed import DistContext
+from .kl import masked_kl_stats, token_kl
+from .report import RankReport
+
+
+def is_partitioned(model) -> bool:
+    return any(hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+def inference_ds_config(train_ds: dict, hidden_size: int | None) -> dict:
+    """The DeepSpeed config of a forward-only ZeRO-3 engine, as TRL's prepare_deepspeed derives it."""
+    cfg = copy.deepcopy(train_ds)
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
+    zero = cfg.setdefault("zero_optimization", {})
+    zero.pop("offload_optimizer", None)
+    if hidden_size:
+        zero.update({"reduce_bucket_size": hidden_size * hidden_size,
+                     "stage3_param_persistence_threshold": 10 * hidden_size,
+                     "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size)})
+    return _drop_auto(cfg)
+
+
+def _drop_auto(d: dict) -> dict:
+    return {k: _drop_auto(v) if isinstance(v, dict) else v for k, v in d.items() if v != "auto"}
+
+
+@contextlib.contextmanager
+def forward_ready(model, train_ds: dict, ctx: DistContext):
+    """Yield the model ready for forwards. A ZeRO-3 partitioned model gets a temporary inference engine whose hooks
+    gather each layer; on exit its partitions are released and its hooks removed, so TRL/accelerate can wrap the same
+    module afterwards (TRL's precompute path wraps the policy the same way before training)."""
+    if not is_partitioned(model):
+        model.to(ctx.device)
+        yield model
+        return
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=inference_ds_config(train_ds, _hidden(model)))
+    try:
+        yield engine.module
+    finally:
+        engine.empty_partition_cache()
+        engine.destroy()
+
+
+def _hidden(model) -> int | None:
+    return getattr(model.config, "hidden_size", None)
+
+
+def rank_share(items: list[str], ctx: DistContext) -> tuple[list[str], list[bool]]:
+    """This rank's items, padded to the same count on every rank; the flags mark real (not padding) items."""
+    per = math.ceil(len(items) / ctx.world_size)
+    mine = items[ctx.rank::ctx.world_size]
+    real = [True] * len(mine) + [False] * (per - len(mine))
+    mine = mine + [items[0]] * (per - len(mine))
+    return mine, real
+
+
+def render_prompt(tok, prompt: str) -> str:
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+    return prompt
+
+
+def _batch(tok, texts: list[str], device) -> dict[str, torch.Tensor]:
+    tok.padding_side = "left"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+@torch.no_grad()
+def generation_check(model, tok, prompts: list[str], max_new_tokens: int, ctx: DistContext, rr: RankReport,
+                     synced: bool) -> list[str]:
+    """Greedy generation from this rank's prompts; fails on NaN/inf logits or degenerate (empty/repetitive) text."""
+    mine, real = rank_share(prompts, ctx)
+    enc = _batch(tok, [render_prompt(tok, p) for p in mine], ctx.device)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    finite = all(bool(torch.isfinite(lg.float()).all()) for lg in out.logits)
+    gen = out.sequences[:, enc["input_ids"].shape[1]:]
+    texts, degenerate = [], []
+    for i, row in enumerate(gen):
+        ids = [t for t in row.tolist() if t != tok.pad_token_id]
+        text = tok.decode(ids, skip_special_tokens=True).strip()
+        top = max((ids.count(t) for t in set(ids)), default=0)
+        if real[i]:
+            texts.append(text)
+            if not text or (len(ids) >= 8 and top / len(ids) > 0.8):
+                degenerate.append(mine[i])
+    rr.add("generation: finite logits", finite, "all finite" if finite else "NaN/inf in logits",
+           "the model produces NaN/inf: check the checkpoint dtype (fp16 overflow?) and that loading succeeded")
+    rr.add("generation: not degenerate", not degenerate, f"{len(texts)} prompts, e.g. {texts[0]!r}" if texts and
+           not degenerate else f"degenerate output for {degenerate[:1]}",
+           "greedy output is empty or one token repeated: the weights may not have loaded (check paths; "
+           "re-save the checkpoint)")
+    return texts
+
+
+@torch.no_grad()
+def perplexity_check(model, tok, text: str, ctx: DistContext, rr: RankReport) -> float:
+    """Perplexity of a reference text against the uniform baseline (vocab size): a trained model is far below it."""
+    enc = tok(text, return_tensors="pt").to(ctx.device)
+    loss = model(**enc, labels=enc["input_ids"]).loss.float().item()
+    ppl, uniform = math.exp(loss), float(model.config.vocab_size)
+    rr.add("perplexity below uniform", ppl < uniform, f"{ppl:.2f} vs uniform {uniform:.0f}",
+           "perplexity is no better than chance: the checkpoint looks untrained or wrongly loaded (check paths)")
+    return ppl
+
+
+@torch.no_grad()
+def initial_kl(policy, reference, tok, prompts: list[str], chunk: int, ctx: DistContext) -> dict[str, float]:
+    """Token-level KL(pi_theta || pi_ref) in fp32 over non-pad positions of the prompts, all-reduced."""
+    mine, real = rank_share(prompts, ctx)
+    tot = torch.zeros(2, dtype=torch.float64)
+    mx = torch.zeros(1, dtype=torch.float64)
+    for text, is_real in zip(mine, real, strict=True):  # one prompt per forward: memory bounded by one sequence
+        enc = _batch(tok, [render_prompt(tok, text)], ctx.device)
+        lp = policy(**enc).logits
+        lr = reference(**enc).logits
+        kl = token_kl(lp, lr, chunk=chunk)
+        mask = enc["attention_mask"] * (1 if is_real else 0)
+        st = masked_kl_stats(kl, mask)
+        tot += torch.stack([st.sum.double().cpu().reshape(()), st.count.double().cpu().reshape(())])
+        mx = torch.maximum(mx, st.max_seq_mean.double().cpu().reshape(1))
+    tot = ctx.all_reduce(tot, "sum")
+    mx = ctx.all_reduce(mx, "max")
+    mean = (tot[0] / tot[1]).item() if tot[1] > 0 else float("nan")
+    return {"mean": mean, "max_seq_mean": mx.item(), "tokens": int(tot[1].item())}

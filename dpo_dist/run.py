@@ -1,0 +1,258 @@
+"""`dpo-dist init`: load, prove, build the DPOTrainer, report. One readable sequence of stages.
+
+After every stage all ranks decide together (an all-reduced flag) whether to go on, so a failure on one rank stops
+every rank at the same point and they all reach the report instead of waiting in a collective for the watchdog.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import models, probes, weights
+from .checkpoint import CheckpointError, preflight
+from .config import RunConfig, to_dict
+from .data import DataError, prepare, to_dataset
+from .distributed import DistContext
+from .report import RankReport, build_report, render_table, write_json_atomic
+from .resources import resolve_data_path, resolve_ds_config, resolve_model_path, zero_stage
+from .trainer import LN2, LossRecorder, build_dpo_config, build_trainer, describe_ref_engine
+
+KNOWN_ERRORS = (CheckpointError, DataError, FileNotFoundError, ValueError, OSError)
+
+
+@dataclass
+class InitResult:
+    report: dict[str, Any]
+    trainer: Any = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report["passed"])
+
+
+class InitRun:
+    """The stages of `dpo-dist init`; each returns True when this rank may go on."""
+
+    def __init__(self, cfg: RunConfig, ctx: DistContext, debug: bool = False):
+        self.cfg, self.ctx, self.debug = cfg, ctx, debug
+        self.rr = RankReport(ctx.rank)
+        self.s: dict[str, Any] = {}  # what the stages hand each other
+
+    # -- stages -------------------------------------------------------------------------------------------------
+    def setup(self) -> bool:
+        from transformers import set_seed
+
+        cfg = self.cfg
+        label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
+        stage = zero_stage(ds)
+        placement = cfg.reference.placement
+        if placement == "zero3" and stage != 3 and cfg.reference.on_zero2 == "refuse":
+            return self.rr.add("sharding fits placement", False, f"policy ZeRO-{stage}, reference zero3",
+                               "reference.placement zero3 shards the reference only with a ZeRO-3 policy: use "
+                               "--sharding zero3, or set reference.on_zero2: replica")
+        set_seed(cfg.train.seed)
+        self.s.update(ds_label=label, ds=ds, stage=stage)
+        self.s["args"] = build_dpo_config(cfg, ds, cfg.verify.smoke_steps)
+        out = Path(cfg.train.output_dir)
+        self.rr.facts.update(sharding=label, zero_stage=stage, placement=placement, world_size=self.ctx.world_size,
+                             output_dir=str(out))
+        return self.rr.add("configuration", True, f"ZeRO-{stage} ({label}), reference {placement}, "
+                           f"world {self.ctx.world_size}")
+
+    def load(self) -> bool:
+        cfg, ctx, rr = self.cfg, self.ctx, self.rr
+        pol_path = resolve_model_path(cfg.model.path)
+        ref_path = resolve_model_path(cfg.reference.path) if cfg.reference.path else pol_path
+        conf = preflight(pol_path, cfg.model.allow_pickle)
+        ref_conf = preflight(ref_path, cfg.model.allow_pickle) if ref_path != pol_path else conf
+        if models.needs_remote_code(conf) and not cfg.model.trust_remote_code:
+            raise CheckpointError(f"model_type {conf.get('model_type')!r} needs remote code: set "
+                                  "model.trust_remote_code: true only if you trust the checkpoint's source")
+        tok = models.load_tokenizer(pol_path, cfg.model.trust_remote_code)
+        ok = models.check_tokenizer(tok, conf, cfg.model.pad_policy, rr, ctx.warn)
+        if ref_path != pol_path:
+            diffs = models.same_tokenizer(tok, models.load_tokenizer(ref_path, cfg.model.trust_remote_code))
+            ok &= rr.add("reference tokenizer equal", not diffs, "; ".join(diffs) or "identical",
+                         "the reference checkpoint has another tokenizer: use the policy's SFT checkpoint")
+        self.s.update(pol_path=pol_path, ref_path=ref_path, tok=tok, ref_conf=ref_conf)
+        if not ctx.all_ok(ok):
+            return False
+        t0 = time.perf_counter()
+        ctx.print0(f"[dpo-dist] loading policy from {pol_path} (ZeRO-{self.s['stage']}) ...")
+        policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
+        ctx.print0(f"[dpo-dist] loading reference from {ref_path} ...")
+        reference = models.load_causal_lm(ref_path, cfg.model.dtype, cfg.model.trust_remote_code,
+                                          cfg.model.allow_pickle)
+        models.freeze(reference)
+        policy.train()
+        self.s.update(policy=policy, reference=reference)
+        rr.facts["load_seconds"] = round(time.perf_counter() - t0, 3)
+        rr.facts[f"rank_{ctx.rank}_policy_bytes"] = weights.local_bytes(policy, ctx)
+        rr.facts[f"rank_{ctx.rank}_reference_bytes"] = weights.local_bytes(reference, ctx)
+        rr.facts["partitioned"] = probes.is_partitioned(policy)
+        return rr.add("models loaded", True, f"{sum(1 for _ in policy.parameters())} tensors each, "
+                      f"{rr.facts['load_seconds']} s")
+
+    def prove_static(self) -> bool:
+        """Roles, configs, and bitwise weights equality (policy vs reference vs files)."""
+        ctx, rr, pol, ref = self.ctx, self.rr, self.s["policy"], self.s["reference"]
+        ok = models.check_roles(pol, ref, rr)
+        diffs = models.config_differences(pol.config.to_dict(), ref.config.to_dict())
+        ok &= rr.add("configs equal", not diffs, "; ".join(diffs[:5]) or "identical",
+                     "policy and reference configs differ: load both from the same SFT checkpoint")
+        ctx.print0("[dpo-dist] fingerprinting weights (each rank its own shard) ...")
+        t0 = time.perf_counter()
+        fp_pol = weights.model_fingerprints(pol, ctx)
+        fp_ref = weights.model_fingerprints(ref, ctx)
+        bad = weights.compare(fp_pol, fp_ref)
+        ok &= rr.add("weights: policy == reference", not bad, f"{len(fp_pol)} tensors bitwise equal" if not bad else
+                     f"{len(bad)} differ, first: {bad[0]}",
+                     "policy and reference weights differ: re-initialize both from the same checkpoint "
+                     f"(first differing tensor: {bad[0] if bad else ''})")
+        self.s["fp_policy"] = fp_pol
+        rr.facts["fingerprints"] = {"policy": fp_pol}
+        if self.cfg.verify.fingerprint_files:
+            fp_file, missing = weights.file_fingerprints(self.s["pol_path"], weights.param_meta(pol), ctx)
+            bad_f = [n for n in weights.compare(fp_pol, fp_file) if n not in missing]
+            ok &= rr.add("weights: policy == checkpoint files", not bad_f and not missing,
+                         f"{len(fp_file)} tensors match the safetensors files" if not (bad_f or missing) else
+                         f"differ: {bad_f[:1]} missing in files: {missing[:1]}",
+                         "the loaded policy is not what the files hold: investigate loading (renamed or tied keys, "
+                         "dtype conversion) or a corrupted copy")
+            rr.facts["fingerprints"]["files"] = fp_file
+            if self.s["ref_path"] != self.s["pol_path"]:
+                fp_rfile, _ = weights.file_fingerprints(self.s["ref_path"], weights.param_meta(ref), ctx)
+                rr.facts["fingerprints"]["reference_files"] = fp_rfile
+        rr.facts["fingerprints"]["reference"] = fp_ref
+        rr.facts["fingerprint_seconds"] = round(time.perf_counter() - t0, 3)
+        return ok
+
+    def prove_forward(self) -> bool:
+        """Generation smoke test, perplexity, and the initial KL, with every rank in step."""
+        cfg, ctx, rr, tok = self.cfg, self.ctx, self.rr, self.s["tok"]
+        pol, ref, ds = self.s["policy"], self.s["reference"], self.s["args"].hf_deepspeed_config.config
+        synced = probes.is_partitioned(pol) and ctx.distributed
+        pol.eval()
+        try:
+            with probes.forward_ready(pol, ds, ctx) as p, probes.forward_ready(ref, ds, ctx) as r:
+                if cfg.verify.generation:
+                    ctx.print0("[dpo-dist] generation smoke test ...")
+                    texts = probes.generation_check(p, tok, list(cfg.verify.prompts), cfg.verify.max_new_tokens,
+                                                    ctx, rr, synced)
+                    rr.facts["sample_generation"] = texts[:2]
+                    rr.facts["perplexity"] = probes.perplexity_check(p, tok, cfg.verify.reference_text, ctx, rr)
+                ctx.print0("[dpo-dist] initial KL(policy || reference) ...")
+                kl = probes.initial_kl(p, r, tok, list(cfg.verify.prompts), cfg.verify.kl_chunk, ctx)
+        finally:
+            pol.train()
+        rr.facts["initial_kl"] = kl
+        limit = cfg.verify.kl_max
+        return rr.add("initial KL < limit", abs(kl["mean"]) < limit and kl["max_seq_mean"] < limit,
+                      f"mean {kl['mean']:.3e}/token, max seq {kl['max_seq_mean']:.3e} over {kl['tokens']} tokens "
+                      f"(limit {limit:g})",
+                      "policy and reference disagree at step 0: check dropout (reference.eval()), dtypes of both "
+                      "models, and that both came from the same checkpoint")
+
+    def build(self) -> bool:
+        cfg, rr = self.cfg, self.rr
+        tok = self.s["tok"]
+        train = prepare(resolve_data_path(cfg.data.train, "train"), "train", tok, cfg.train.max_prompt_length)
+        evald = prepare(resolve_data_path(cfg.data.eval, "eval"), "eval", tok, cfg.train.max_prompt_length) \
+            if cfg.data.eval else None
+        rr.add("datasets valid", True, f"train {len(train.rows)} rows" + (f", eval {len(evald.rows)}" if evald
+                                                                          else ""))
+        cut = train.truncated_prompts + (evald.truncated_prompts if evald else 0)
+        rr.facts["truncated_prompts"] = cut
+        rr.facts["identical_pairs"] = train.identical_pairs
+        self.ctx.print0("[dpo-dist] building DPOTrainer ...")
+        trainer = build_trainer(self.s["policy"], self.s["reference"], self.s["args"], tok, to_dataset(train.rows),
+                                to_dataset(evald.rows) if evald else None)
+        self.s["trainer"] = trainer
+        eng = describe_ref_engine(trainer)
+        want_stage = 3 if self.s["stage"] == 3 else 0
+        ok = rr.add("trainer reference is a prepared engine",
+                    eng["type"] == "DeepSpeedEngine" and eng["stage"] == want_stage and not eng["optimizer"]
+                    and not eng["training"], f"{eng['type']} stage {eng['stage']}, optimizer {eng['optimizer']}, "
+                    f"training {eng['training']}",
+                    "TRL did not wrap the reference as a DeepSpeed inference engine: launch with accelerate and a "
+                    "DeepSpeed config (launch/zero3.yaml)")
+        args = trainer.args
+        world = self.ctx.world_size
+        rr.facts["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+        ok &= models.check_roles(self.s["policy"], getattr(trainer.ref_model, "module", trainer.ref_model), self.rr,
+                                   prefix="trainer: ")
+        return ok
+
+    def smoke(self) -> bool:
+        n = self.cfg.verify.smoke_steps
+        if n <= 0:
+            return True
+        ctx, rr, trainer = self.ctx, self.rr, self.s["trainer"]
+        ref_module = trainer.ref_model.module if hasattr(trainer.ref_model, "module") else trainer.ref_model
+        ref_before = weights.model_fingerprints(ref_module, ctx)
+        rec = LossRecorder()
+        trainer.add_callback(rec)
+        ctx.print0(f"[dpo-dist] {n} smoke training step(s) ...")
+        trainer.train()
+        losses = rec.losses
+        rr.facts["smoke_losses"] = losses
+        tol = self.cfg.verify.loss_tolerance
+        ok = rr.add("step-0 DPO loss = ln 2", bool(losses) and abs(losses[0] - LN2) < tol,
+                    f"{losses[0]:.6f} (ln 2 = {LN2:.6f})" if losses else "no loss logged",
+                    "the first DPO loss must be ln 2 when policy and reference are identical: they were not")
+        trained = trainer.model_wrapped.module if hasattr(trainer.model_wrapped, "module") else trainer.model
+        fp_after = weights.model_fingerprints(trained, ctx)
+        trainable = {nm for nm, p in trained.named_parameters() if p.requires_grad}
+        still = [nm for nm in trainable if fp_after.get(nm) == self.s["fp_policy"].get(nm)]
+        ok &= rr.add("every policy parameter moved", not still, f"{len(trainable)} tensors changed" if not still else
+                     f"{len(still)} unchanged, e.g. {still[0]}",
+                     "some trainable tensors did not change after a step: check the optimizer covers all parameters")
+        ref_after = weights.model_fingerprints(ref_module, ctx)
+        moved = weights.compare(ref_before, ref_after)
+        ok &= rr.add("no reference parameter moved", not moved, "reference unchanged" if not moved else
+                     f"{len(moved)} changed, e.g. {moved[0]}", "the reference changed during training: it must be "
+                     "frozen and outside the optimizer")
+        return ok
+
+    # -- driver -------------------------------------------------------------------------------------------------
+    def attempt(self, name: str, fn) -> bool:
+        try:
+            return bool(fn())
+        except KNOWN_ERRORS as e:
+            if self.debug:
+                traceback.print_exc()
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return self.rr.add(name, False, msg, msg)
+        except Exception as e:  # unexpected: keep the cause on one line, the traceback with --debug
+            if self.debug:
+                traceback.print_exc()
+            return self.rr.add(name, False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                               "unexpected error: rerun with --debug for the traceback")
+
+    def run(self) -> InitResult:
+        for name, stage in (("setup", self.setup), ("load", self.load), ("static proofs", self.prove_static),
+                            ("forward proofs", self.prove_forward), ("trainer", self.build),
+                            ("smoke steps", self.smoke)):
+            ok = self.attempt(name, stage)
+            if not self.ctx.all_ok(ok):
+                self.ctx.print0(f"[dpo-dist] stopping after stage '{name}': a check failed on some rank")
+                break
+        reports = self.ctx.gather_objects(self.rr)
+        rep = build_report(reports, to_dict(self.cfg))
+        return InitResult(rep, self.s.get("trainer"), self.s)
+
+
+def finish(result: InitResult, ctx: DistContext, output_dir: str) -> int:
+    """Rank 0 prints the table and writes report.json; every rank returns the same exit code."""
+    if ctx.is_main:
+        print(render_table(result.report["checks"]), flush=True)
+        path = Path(output_dir) / "report.json"
+        write_json_atomic(path, result.report)
+        verdict = "PASSED" if result.passed else "FAILED"
+        print(f"[dpo-dist] quality gate {verdict}; report: {path}", flush=True)
+    return 0 if result.passed else 1

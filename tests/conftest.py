@@ -1,0 +1,74 @@
+"""Shared helpers: real multi-process launches on CPU, each in its own process group with a hard timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    import torch
+
+    HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    HAS_CUDA = False
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    output: str
+    report: dict | None
+
+
+def run_cmd(argv: list[str], env_extra: dict[str, str], timeout: float, cwd: Path = ROOT) -> tuple[int, str]:
+    """Run in a new session; on timeout kill the whole process group (no stray ranks survive a test)."""
+    env = {**os.environ, **env_extra}
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}") from None
+    return proc.returncode, out
+
+
+def launch_init(output_dir: Path, *init_args: str, sharding: str = "zero3", nproc: int = 2,
+                timeout: float = 300) -> LaunchResult:
+    """`dpo-dist launch --cpu` exactly as a user runs it, on a free port."""
+    argv = [sys.executable, "-m", "dpo_dist", "launch", "--cpu", "--num-processes", str(nproc), "--sharding", sharding,
+            "--port", str(free_port()), "--", "--output-dir", str(output_dir), *init_args]
+    code, out = run_cmd(argv, {"PYTHONUNBUFFERED": "1"}, timeout)
+    rep_path = output_dir / "report.json"
+    report = json.loads(rep_path.read_text()) if rep_path.exists() else None
+    return LaunchResult(code, out, report)
+
+
+def check_row(report: dict, name: str) -> dict:
+    rows = [r for r in report["checks"] if r["check"] == name]
+    assert rows, f"no check named {name!r} in {[r['check'] for r in report['checks']]}"
+    return rows[0]
