@@ -23,8 +23,9 @@ DEFAULT_PROMPTS = (
     "Why is the sky blue?",
     "Give me one tip for writing clear code.",
 )
+# A plain answer to the first default prompt; its perplexity is measured as that prompt's reply.
 DEFAULT_REFERENCE_TEXT = (
-    "Machine learning lets computers learn patterns from examples instead of following fixed rules."
+    "Machine learning is a way to teach computers by showing them examples instead of writing rules."
 )
 
 SHARDING_NAMES = ("zero2", "zero3", "zero3_offload")

@@ -114,10 +114,15 @@ def generation_check(model, tok, prompts: list[str], max_new_tokens: int, ctx: D
 
 
 @torch.no_grad()
-def perplexity_check(model, tok, text: str, ctx: DistContext, rr: RankReport) -> float:
-    """Perplexity of a reference text against the uniform baseline (vocab size): a trained model is far below it."""
-    enc = tok(text, return_tensors="pt").to(ctx.device)
-    loss = model(**enc, labels=enc["input_ids"]).loss.float().item()
+def perplexity_check(model, tok, prompt: str, text: str, ctx: DistContext, rr: RankReport) -> float:
+    """Perplexity of a reference answer to `prompt`, in the chat format the SFT model was tuned on, counting only the
+    answer's tokens, against the uniform baseline (vocab size): a trained model is far below it."""
+    head = render_prompt(tok, prompt) if getattr(tok, "chat_template", None) else ""
+    n_head = len(tok(head, add_special_tokens=False)["input_ids"]) if head else 0
+    enc = tok(head + text, return_tensors="pt", add_special_tokens=not head).to(ctx.device)
+    labels = enc["input_ids"].clone()
+    labels[:, :n_head] = -100
+    loss = model(**enc, labels=labels).loss.float().item()
     ppl, uniform = math.exp(loss), float(model.config.vocab_size)
     rr.add("perplexity below uniform", ppl < uniform, f"{ppl:.2f} vs uniform {uniform:.0f}",
            "perplexity is no better than chance: the checkpoint looks untrained or wrongly loaded (check paths)")

@@ -66,3 +66,18 @@ def resolve_ds_config(name: str | None, path: str | None) -> tuple[str, dict]:
 
 def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def launch_stage_conflict(ds: dict) -> str | None:
+    """If accelerate was launched with a DeepSpeed JSON of another ZeRO stage than the one we resolved, say so."""
+    env_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not env_file:
+        return None
+    try:
+        _, launched = resolve_ds_config(None, None)
+    except (FileNotFoundError, ValueError):
+        return None
+    if zero_stage(launched) != zero_stage(ds):
+        return (f"accelerate was launched with {env_file} (ZeRO-{zero_stage(launched)}) but the run config asks for "
+                f"ZeRO-{zero_stage(ds)}: launch with launch/zero{zero_stage(ds)}.yaml or drop --sharding")
+    return None

@@ -18,7 +18,13 @@ from .config import RunConfig, to_dict
 from .data import DataError, prepare, to_dataset
 from .distributed import DistContext
 from .report import RankReport, build_report, render_table, write_json_atomic
-from .resources import resolve_data_path, resolve_ds_config, resolve_model_path, zero_stage
+from .resources import (
+    launch_stage_conflict,
+    resolve_data_path,
+    resolve_ds_config,
+    resolve_model_path,
+    zero_stage,
+)
 from .trainer import LN2, LossRecorder, build_dpo_config, build_trainer, describe_ref_engine
 
 KNOWN_ERRORS = (CheckpointError, DataError, FileNotFoundError, ValueError, OSError)
@@ -50,6 +56,9 @@ class InitRun:
         cfg = self.cfg
         label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
         stage = zero_stage(ds)
+        conflict = launch_stage_conflict(ds)
+        if conflict:
+            return self.rr.add("sharding matches launch", False, conflict, conflict)
         placement = cfg.reference.placement
         if placement == "zero3" and stage != 3 and cfg.reference.on_zero2 == "refuse":
             return self.rr.add("sharding fits placement", False, f"policy ZeRO-{stage}, reference zero3",
@@ -107,8 +116,8 @@ class InitRun:
                      "policy and reference configs differ: load both from the same SFT checkpoint")
         ctx.print0("[dpo-dist] fingerprinting weights (each rank its own shard) ...")
         t0 = time.perf_counter()
-        fp_pol = weights.model_fingerprints(pol, ctx)
-        fp_ref = weights.model_fingerprints(ref, ctx)
+        fp_pol = weights.model_fingerprints(pol, ctx, "fingerprint policy")
+        fp_ref = weights.model_fingerprints(ref, ctx, "fingerprint reference")
         bad = weights.compare(fp_pol, fp_ref)
         ok &= rr.add("weights: policy == reference", not bad, f"{len(fp_pol)} tensors bitwise equal" if not bad else
                      f"{len(bad)} differ, first: {bad[0]}",
@@ -117,7 +126,8 @@ class InitRun:
         self.s["fp_policy"] = fp_pol
         rr.facts["fingerprints"] = {"policy": fp_pol}
         if self.cfg.verify.fingerprint_files:
-            fp_file, missing = weights.file_fingerprints(self.s["pol_path"], weights.param_meta(pol), ctx)
+            fp_file, missing = weights.file_fingerprints(self.s["pol_path"], weights.param_meta(pol), ctx,
+                                                        "fingerprint files")
             bad_f = [n for n in weights.compare(fp_pol, fp_file) if n not in missing]
             ok &= rr.add("weights: policy == checkpoint files", not bad_f and not missing,
                          f"{len(fp_file)} tensors match the safetensors files" if not (bad_f or missing) else
@@ -145,7 +155,8 @@ class InitRun:
                     texts = probes.generation_check(p, tok, list(cfg.verify.prompts), cfg.verify.max_new_tokens,
                                                     ctx, rr, synced)
                     rr.facts["sample_generation"] = texts[:2]
-                    rr.facts["perplexity"] = probes.perplexity_check(p, tok, cfg.verify.reference_text, ctx, rr)
+                    rr.facts["perplexity"] = probes.perplexity_check(p, tok, cfg.verify.prompts[0],
+                                                                          cfg.verify.reference_text, ctx, rr)
                 ctx.print0("[dpo-dist] initial KL(policy || reference) ...")
                 kl = probes.initial_kl(p, r, tok, list(cfg.verify.prompts), cfg.verify.kl_chunk, ctx)
         finally:

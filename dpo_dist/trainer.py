@@ -24,7 +24,7 @@ def accelerator_is_cpu() -> bool:
 
 
 def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0) -> dict[str, Any]:
-    """Keyword arguments of TRL's DPOConfig. CPU-only follows DeepSpeed's accelerator, set by the launch environment."""
+    """Keyword arguments of TRL's DPOConfig. CPU-only follows DeepSpeed's accelerator (set by the launch env)."""
     t = cfg.train
     kw: dict[str, Any] = dict(
         output_dir=t.output_dir,

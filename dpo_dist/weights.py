@@ -45,22 +45,31 @@ def _reduce(names: list[str], local: list[torch.Tensor], ctx: DistContext) -> di
     return {n: fingerprint_hex(total[i]) for i, n in enumerate(names)}
 
 
-def model_fingerprints(model, ctx: DistContext, progress: Iterable | None = None) -> dict[str, str]:
+def _progress(items: Iterable, ctx: DistContext, desc: str | None):
+    """A progress bar on rank 0 only (the others stay quiet), when a description is given."""
+    if not desc:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=not ctx.is_main, leave=False)
+
+
+def model_fingerprints(model, ctx: DistContext, desc: str | None = None) -> dict[str, str]:
     names, local = [], []
-    for name, p in model.named_parameters():
+    for name, p in _progress(list(model.named_parameters()), ctx, desc):
         flat, start, _ = local_slice(p, ctx)
         names.append(name)
         local.append(fingerprint_flat(flat, start))
     return _reduce(names, local, ctx)
 
 
-def file_fingerprints(ckpt: Path, wanted: dict[str, tuple[torch.dtype, int]], ctx: DistContext
-                      ) -> tuple[dict[str, str], list[str]]:
+def file_fingerprints(ckpt: Path, wanted: dict[str, tuple[torch.dtype, int]], ctx: DistContext,
+                      desc: str | None = None) -> tuple[dict[str, str], list[str]]:
     """Fingerprints of the checkpoint's tensors named in `wanted` (cast to the parameter dtype, as loading does),
     plus the wanted names the files do not hold. Every rank reads only its own slice of each tensor."""
     index = tensor_index(ckpt)
     names, local, missing = [], [], []
-    for name, (dtype, numel) in wanted.items():
+    for name, (dtype, numel) in _progress(list(wanted.items()), ctx, desc):
         entry: TensorEntry | None = index.get(name)
         if entry is None or entry.numel != numel:
             missing.append(name if entry is None else f"{name} (shape {entry.shape} in file)")

@@ -1,0 +1,187 @@
+"""Fingerprint tests: exact agreement with a Python-int reference, additivity over any split, and sensitivity."""
+
+from __future__ import annotations
+
+import random
+from itertools import pairwise
+
+import pytest
+import torch
+
+from dpo_dist.fingerprint import (
+    MULT,
+    SAFETENSORS_DTYPES,
+    fingerprint_bytes,
+    fingerprint_flat,
+    fingerprint_hex,
+    fingerprint_tensor,
+    shard_range,
+)
+
+M64 = 1 << 64
+BITS = {torch.bfloat16: (torch.int16, 16), torch.float16: (torch.int16, 16), torch.float32: (torch.int32, 32)}
+BITS |= {torch.int64: (torch.int64, 64), torch.float64: (torch.int64, 64), torch.uint8: (torch.uint8, 8)}
+
+
+def ref_fingerprint(t: torch.Tensor, offset: int = 0) -> tuple[int, int]:
+    """Definition, literally, with Python ints: (sum w_i b_i, sum b_i) mod 2^64 as unsigned."""
+    view_dtype, nbits = BITS[t.dtype]
+    vals = t.reshape(-1).view(view_dtype).tolist()
+    bs = [v % (1 << nbits) for v in vals]
+    s1 = sum((((i + offset + 1) * MULT) % (1 << 32)) * b for i, b in enumerate(bs)) % M64
+    return s1, sum(bs) % M64
+
+
+def as_unsigned(fp: torch.Tensor) -> tuple[int, int]:
+    a, b = fp.tolist()
+    return a % M64, b % M64
+
+
+def wrap_sum(fps: list[torch.Tensor]) -> torch.Tensor:
+    """What the all-reduce SUM does: int64 addition with wraparound."""
+    return torch.stack(fps).sum(dim=0)
+
+
+def random_tensor(dtype: torch.dtype, n: int, gen: torch.Generator) -> torch.Tensor:
+    if dtype.is_floating_point:
+        return (torch.randn(n, generator=gen, dtype=torch.float64) * 100).to(dtype)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
+    # full 64-bit range, including negatives, so the 64-bit path wraps for real
+    return torch.randint(-(2**62), 2**62, (n,), generator=gen, dtype=torch.int64) * 2 + torch.randint(0, 2, (n,))
+
+
+REF_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.uint8]
+
+
+@pytest.mark.parametrize("dtype", REF_DTYPES)
+def test_matches_python_reference(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 2, 5, 37, 1000):
+        t = random_tensor(dtype, n, gen)
+        assert as_unsigned(fingerprint_tensor(t)) == ref_fingerprint(t)
+        far = 123_456_789_012  # beyond 2^32: weights repeat there, but the definition still holds
+        assert as_unsigned(fingerprint_flat(t, offset=far, chunk=16)) == ref_fingerprint(t, far)
+
+
+def test_empty_and_output_format() -> None:
+    fp = fingerprint_flat(torch.empty(0, dtype=torch.bfloat16), offset=5)
+    assert fp.dtype == torch.int64 and fp.shape == (2,) and fp.tolist() == [0, 0]
+    assert fingerprint_hex(torch.tensor([-1, 1], dtype=torch.int64)) == "f" * 16 + "0" * 15 + "1"
+    with pytest.raises(ValueError):
+        fingerprint_flat(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int64])
+def test_additive_over_random_splits(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(2)
+    rng = random.Random(3)
+    t = random_tensor(dtype, 4099, gen)
+    whole = fingerprint_tensor(t)
+    empty_pieces = 0
+    for k in range(1, 9):
+        for rep in range(5):
+            # the first round cuts only at 0, 100 and the end, so pieces are often empty (repeated cuts)
+            pool = [0, 100, t.numel()] if rep == 0 else range(t.numel() + 1)
+            cuts = sorted(rng.choice(pool) for _ in range(k - 1))
+            bounds = [0, *cuts, t.numel()]
+            chunks = [rng.choice([3, 64, 1 << 22]) for _ in range(k)]
+            pieces = [
+                fingerprint_flat(t[a:b], offset=a, chunk=c) for (a, b), c in zip(pairwise(bounds), chunks, strict=True)
+            ]
+            assert torch.equal(wrap_sum(pieces), whole)
+            empty_pieces += sum(a == b for a, b in pairwise(bounds))
+    assert empty_pieces > 0
+    # a wrong offset must break it, or the check above would prove nothing
+    assert not torch.equal(wrap_sum([fingerprint_flat(t[:100]), fingerprint_flat(t[100:], offset=99)]), whole)
+
+
+@pytest.mark.parametrize("numel", [1, 6, 7, 100, 1001])
+def test_additive_over_zero3_shards(numel: int) -> None:
+    t = random_tensor(torch.bfloat16, numel, torch.Generator().manual_seed(numel))
+    whole = fingerprint_tensor(t)
+    for world in range(1, 8):
+        ranges = [shard_range(numel, r, world) for r in range(world)]
+        part = -(-numel // world)
+        assert [s for s, _ in ranges] == [r * part for r in range(world)]
+        assert sum(n for _, n in ranges) == numel  # the padding at the end is owned by nobody
+        # a ZeRO-3 rank holds a padded partition; only its first n elements are real
+        shards = [torch.cat([t[s : s + n], torch.ones(part - n, dtype=t.dtype)]) for s, n in ranges]
+        fps = [fingerprint_flat(sh[:n], offset=s) for sh, (s, n) in zip(shards, ranges, strict=True)]
+        assert torch.equal(wrap_sum(fps), whole), world
+    assert shard_range(10, 3, 4) == (9, 1) and shard_range(2, 3, 4) == (3, 0)
+
+
+def test_sensitive_to_one_bit_and_to_swaps() -> None:
+    t = random_tensor(torch.bfloat16, 513, torch.Generator().manual_seed(4))
+    base = fingerprint_tensor(t)
+    for i in (0, 1, 256, 512):
+        u = t.clone()
+        u.view(torch.int16)[i] ^= 1  # lowest mantissa bit
+        fp = fingerprint_tensor(u)
+        assert fp[0] != base[0] and fp[1] != base[1], i
+    i, j = 10, 400
+    assert t[i] != t[j]
+    u = t.clone()
+    u[i], u[j] = t[j], t[i]
+    fp = fingerprint_tensor(u)
+    assert fp[0] != base[0] and fp[1] == base[1]
+
+
+def test_chunk_size_independent() -> None:
+    t = random_tensor(torch.float16, 1000, torch.Generator().manual_seed(5))
+    expected = fingerprint_flat(t, offset=77)
+    for chunk in (1, 7, 999, 1000, 1001):
+        assert torch.equal(fingerprint_flat(t, offset=77, chunk=chunk), expected)
+    assert as_unsigned(expected) == ref_fingerprint(t, 77)
+
+
+@pytest.mark.parametrize("name", ["BF16", "F32", "I64", "U8", "BOOL"])
+def test_bytes_match_tensor_slices(name: str) -> None:
+    dtype = SAFETENSORS_DTYPES[name]
+    gen = torch.Generator().manual_seed(6)
+    if dtype == torch.bool:
+        t = torch.rand(301, generator=gen) > 0.5
+    else:
+        t = random_tensor(dtype, 301, gen)
+    raw = t.view(torch.uint8).numpy().tobytes()
+    size = t.element_size()
+    for a, b in [(0, 301), (0, 0), (17, 18), (100, 250), (250, 301)]:
+        for buf in (raw[a * size : b * size], memoryview(bytearray(raw))[a * size : b * size]):
+            assert torch.equal(fingerprint_bytes(buf, dtype, a), fingerprint_flat(t[a:b], offset=a))
+    assert fingerprint_bytes(raw, dtype, 0).tolist() != [0, 0]
+    assert set(SAFETENSORS_DTYPES) == {"BF16", "F16", "F32", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+
+
+def test_non_contiguous_input() -> None:
+    t = random_tensor(torch.bfloat16, 12 * 35, torch.Generator().manual_seed(7)).reshape(12, 35)
+    nc = t.t()  # logical order differs from memory order
+    assert not nc.is_contiguous()
+    assert torch.equal(fingerprint_tensor(nc), fingerprint_tensor(nc.contiguous()))
+    assert not torch.equal(fingerprint_tensor(nc), fingerprint_tensor(t))
+    strided = t.reshape(-1)[::3]
+    assert torch.equal(fingerprint_flat(strided, offset=9, chunk=5), fingerprint_flat(strided.contiguous(), offset=9))
+
+
+def test_int64_wraparound_against_reference() -> None:
+    n = 3_000_000
+    t = torch.full((n,), -1, dtype=torch.int16).view(torch.bfloat16)  # all bits set: b_i = 0xFFFF
+    # closed form of the reference for constant b: b * sum_i w_i, with sum_i w_i computed by Python ints
+    sum_w = sum(((i + 1) * MULT) % (1 << 32) for i in range(n))
+    expected = ((0xFFFF * sum_w) % M64, (0xFFFF * n) % M64)
+    assert 0xFFFF * sum_w >= M64  # the first component really wraps
+    assert as_unsigned(fingerprint_tensor(t)) == expected
+    big = torch.full((n,), -1, dtype=torch.int64)  # 64-bit patterns: both components wrap
+    assert as_unsigned(fingerprint_tensor(big)) == (((M64 - 1) * sum_w) % M64, ((M64 - 1) * n) % M64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu() -> None:
+    gen = torch.Generator().manual_seed(8)
+    for dtype in (torch.bfloat16, torch.float32, torch.int64, torch.uint8):
+        t = random_tensor(dtype, 10_007, gen)
+        for offset, chunk in [(0, 1 << 22), (999_999, 1000)]:
+            fp = fingerprint_flat(t.cuda(), offset=offset, chunk=chunk)
+            assert fp.device.type == "cuda"
+            assert torch.equal(fp.cpu(), fingerprint_flat(t, offset=offset)), (dtype, offset)
