@@ -57,15 +57,24 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorEntry]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{path} has a corrupt safetensors header: re-copy the file") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a corrupt safetensors header: re-copy the file")
     base = 8 + n
     out: dict[str, TensorEntry] = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(meta, dict) or "data_offsets" not in meta or "shape" not in meta:
+            raise CheckpointError(f"{path} has a corrupt safetensors header (entry {name}): re-copy the file")
         dtype = SAFETENSORS_DTYPES.get(meta.get("dtype", ""))
         if dtype is None:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
         begin, end = meta["data_offsets"]
+        numel = 1
+        for s in meta["shape"]:
+            numel *= s
+        if not 0 <= begin <= end or end - begin != numel * torch.empty((), dtype=dtype).element_size():
+            raise CheckpointError(f"{path} has a corrupt safetensors header (offsets of {name}): re-copy the file")
         if base + end > size:
             raise CheckpointError(
                 f"{path} is truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes; "
@@ -113,7 +122,10 @@ def preflight(ckpt: str | Path, allow_pickle: bool = False) -> dict:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}): re-save it") from None
-    weight_files(d, allow_pickle)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object: re-save the checkpoint")
+    for f in weight_files(d, allow_pickle):
+        read_safetensors_header(f)  # 8 bytes + the JSON header: catches truncated/corrupt files before loading
     return config
 
 
@@ -129,6 +141,8 @@ def read_elements(entry: TensorEntry, start: int, n: int) -> bytes:
     """Bytes of elements [start, start + n) of a tensor, read with one pread (no mapping, no full read)."""
     if n <= 0:
         return b""
+    if start < 0 or start + n > entry.numel:
+        raise ValueError(f"elements [{start}, {start + n}) are outside tensor {entry.name} ({entry.numel} elements)")
     item = torch.empty((), dtype=entry.dtype).element_size()
     fd = os.open(entry.file, os.O_RDONLY)
     try:

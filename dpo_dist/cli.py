@@ -96,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_launch.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     p_launch.add_argument("init_args", nargs=argparse.REMAINDER, help="-- then arguments for `dpo-dist init`")
     p_launch.set_defaults(func=cmd_launch)
+
+    # Subcommands owned by their own modules; each module keeps heavy imports inside its run function.
+    from . import planner, slurm
+
+    p_plan = sub.add_parser("plan", help="memory plan per strategy for a model and cluster, before you launch")
+    planner.add_arguments(p_plan)
+    p_plan.set_defaults(func=planner.run)
+
+    p_slurm = sub.add_parser("slurm", help="write (and with --submit, submit) an sbatch script for N nodes x G GPUs")
+    slurm.add_arguments(p_slurm)
+    p_slurm.set_defaults(func=slurm.run)
     return parser
 
 

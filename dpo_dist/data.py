@@ -70,13 +70,33 @@ def prepare(path: Path, name: str, tok, max_prompt_length: int) -> PreparedData:
         raise DataError(f"{name} dataset: chosen == rejected in every row, so there is no preference to learn")
     out, cut = [], 0
     for r in rows:
-        ids = tok(r["prompt"], add_special_tokens=False)["input_ids"]
-        prompt = r["prompt"]
-        if len(ids) > max_prompt_length:
-            prompt = tok.decode(ids[-max_prompt_length:])
-            cut += 1
+        prompt = keep_end(tok, r["prompt"], max_prompt_length)
+        cut += prompt != r["prompt"]
         out.append({"prompt": prompt, "chosen": r["chosen"], "rejected": r["rejected"]})
     return PreparedData(out, cut, identical)
+
+
+def n_tokens(tok, text: str) -> int:
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def keep_end(tok, prompt: str, limit: int) -> str:
+    """The longest end of `prompt` that tokenizes to at most `limit` tokens, cut at a token's character offset.
+
+    Cutting by characters, not by decoding a token suffix: a byte-level BPE suffix can start inside a multi-byte
+    character and decode to U+FFFD, which re-encodes to more tokens than the limit.
+    """
+    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    if len(offsets) <= limit:
+        return prompt
+    k = len(offsets) - limit
+    while k < len(offsets):
+        tail = prompt[offsets[k][0]:]
+        if n_tokens(tok, tail) <= limit:
+            return tail
+        k += 1
+    return ""
 
 
 def to_dataset(rows: list[dict[str, str]]):

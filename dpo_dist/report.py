@@ -69,6 +69,9 @@ def render_table(rows: list[dict[str, Any]], width: int = 60) -> str:
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a report should be as readable as any file the user writes
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, default=str)
@@ -87,7 +90,7 @@ def build_report(rank_reports: list[RankReport], config: dict[str, Any]) -> dict
         "passed": all(r["ok"] for r in rows) and bool(rows),
         "world_size": len(rank_reports),
         "checks": rows,
-        "facts": rank_reports[0].facts,
+        "facts": rank_reports[0].facts if rank_reports else {},
         "per_rank_facts": {rr.rank: {k: v for k, v in rr.facts.items() if k.startswith("rank_")} for rr in
                            rank_reports},
         "config": config,

@@ -6,6 +6,8 @@ every rank at the same point and they all reach the report instead of waiting in
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -39,6 +41,24 @@ class InitResult:
     @property
     def passed(self) -> bool:
         return bool(self.report["passed"])
+
+
+FAULT_ENV = "DPO_DIST_TEST_FAULT"
+
+
+def inject_fault(stage: str, rank: int) -> None:
+    """Test hook: DPO_DIST_TEST_FAULT="<stage>:<rank>[:raise|exit]" makes that rank fail at the start of that stage
+    (raise: an error the stage reports; exit: the process dies at once, as a crashed or killed rank would)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if len(parts) < 2 or parts[0] != stage or parts[1] != str(rank):
+        return
+    if len(parts) > 2 and parts[2] == "exit":
+        print(f"[dpo-dist] rank {rank}: injected crash at stage '{stage}'", file=sys.stderr, flush=True)
+        os._exit(17)
+    raise RuntimeError(f"injected fault at stage '{stage}' on rank {rank}")
 
 
 class InitRun:
@@ -233,6 +253,7 @@ class InitRun:
     # -- driver -------------------------------------------------------------------------------------------------
     def attempt(self, name: str, fn) -> bool:
         try:
+            inject_fault(name, self.ctx.rank)
             return bool(fn())
         except KNOWN_ERRORS as e:
             if self.debug:

@@ -49,7 +49,8 @@ def n_tokens(tok, text: str) -> int:
 
 
 def test_jsonl_rows_in_order_and_blank_lines_skipped(tmp_path):
-    p = write_jsonl(tmp_path / "d.jsonl", [], [json.dumps(ROWS[0]), "", "   ", json.dumps(ROWS[1]), json.dumps(ROWS[2])])
+    lines = [json.dumps(ROWS[0]), "", "   ", json.dumps(ROWS[1]), json.dumps(ROWS[2])]
+    p = write_jsonl(tmp_path / "d.jsonl", [], lines)
     assert read_rows(p) == ROWS
 
 
@@ -72,7 +73,9 @@ def test_dataset_dict_takes_train_split(tmp_path):
     from datasets import Dataset, DatasetDict
 
     d = tmp_path / "dd"
-    DatasetDict({"train": Dataset.from_list(ROWS[:2]), "test": Dataset.from_list(ROWS[2:])}).save_to_disk(str(d))
+    # 'train' is neither the first nor the last split, so taking any other split would show.
+    splits = {"test": ROWS[2:], "train": ROWS[:2], "validation": ROWS[1:]}
+    DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(d))
     assert read_rows(d) == ROWS[:2]
 
 
@@ -230,8 +233,6 @@ def test_bpe_truncation_keeps_the_end(tmp_path, bpe_tok):
     assert n_tokens(bpe_tok, cut) <= limit
 
 
-@pytest.mark.xfail(strict=True, reason="BUG data.py:76: decoding a token suffix that starts inside a multi-byte "
-                   "character yields U+FFFD and a prompt longer than max_prompt_length")
 def test_bpe_truncation_inside_multibyte_character(tmp_path, bpe_tok):
     prompt = "Tell me about 日本語 please"
     rows = [{"prompt": prompt, "chosen": "a", "rejected": "b"}]

@@ -209,8 +209,6 @@ def test_write_json_atomic_failure_in_default(tmp_path):
     assert temp_files(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG report.py:71: mkstemp creates the file 0600 and os.replace keeps it, so "
-                   "report.json ignores the umask (0644 expected)")
 def test_write_json_atomic_respects_umask(tmp_path):
     old = os.umask(0o022)
     try:
