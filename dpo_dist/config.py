@@ -30,7 +30,7 @@ DEFAULT_REFERENCE_TEXT = (
 
 SHARDING_NAMES = ("zero2", "zero3", "zero3_offload")
 PLACEMENTS = ("zero3", "cpu", "lora", "precomputed", "ranks")
-IMPLEMENTED_PLACEMENTS = ("zero3",)
+IMPLEMENTED_PLACEMENTS = ("zero3", "cpu", "lora", "precomputed")
 
 
 class ConfigError(ValueError):
@@ -58,12 +58,24 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """The policy's LoRA adapters for `reference.placement: lora` (the reference is the base, adapters off)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
 class ReferenceConfig:
     """Where the frozen reference comes from and where it lives."""
 
     path: str | None = None  # None = the policy's checkpoint
     placement: Literal["zero3", "cpu", "lora", "precomputed", "ranks"] = "zero3"
     on_zero2: Literal["replica", "refuse"] = "replica"  # zero3 placement with a ZeRO-2 policy
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    cache_dir: str | None = None  # precomputed log-probs; None = <train.output_dir>/ref_logps
 
 
 @dataclass(frozen=True)
@@ -236,6 +248,9 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
         problems.append(f"'verify.kl_max' must be in (0, 1), got {v.kl_max}")
     if v.kl_chunk < 1 or v.max_new_tokens < 1 or v.smoke_steps < 0:
         problems.append("'verify.kl_chunk' and 'verify.max_new_tokens' must be >= 1, 'verify.smoke_steps' >= 0")
+    lo = cfg.reference.lora
+    if lo.r < 1 or lo.alpha <= 0 or not 0 <= lo.dropout < 1 or not lo.target_modules:
+        problems.append("'reference.lora' needs r >= 1, alpha > 0, 0 <= dropout < 1 and at least one target module")
     if not v.prompts:
         problems.append("'verify.prompts' must hold at least one prompt")
     if cfg.sharding.timeout_s < 10:
@@ -308,4 +323,5 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Plain dict (YAML/JSON-safe) for the report and the resolved config file."""
     d = dataclasses.asdict(cfg)
     d["verify"]["prompts"] = list(d["verify"]["prompts"])
+    d["reference"]["lora"]["target_modules"] = list(d["reference"]["lora"]["target_modules"])
     return d

@@ -7,6 +7,7 @@ FAI-RL#66). Nothing here gathers a parameter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,74 @@ def config_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 def read_config_json(path: Path) -> dict[str, Any]:
     return json.loads((path / "config.json").read_text())
+
+
+@contextlib.contextmanager
+def outside_zero3():
+    """Build a model whole even while a ZeRO-3 DeepSpeed state exists. transformers decides whether to partition at
+    construction from a module-level weakref to the DeepSpeed config; accelerate's
+    `zero3_init_context_manager(enable=False)` re-registers the same stage-3 config, so it does not help here."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    held = ref() if ref is not None else None
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if held is not None:
+            hf_ds.set_hf_deepspeed_config(held)
+
+
+def load_cpu_shared(path: Path, dtype: str, trust_remote_code: bool):
+    """An unsharded model in host memory whose weights are copy-on-write views of the safetensors files.
+
+    Every rank on a node maps the same file pages (MAP_PRIVATE), so the weights are paid once per node in page cache,
+    not once per rank (RSS counts them per rank; PSS shows the share). Any write would silently make a private copy,
+    which a frozen reference never does. Falls back to a private copy (from_pretrained) when the file dtype differs
+    from the wanted one. Returns (model, shared)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .checkpoint import tensor_index
+
+    want = DTYPES[dtype]
+    index = tensor_index(path)
+    if any(e.dtype != want for e in index.values()):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=want, trust_remote_code=trust_remote_code)
+        return model, False
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
+        model = AutoModelForCausalLM.from_config(config, dtype=want, trust_remote_code=trust_remote_code)
+    storages = {}
+    state = {}
+    for name, e in index.items():
+        if e.file not in storages:
+            import os
+
+            storages[e.file] = torch.UntypedStorage.from_file(e.file, shared=False, nbytes=os.path.getsize(e.file))
+        item = torch.empty((), dtype=e.dtype).element_size()
+        t = torch.empty(0, dtype=e.dtype)
+        t.set_(storages[e.file], e.start // item, e.shape)
+        state[name] = t
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta or unexpected:
+        raise ValueError(f"checkpoint {path} does not match its config: missing {still_meta[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model, True
+
+
+def shared_memory_kb() -> dict[str, int]:
+    """This process's RSS and PSS (kB) from /proc: PSS splits shared file pages among the processes mapping them."""
+    out = {}
+    try:
+        for line in open("/proc/self/smaps_rollup"):
+            key, _, rest = line.partition(":")
+            if key in ("Rss", "Pss", "Pss_File", "Private_Dirty"):
+                out[key] = int(rest.split()[0])
+    except OSError:
+        pass
+    return out

@@ -40,13 +40,32 @@ def _drop_auto(d: dict) -> dict:
     return {k: _drop_auto(v) if isinstance(v, dict) else v for k, v in d.items() if v != "auto"}
 
 
+def model_device(model, ctx: DistContext) -> torch.device:
+    """Where a model's forward runs: a host-memory (cpu placement) reference stays on CPU."""
+    if getattr(model, "runs_on_cpu", False):
+        return torch.device("cpu")
+    return ctx.device
+
+
+class AdaptersOff(torch.nn.Module):
+    """The LoRA placement's reference: the policy's own base, called with its adapters disabled."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**kwargs)
+
+
 @contextlib.contextmanager
 def forward_ready(model, train_ds: dict, ctx: DistContext):
     """Yield the model ready for forwards. A ZeRO-3 partitioned model gets a temporary inference engine whose hooks
     gather each layer; on exit its partitions are released and its hooks removed, so TRL/accelerate can wrap the same
     module afterwards (TRL's precompute path wraps the policy the same way before training)."""
     if not is_partitioned(model):
-        model.to(ctx.device)
+        model.to(model_device(model, ctx))
         yield model
         return
     import deepspeed
@@ -138,7 +157,7 @@ def initial_kl(policy, reference, tok, prompts: list[str], chunk: int, ctx: Dist
     for text, is_real in zip(mine, real, strict=True):  # one prompt per forward: memory bounded by one sequence
         enc = _batch(tok, [render_prompt(tok, text)], ctx.device)
         lp = policy(**enc).logits
-        lr = reference(**enc).logits
+        lr = reference(**{k: v.to(model_device(reference, ctx)) for k, v in enc.items()}).logits.to(lp.device)
         kl = token_kl(lp, lr, chunk=chunk)
         mask = enc["attention_mask"] * (1 if is_real else 0)
         st = masked_kl_stats(kl, mask)

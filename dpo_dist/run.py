@@ -6,6 +6,7 @@ every rank at the same point and they all reach the report instead of waiting in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -14,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import models, probes, weights
+from . import models, placements, probes, weights
 from .checkpoint import CheckpointError, preflight
 from .config import RunConfig, to_dict
-from .data import DataError, prepare, to_dataset
+from .data import DataError, prepare
 from .distributed import DistContext
 from .report import RankReport, build_report, render_table, write_json_atomic
 from .resources import (
@@ -27,7 +28,7 @@ from .resources import (
     resolve_model_path,
     zero_stage,
 )
-from .trainer import LN2, LossRecorder, build_dpo_config, build_trainer, describe_ref_engine
+from .trainer import LN2, LossRecorder, build_dpo_config
 
 KNOWN_ERRORS = (CheckpointError, DataError, FileNotFoundError, ValueError, OSError)
 
@@ -85,11 +86,13 @@ class InitRun:
                                "reference.placement zero3 shards the reference only with a ZeRO-3 policy: use "
                                "--sharding zero3, or set reference.on_zero2: replica")
         set_seed(cfg.train.seed)
-        self.s.update(ds_label=label, ds=ds, stage=stage)
-        self.s["args"] = build_dpo_config(cfg, ds, cfg.verify.smoke_steps)
-        out = Path(cfg.train.output_dir)
+        smoke = cfg.verify.smoke_steps
+        if placement == placements.LORA and smoke == 1:
+            smoke = 2  # LoRA's B starts at zero, so A gets no gradient until the second step
+        self.s.update(ds_label=label, ds=ds, stage=stage, smoke_steps=smoke)
+        self.s["args"] = build_dpo_config(cfg, ds, smoke, precompute=placement in placements.USES_TRL_PRECOMPUTE)
         self.rr.facts.update(sharding=label, zero_stage=stage, placement=placement, world_size=self.ctx.world_size,
-                             output_dir=str(out))
+                             output_dir=str(Path(cfg.train.output_dir)), smoke_steps=smoke)
         return self.rr.add("configuration", True, f"ZeRO-{stage} ({label}), reference {placement}, "
                            f"world {self.ctx.world_size}")
 
@@ -98,7 +101,8 @@ class InitRun:
         pol_path = resolve_model_path(cfg.model.path)
         ref_path = resolve_model_path(cfg.reference.path) if cfg.reference.path else pol_path
         conf = preflight(pol_path, cfg.model.allow_pickle)
-        ref_conf = preflight(ref_path, cfg.model.allow_pickle) if ref_path != pol_path else conf
+        if ref_path != pol_path:
+            preflight(ref_path, cfg.model.allow_pickle)
         if models.needs_remote_code(conf) and not cfg.model.trust_remote_code:
             raise CheckpointError(f"model_type {conf.get('model_type')!r} needs remote code: set "
                                   "model.trust_remote_code: true only if you trust the checkpoint's source")
@@ -108,43 +112,49 @@ class InitRun:
             diffs = models.same_tokenizer(tok, models.load_tokenizer(ref_path, cfg.model.trust_remote_code))
             ok &= rr.add("reference tokenizer equal", not diffs, "; ".join(diffs) or "identical",
                          "the reference checkpoint has another tokenizer: use the policy's SFT checkpoint")
-        self.s.update(pol_path=pol_path, ref_path=ref_path, tok=tok, ref_conf=ref_conf)
+        self.s.update(pol_path=pol_path, ref_path=ref_path, tok=tok)
         if not ctx.all_ok(ok):
             return False
         t0 = time.perf_counter()
         ctx.print0(f"[dpo-dist] loading policy from {pol_path} (ZeRO-{self.s['stage']}) ...")
         policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
-        ctx.print0(f"[dpo-dist] loading reference from {ref_path} ...")
-        reference = models.load_causal_lm(ref_path, cfg.model.dtype, cfg.model.trust_remote_code,
-                                          cfg.model.allow_pickle)
-        models.freeze(reference)
         policy.train()
-        self.s.update(policy=policy, reference=reference)
+        self.s["policy"] = policy
+        ctx.print0(f"[dpo-dist] loading reference ({cfg.reference.placement}) from {ref_path} ...")
+        self.s["reference"] = placements.load_reference(self)
         rr.facts["load_seconds"] = round(time.perf_counter() - t0, 3)
         rr.facts[f"rank_{ctx.rank}_policy_bytes"] = weights.local_bytes(policy, ctx)
-        rr.facts[f"rank_{ctx.rank}_reference_bytes"] = weights.local_bytes(reference, ctx)
+        rr.facts[f"rank_{ctx.rank}_reference_bytes"] = placements.reference_bytes(self)
+        rr.facts[f"rank_{ctx.rank}_memory_kb"] = models.shared_memory_kb()
         rr.facts["partitioned"] = probes.is_partitioned(policy)
-        return rr.add("models loaded", True, f"{sum(1 for _ in policy.parameters())} tensors each, "
+        return rr.add("models loaded", True, f"{sum(1 for _ in policy.parameters())} tensors, "
                       f"{rr.facts['load_seconds']} s")
 
     def prove_static(self) -> bool:
         """Roles, configs, and bitwise weights equality (policy vs reference vs files)."""
         ctx, rr, pol, ref = self.ctx, self.rr, self.s["policy"], self.s["reference"]
-        ok = models.check_roles(pol, ref, rr)
-        diffs = models.config_differences(pol.config.to_dict(), ref.config.to_dict())
-        ok &= rr.add("configs equal", not diffs, "; ".join(diffs[:5]) or "identical",
-                     "policy and reference configs differ: load both from the same SFT checkpoint")
         ctx.print0("[dpo-dist] fingerprinting weights (each rank its own shard) ...")
         t0 = time.perf_counter()
         fp_pol = weights.model_fingerprints(pol, ctx, "fingerprint policy")
-        fp_ref = weights.model_fingerprints(ref, ctx, "fingerprint reference")
-        bad = weights.compare(fp_pol, fp_ref)
-        ok &= rr.add("weights: policy == reference", not bad, f"{len(fp_pol)} tensors bitwise equal" if not bad else
-                     f"{len(bad)} differ, first: {bad[0]}",
-                     "policy and reference weights differ: re-initialize both from the same checkpoint "
-                     f"(first differing tensor: {bad[0] if bad else ''})")
         self.s["fp_policy"] = fp_pol
         rr.facts["fingerprints"] = {"policy": fp_pol}
+        ok = True
+        if ref is not None:
+            ok &= models.check_roles(pol, ref, rr)
+            diffs = models.config_differences(pol.config.to_dict(), ref.config.to_dict())
+            ok &= rr.add("configs equal", not diffs, "; ".join(diffs[:5]) or "identical",
+                         "policy and reference configs differ: load both from the same SFT checkpoint")
+            fp_ref = weights.model_fingerprints(ref, ctx, "fingerprint reference")
+            bad = weights.compare(fp_pol, fp_ref)
+            ok &= rr.add("weights: policy == reference", not bad,
+                         f"{len(fp_pol)} tensors bitwise equal" if not bad else f"{len(bad)} differ, first: {bad[0]}",
+                         "policy and reference weights differ: re-initialize both from the same checkpoint "
+                         f"(first differing tensor: {bad[0] if bad else ''})")
+            self.s["fp_reference"] = rr.facts["fingerprints"]["reference"] = fp_ref
+        else:  # lora: the reference is the policy's own base, checked again once PEFT has wrapped it
+            ok &= rr.add("policy trainable", any(p.requires_grad for p in pol.parameters()), "trainable",
+                         "the policy has no trainable parameter")
+            self.s["fp_reference"] = fp_pol
         if self.cfg.verify.fingerprint_files:
             fp_file, missing = weights.file_fingerprints(self.s["pol_path"], weights.param_meta(pol), ctx,
                                                         "fingerprint files")
@@ -155,77 +165,80 @@ class InitRun:
                          "the loaded policy is not what the files hold: investigate loading (renamed or tied keys, "
                          "dtype conversion) or a corrupted copy")
             rr.facts["fingerprints"]["files"] = fp_file
-            if self.s["ref_path"] != self.s["pol_path"]:
+            if self.s["ref_path"] != self.s["pol_path"] and ref is not None:
                 fp_rfile, _ = weights.file_fingerprints(self.s["ref_path"], weights.param_meta(ref), ctx)
                 rr.facts["fingerprints"]["reference_files"] = fp_rfile
-        rr.facts["fingerprints"]["reference"] = fp_ref
         rr.facts["fingerprint_seconds"] = round(time.perf_counter() - t0, 3)
         return ok
 
     def prove_forward(self) -> bool:
-        """Generation smoke test, perplexity, and the initial KL, with every rank in step."""
+        """Generation smoke test, perplexity, and the initial KL, with every rank in step. For lora this runs after
+        the trainer exists (the reference is the PEFT-wrapped policy with adapters off)."""
         cfg, ctx, rr, tok = self.cfg, self.ctx, self.rr, self.s["tok"]
-        pol, ref, ds = self.s["policy"], self.s["reference"], self.s["args"].hf_deepspeed_config.config
+        lora = cfg.reference.placement == placements.LORA
+        pol = self.s["trainer"].model if lora else self.s["policy"]
+        ref = self.s["reference"]
+        ds = self.s["args"].hf_deepspeed_config.config
         synced = probes.is_partitioned(pol) and ctx.distributed
         pol.eval()
         try:
-            with probes.forward_ready(pol, ds, ctx) as p, probes.forward_ready(ref, ds, ctx) as r:
+            with contextlib.ExitStack() as stack:
+                p = stack.enter_context(probes.forward_ready(pol, ds, ctx))
+                r = probes.AdaptersOff(p) if lora else stack.enter_context(probes.forward_ready(ref, ds, ctx))
                 if cfg.verify.generation:
                     ctx.print0("[dpo-dist] generation smoke test ...")
                     texts = probes.generation_check(p, tok, list(cfg.verify.prompts), cfg.verify.max_new_tokens,
                                                     ctx, rr, synced)
                     rr.facts["sample_generation"] = texts[:2]
                     rr.facts["perplexity"] = probes.perplexity_check(p, tok, cfg.verify.prompts[0],
-                                                                          cfg.verify.reference_text, ctx, rr)
+                                                                      cfg.verify.reference_text, ctx, rr)
                 ctx.print0("[dpo-dist] initial KL(policy || reference) ...")
                 kl = probes.initial_kl(p, r, tok, list(cfg.verify.prompts), cfg.verify.kl_chunk, ctx)
         finally:
             pol.train()
         rr.facts["initial_kl"] = kl
         limit = cfg.verify.kl_max
+        what = "adapters on vs off" if lora else "policy vs reference"
         return rr.add("initial KL < limit", abs(kl["mean"]) < limit and kl["max_seq_mean"] < limit,
-                      f"mean {kl['mean']:.3e}/token, max seq {kl['max_seq_mean']:.3e} over {kl['tokens']} tokens "
-                      f"(limit {limit:g})",
+                      f"{what}: mean {kl['mean']:.3e}/token, max seq {kl['max_seq_mean']:.3e} over {kl['tokens']} "
+                      f"tokens (limit {limit:g})",
                       "policy and reference disagree at step 0: check dropout (reference.eval()), dtypes of both "
                       "models, and that both came from the same checkpoint")
 
     def build(self) -> bool:
-        cfg, rr = self.cfg, self.rr
+        cfg, rr, ctx = self.cfg, self.rr, self.ctx
         tok = self.s["tok"]
         train = prepare(resolve_data_path(cfg.data.train, "train"), "train", tok, cfg.train.max_prompt_length)
         evald = prepare(resolve_data_path(cfg.data.eval, "eval"), "eval", tok, cfg.train.max_prompt_length) \
             if cfg.data.eval else None
-        rr.add("datasets valid", True, f"train {len(train.rows)} rows" + (f", eval {len(evald.rows)}" if evald
-                                                                          else ""))
         cut = train.truncated_prompts + (evald.truncated_prompts if evald else 0)
+        rr.add("datasets valid", True, f"train {len(train.rows)} rows" + (f", eval {len(evald.rows)}" if evald
+                                                                          else "") + f"; {cut} prompts truncated "
+               f"to {cfg.train.max_prompt_length} tokens (kept their end)")
         rr.facts["truncated_prompts"] = cut
         rr.facts["identical_pairs"] = train.identical_pairs
-        self.ctx.print0("[dpo-dist] building DPOTrainer ...")
-        trainer = build_trainer(self.s["policy"], self.s["reference"], self.s["args"], tok, to_dataset(train.rows),
-                                to_dataset(evald.rows) if evald else None)
+        ctx.print0("[dpo-dist] building DPOTrainer ...")
+        trainer = placements.build_trainer(self, train.rows, evald.rows if evald else None)
         self.s["trainer"] = trainer
-        eng = describe_ref_engine(trainer)
-        want_stage = 3 if self.s["stage"] == 3 else 0
-        ok = rr.add("trainer reference is a prepared engine",
-                    eng["type"] == "DeepSpeedEngine" and eng["stage"] == want_stage and not eng["optimizer"]
-                    and not eng["training"], f"{eng['type']} stage {eng['stage']}, optimizer {eng['optimizer']}, "
-                    f"training {eng['training']}",
-                    "TRL did not wrap the reference as a DeepSpeed inference engine: launch with accelerate and a "
-                    "DeepSpeed config (launch/zero3.yaml)")
         args = trainer.args
-        world = self.ctx.world_size
-        rr.facts["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-        ok &= models.check_roles(self.s["policy"], getattr(trainer.ref_model, "module", trainer.ref_model), self.rr,
-                                   prefix="trainer: ")
+        rr.facts["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+            ctx.world_size
+        ok = placements.check_trainer(self, trainer)
+        nbytes = placements.reference_bytes(self)
+        rr.facts[f"rank_{ctx.rank}_reference_bytes_training"] = nbytes
+        placements.check_reference_report(rr, cfg.reference.placement, nbytes, rr.facts)
         return ok
 
     def smoke(self) -> bool:
-        n = self.cfg.verify.smoke_steps
+        n = self.s["smoke_steps"]
         if n <= 0:
             return True
         ctx, rr, trainer = self.ctx, self.rr, self.s["trainer"]
-        ref_module = trainer.ref_model.module if hasattr(trainer.ref_model, "module") else trainer.ref_model
-        ref_before = weights.model_fingerprints(ref_module, ctx)
+        ref_module = placements.smoke_reference(self, trainer)
+        ref_before = weights.model_fingerprints(ref_module, ctx) if ref_module is not None else None
+        model = trainer.model
+        trainable = {nm for nm, p in model.named_parameters() if p.requires_grad}
+        pol_before = weights.model_fingerprints(model, ctx)
         rec = LossRecorder()
         trainer.add_callback(rec)
         ctx.print0(f"[dpo-dist] {n} smoke training step(s) ...")
@@ -236,18 +249,16 @@ class InitRun:
         ok = rr.add("step-0 DPO loss = ln 2", bool(losses) and abs(losses[0] - LN2) < tol,
                     f"{losses[0]:.6f} (ln 2 = {LN2:.6f})" if losses else "no loss logged",
                     "the first DPO loss must be ln 2 when policy and reference are identical: they were not")
-        trained = trainer.model_wrapped.module if hasattr(trainer.model_wrapped, "module") else trainer.model
-        fp_after = weights.model_fingerprints(trained, ctx)
-        trainable = {nm for nm, p in trained.named_parameters() if p.requires_grad}
-        still = [nm for nm in trainable if fp_after.get(nm) == self.s["fp_policy"].get(nm)]
-        ok &= rr.add("every policy parameter moved", not still, f"{len(trainable)} tensors changed" if not still else
-                     f"{len(still)} unchanged, e.g. {still[0]}",
+        fp_after = weights.model_fingerprints(model, ctx)
+        still = [nm for nm in trainable if fp_after.get(nm) == pol_before.get(nm)]
+        ok &= rr.add("every policy parameter moved", not still, f"{len(trainable)} tensors changed after {n} "
+                     "step(s)" if not still else f"{len(still)} unchanged, e.g. {still[0]}",
                      "some trainable tensors did not change after a step: check the optimizer covers all parameters")
-        ref_after = weights.model_fingerprints(ref_module, ctx)
-        moved = weights.compare(ref_before, ref_after)
-        ok &= rr.add("no reference parameter moved", not moved, "reference unchanged" if not moved else
-                     f"{len(moved)} changed, e.g. {moved[0]}", "the reference changed during training: it must be "
-                     "frozen and outside the optimizer")
+        if ref_module is not None:
+            moved = weights.compare(ref_before, weights.model_fingerprints(ref_module, ctx))
+            ok &= rr.add("no reference parameter moved", not moved, f"{len(ref_before)} reference tensors unchanged"
+                         if not moved else f"{len(moved)} changed, e.g. {moved[0]}",
+                         "the reference changed during training: it must be frozen and outside the optimizer")
         return ok
 
     # -- driver -------------------------------------------------------------------------------------------------
@@ -267,9 +278,10 @@ class InitRun:
                                "unexpected error: rerun with --debug for the traceback")
 
     def run(self) -> InitResult:
+        forward, trainer = ("forward proofs", self.prove_forward), ("trainer", self.build)
+        middle = (trainer, forward) if self.cfg.reference.placement == placements.LORA else (forward, trainer)
         for name, stage in (("setup", self.setup), ("load", self.load), ("static proofs", self.prove_static),
-                            ("forward proofs", self.prove_forward), ("trainer", self.build),
-                            ("smoke steps", self.smoke)):
+                            *middle, ("smoke steps", self.smoke)):
             ok = self.attempt(name, stage)
             if not self.ctx.all_ok(ok):
                 self.ctx.print0(f"[dpo-dist] stopping after stage '{name}': a check failed on some rank")

@@ -23,7 +23,8 @@ def accelerator_is_cpu() -> bool:
     return get_accelerator().device_name() == "cpu"
 
 
-def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0) -> dict[str, Any]:
+def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, precompute: bool = False
+                      ) -> dict[str, Any]:
     """Keyword arguments of TRL's DPOConfig. CPU-only follows DeepSpeed's accelerator (set by the launch env)."""
     t = cfg.train
     kw: dict[str, Any] = dict(
@@ -46,9 +47,9 @@ def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0) 
         report_to="none",
         disable_dropout=True,
         dataloader_num_workers=0,
+        precompute_ref_log_probs=precompute,
     )
-    if t.gradient_checkpointing:  # passed only when on: transformers warns about the name whenever it is set
-        kw["gradient_checkpointing"] = True
+    kw["gradient_checkpointing"] = t.gradient_checkpointing  # explicit: TRL's DPOConfig defaults it to True
     kw.update(t.extra)
     if smoke_steps:
         # A rehearsal: N real steps, a loss logged at every step, nothing saved, and a learning rate large enough
@@ -58,17 +59,10 @@ def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0) 
     return kw
 
 
-def build_dpo_config(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0):
+def build_dpo_config(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, precompute: bool = False):
     from trl import DPOConfig
 
-    return DPOConfig(**dpo_config_kwargs(cfg, ds, smoke_steps))
-
-
-def build_trainer(policy, reference, args, tokenizer, train_ds, eval_ds):
-    from trl import DPOTrainer
-
-    return DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer)
+    return DPOConfig(**dpo_config_kwargs(cfg, ds, smoke_steps, precompute))
 
 
 def describe_ref_engine(trainer) -> dict[str, Any]:

@@ -1,0 +1,230 @@
+"""Where the frozen reference lives: zero3 (sharded inference engine), cpu (host memory, pages shared per node),
+lora (the policy's base with adapters off), precomputed (log-probs computed once, cached on disk, reference freed).
+
+Each placement answers the same questions for the stages in run.py: how to load the reference, how to build the
+DPOTrainer around it, what to check in the built trainer, which module is the reference after training, and how many
+bytes of reference weights a rank holds.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from . import models, weights
+from .report import RankReport
+
+ZERO3, CPU, LORA, PRECOMPUTED = "zero3", "cpu", "lora", "precomputed"
+USES_TRL_PRECOMPUTE = (CPU, PRECOMPUTED)  # placements that run TRL in precompute mode (no TRL-built reference)
+
+
+def load_reference(run) -> Any:
+    """The reference module (None for lora: it is the policy's own base)."""
+    cfg, s = run.cfg, run.s
+    placement = cfg.reference.placement
+    if placement == LORA:
+        return None
+    if placement == CPU:
+        # Built outside ZeRO-3's partitioning context: this copy must stay whole, in host memory.
+        with models.outside_zero3():
+            ref, shared = models.load_cpu_shared(s["ref_path"], cfg.model.dtype, cfg.model.trust_remote_code)
+        ref.runs_on_cpu = True
+        run.rr.facts["cpu_reference_shared_pages"] = shared
+    else:
+        ref = models.load_causal_lm(s["ref_path"], cfg.model.dtype, cfg.model.trust_remote_code,
+                                    cfg.model.allow_pickle)
+    models.freeze(ref)
+    return ref
+
+
+def data_key(rows: list[dict[str, str]], *extra: Any) -> str:
+    return hashlib.sha256(json.dumps([rows, *extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tokenizer_key(tok) -> str:
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    text += json.dumps([getattr(tok, "chat_template", None), tok.all_special_tokens])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def weights_digest(fingerprints: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(sorted(fingerprints.items())).encode()).hexdigest()[:16]
+
+
+def disk_dataset(rows: list[dict[str, str]], root: Path, ctx):
+    """A dataset backed by files under `root/data-<hash>`, so TRL's precompute cache persists across runs (an in-memory
+    dataset caches in a temporary dir, and other ranks then miss the file: FileNotFoundError seen on rank 1)."""
+    from datasets import Dataset, load_from_disk
+
+    where = root / f"data-{data_key(rows)}"
+    if ctx.is_main and not (where / "state.json").exists():
+        Dataset.from_list(rows).save_to_disk(str(where))
+    ctx.barrier()
+    return load_from_disk(str(where))
+
+
+def build_trainer(run, train_rows, eval_rows):
+    """The DPOTrainer for this placement."""
+    from .data import to_dataset
+
+    cfg, s, ctx = run.cfg, run.s, run.ctx
+    placement = cfg.reference.placement
+    common = dict(args=s["args"], processing_class=s["tok"])
+    if placement == PRECOMPUTED:
+        from .ref_trainers import PrecomputedDPOTrainer
+
+        root = Path(cfg.reference.cache_dir or Path(cfg.train.output_dir) / "ref_logps")
+        train = disk_dataset(train_rows, root, ctx)
+        evald = disk_dataset(eval_rows, root, ctx) if eval_rows else None
+        digest = weights_digest(s["fp_reference"])
+        limits = (tokenizer_key(s["tok"]), cfg.train.max_length, cfg.train.max_prompt_length)
+        keys = {"train": data_key(train_rows, *limits), "eval": data_key(eval_rows or [], *limits)}
+        run.rr.facts["precompute_key"] = {"reference_weights": digest, "train_data": keys["train"]}
+        trainer = PrecomputedDPOTrainer(model=s["policy"], ref_model=s["reference"], train_dataset=train,
+                                        eval_dataset=evald, reference_digest=digest, data_keys=keys, **common)
+        run.rr.facts["precompute_cache_hits"] = trainer.cache_hits
+        free_reference(run, trainer)
+        return trainer
+    train = to_dataset(train_rows)
+    evald = to_dataset(eval_rows) if eval_rows else None
+    if placement == CPU:
+        from .ref_trainers import CpuReferenceDPOTrainer
+
+        return CpuReferenceDPOTrainer(model=s["policy"], ref_model=None, cpu_reference=s["reference"],
+                                      train_dataset=train, eval_dataset=evald, **common)
+    from trl import DPOTrainer
+
+    if placement == LORA:
+        from peft import LoraConfig
+
+        lo = cfg.reference.lora
+        peft_config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                 target_modules=list(lo.target_modules), task_type="CAUSAL_LM")
+        return DPOTrainer(model=s["policy"], ref_model=None, peft_config=peft_config, train_dataset=train,
+                          eval_dataset=evald, **common)
+    return DPOTrainer(model=s["policy"], ref_model=s["reference"], train_dataset=train, eval_dataset=evald, **common)
+
+
+def free_reference(run, trainer) -> None:
+    """precomputed: once the log-probs exist, release the reference's weight storage on this rank and measure what
+    is left. The storage itself is released (not just our handles): DeepSpeed's engine, hooks and coordinator keep
+    references to the module object, so waiting for garbage collection would free nothing."""
+    import torch
+
+    ref = run.s["reference"]
+    engine = trainer.ref_model
+    trainer.ref_model = None
+    if engine is not None and hasattr(engine, "destroy"):
+        engine.empty_partition_cache()
+        engine.destroy()
+    for p in ref.parameters():
+        ds_tensor = getattr(p, "ds_tensor", None)
+        if ds_tensor is not None:
+            ds_tensor.data = torch.empty(0, dtype=ds_tensor.dtype, device=ds_tensor.device)
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    gc.collect()
+    run.rr.facts[f"rank_{run.ctx.rank}_reference_bytes_after_free"] = weights.local_bytes(ref, run.ctx)
+    run.s["reference"] = None
+
+
+def check_trainer(run, trainer) -> bool:
+    """Placement-specific checks of what TRL built."""
+    rr, s, placement = run.rr, run.s, run.cfg.reference.placement
+    if placement == ZERO3:
+        from .trainer import describe_ref_engine
+
+        eng = describe_ref_engine(trainer)
+        want_stage = 3 if s["stage"] == 3 else 0
+        ok = rr.add("trainer reference is a prepared engine",
+                    eng["type"] == "DeepSpeedEngine" and eng["stage"] == want_stage and not eng["optimizer"]
+                    and not eng["training"], f"{eng['type']} stage {eng['stage']}, optimizer {eng['optimizer']}, "
+                    f"training {eng['training']}",
+                    "TRL did not wrap the reference as a DeepSpeed inference engine: launch with accelerate and a "
+                    "DeepSpeed config (launch/zero3.yaml)")
+        return ok & models.check_roles(s["policy"], trainer.ref_model.module, rr, prefix="trainer: ")
+    if placement == CPU:
+        ref = trainer.ref_model
+        on_cpu = all(p.device.type == "cpu" and not hasattr(p, "ds_tensor") for p in ref.module.parameters())
+        ok = rr.add("trainer reference on CPU, unsharded", type(ref).__name__ == "CpuReference" and on_cpu,
+                    f"{type(ref).__name__}, parameters on cpu: {on_cpu}",
+                    "the CPU reference was wrapped or moved: do not pass it to TRL as ref_model")
+        return ok & models.check_roles(s["policy"], ref.module, rr, prefix="trainer: ")
+    if placement == LORA:
+        return check_lora(trainer, s["fp_policy"], run)
+    # precomputed
+    cols = set(trainer.train_dataset.column_names)
+    ok = rr.add("reference log-probs precomputed", {"ref_chosen_logps", "ref_rejected_logps"} <= cols,
+                f"cache {'reused' if all(trainer.cache_hits.values()) else 'computed'}: {trainer.cache_hits}",
+                "TRL did not add ref_chosen_logps/ref_rejected_logps to the dataset")
+    left = rr.facts[f"rank_{run.ctx.rank}_reference_bytes_after_free"]
+    ok &= rr.add("reference freed before training", left == 0 and trainer.ref_model is None,
+                 f"{left} bytes of reference weights left", "something still holds the reference model")
+    return ok
+
+
+def check_lora(trainer, fp_before: dict[str, str], run) -> bool:
+    """LoRA: only adapter weights train; the base (= the reference) is frozen and still bitwise the checkpoint's."""
+    rr, ctx = run.rr, run.ctx
+    model = trainer.model
+    ok = rr.add("trainer reference = base with adapters off", trainer.ref_model is None and hasattr(
+        model, "disable_adapter"), f"ref_model {trainer.ref_model}, {type(model).__name__}",
+        "TRL did not wrap the policy with PEFT: check reference.lora settings")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    not_lora = [n for n in trainable if "lora_" not in n]
+    ok &= rr.add("only adapters trainable", trainable and not not_lora,
+                 f"{len(trainable)} adapter tensors trainable" if not not_lora else f"base trainable: {not_lora[0]}",
+                 "base weights are trainable: the reference (base) would move")
+    base = weights.model_fingerprints(model, ctx)
+    mapped = {base_name(n): fp for n, fp in base.items() if "lora_" not in n}
+    diff = weights.compare(fp_before, mapped)
+    ok &= rr.add("weights: reference base == checkpoint", not diff, f"{len(mapped)} base tensors bitwise equal to "
+                 "the loaded checkpoint" if not diff else f"differ: {diff[0]}",
+                 "wrapping with PEFT changed base weights: investigate the adapter setup")
+    return ok
+
+
+def base_name(peft_name: str) -> str:
+    """PEFT's name of a base weight -> the checkpoint's: `base_model.model.X.q_proj.base_layer.weight` ->
+    `X.q_proj.weight`."""
+    name = peft_name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def smoke_reference(run, trainer):
+    """The module whose weights must not move during training (None when the reference was freed)."""
+    placement = run.cfg.reference.placement
+    if placement == PRECOMPUTED:
+        return None
+    if placement == LORA:
+        return FrozenOnly(trainer.model)
+    return trainer.ref_model.module
+
+
+class FrozenOnly:
+    """named_parameters() of a model's frozen parameters only (the LoRA placement's reference = the frozen base)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def named_parameters(self):
+        return ((n, p) for n, p in self.model.named_parameters() if not p.requires_grad)
+
+
+def reference_bytes(run) -> int:
+    ref = run.s.get("reference")
+    return 0 if ref is None else weights.local_bytes(ref, run.ctx)
+
+
+def check_reference_report(rr: RankReport, placement: str, nbytes: int, facts: dict) -> None:
+    """A row that names the placement and what it costs this rank."""
+    extra = ""
+    if placement == CPU:
+        extra = ", pages shared per node" if facts.get("cpu_reference_shared_pages") else ", private copy"
+    if placement == LORA:
+        extra = " (the policy's own base: no second copy)"
+    rr.add("reference placement", True, f"{placement}: {nbytes / 2**20:.1f} MiB of reference weights on this rank"
+           + extra)

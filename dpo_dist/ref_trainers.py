@@ -1,0 +1,108 @@
+"""DPOTrainer variants for reference placements TRL does not offer: a CPU reference, and precomputed log-probs kept
+on disk under a key of the reference's weights fingerprint and the data.
+
+Both override TRL's private `_precompute_ref_logps` (TRL 1.16.0, pinned in pyproject; tests/test_placements.py fails
+loudly if its signature or role changes). Why: with `ref_model` given, TRL always wraps the reference with DeepSpeed
+(`prepare_deepspeed`), which would shard or move a CPU reference; with `precompute_ref_log_probs=True` and no
+`ref_model`, TRL builds no reference at all, and this hook is where the log-probs come from.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+from trl import DPOTrainer
+from trl.trainer.utils import add_fused_lm_head
+
+PRECOMPUTE_SIGNATURE = ("self", "dataset", "name", "batch_size")
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def check_trl_hooks() -> list[str]:
+    """What of TRL's private surface we rely on is missing (empty list = all there)."""
+    problems = []
+    fn = getattr(DPOTrainer, "_precompute_ref_logps", None)
+    if fn is None:
+        problems.append("DPOTrainer._precompute_ref_logps is gone")
+    elif tuple(inspect.signature(fn).parameters) != PRECOMPUTE_SIGNATURE:
+        problems.append(f"DPOTrainer._precompute_ref_logps{inspect.signature(fn)} changed")
+    if "precompute_ref_logps" not in inspect.getsource(DPOTrainer._compute_loss):
+        problems.append("DPOTrainer._compute_loss no longer reads precompute_ref_logps")
+    return problems
+
+
+class CpuReference(torch.nn.Module):
+    """Runs a host-memory reference on CPU for TRL's per-batch reference forward and hands results back on the
+    policy's device. Not a DeepSpeed engine: nothing shards, moves or copies it."""
+
+    def __init__(self, model: torch.nn.Module, out_device: torch.device):
+        super().__init__()
+        self.module = model
+        self.out_device = out_device
+        add_fused_lm_head(model)  # TRL calls the reference with fused_lm_head=True
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        cpu = torch.device("cpu")
+        args = [a.to(cpu) if torch.is_tensor(a) else a for a in args]
+        kwargs = {k: v.to(cpu) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        from .models import outside_zero3
+
+        with outside_zero3():  # TRL's fused head would treat this whole CPU model as ZeRO-3 partitioned otherwise
+            out = self.module(*args, **kwargs)
+        for key in ("log_probs", "logits", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"):
+            val = getattr(out, key, None)
+            if torch.is_tensor(val):
+                setattr(out, key, val.to(self.out_device))
+                if hasattr(out, "__setitem__") and key in out:
+                    out[key] = getattr(out, key)
+        return out
+
+
+class CpuReferenceDPOTrainer(DPOTrainer):
+    """DPOTrainer whose reference is a CpuReference (construct with precompute_ref_log_probs=True, ref_model=None)."""
+
+    def __init__(self, *args, cpu_reference: torch.nn.Module, **kwargs):
+        self._cpu_reference = cpu_reference
+        super().__init__(*args, **kwargs)
+        # TRL built no reference (precompute mode); from here on it forwards ours per micro-batch instead.
+        self.precompute_ref_logps = False
+        self.ref_model = CpuReference(cpu_reference, self.accelerator.device)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        return dataset  # nothing to precompute: the CPU reference runs online
+
+
+class PrecomputedDPOTrainer(DPOTrainer):
+    """DPOTrainer that precomputes reference log-probs once, cached under (reference fingerprint, data)."""
+
+    def __init__(self, *args, reference_digest: str, data_keys: dict[str, str], **kwargs):
+        self._reference_digest = reference_digest
+        self._data_keys = data_keys
+        self.cache_hits: dict[str, bool] = {}
+        super().__init__(*args, **kwargs)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL keys its cache file on (dataset fingerprint, model hash). Its model hash of a ZeRO-3 model is
+        # rank-dependent and ignores what the weights are, and the dataset fingerprint chains through TRL's own map
+        # calls (which hash run arguments such as the output dir). Ours: the all-reduced weights fingerprint, and a
+        # hash of the rows, the tokenizer and the length limits: same inputs, same key, in any output dir.
+        self._precompute_model_hash = self._reference_digest
+        dataset._fingerprint = self._data_keys[name]
+        from datasets.fingerprint import Hasher
+
+        cache_file = dataset._get_cache_file_path(Hasher.hash((dataset._fingerprint, self._reference_digest)))
+        self.cache_hits[name] = os.path.exists(cache_file)
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _prepare_inputs(self, inputs):
+        # Under DeepSpeed, transformers' Trainer casts every floating input to the engine dtype: the precomputed
+        # sequence log-probs (sums of order -100) would reach the loss rounded to bf16 (steps of 0.5-1 nat), and the
+        # step-0 loss would miss ln 2 by ~3e-3. Keep them in fp32, as they were computed.
+        keep = {k: inputs[k] for k in REF_COLUMNS if k in inputs}
+        out = super()._prepare_inputs(inputs)
+        for k, v in keep.items():
+            out[k] = v.to(device=self.accelerator.device, dtype=torch.float32)
+        return out
