@@ -37,6 +37,8 @@ def _overrides(args: argparse.Namespace):
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    """Exit codes: 0 every check passed; 1 a check failed (the report says which); 2 bad input (one line);
+    3 the ranks never all met; 4 an unexpected error (one line, the traceback with --debug)."""
     from .config import ConfigError, load
 
     try:
@@ -44,17 +46,33 @@ def cmd_init(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"dpo-dist: {e.one_line()}", file=sys.stderr)
         return 2
-    from .distributed import DistContext
-    from .run import InitRun, finish
+    from .preflight import PreflightError, run_preflight
 
-    ctx = DistContext.from_env(cfg.sharding.timeout_s)
-    code = 1
     try:
-        result = InitRun(cfg, ctx, debug=args.debug).run()
-        code = finish(result, ctx, cfg.train.output_dir)
-    finally:
-        ctx.teardown()
-    return code
+        run_preflight(cfg)
+    except PreflightError as e:
+        print(f"dpo-dist: {e}", file=sys.stderr)
+        return 2
+    try:
+        from .distributed import DistContext, RendezvousError
+        from .run import InitRun, finish
+
+        try:
+            ctx = DistContext.from_env(cfg.sharding.timeout_s)
+        except RendezvousError as e:
+            print(f"dpo-dist: {e}", file=sys.stderr)
+            return 3
+        try:
+            result = InitRun(cfg, ctx, debug=args.debug).run()
+            return finish(result, ctx, cfg.train.output_dir)
+        finally:
+            ctx.teardown()
+    except Exception as e:  # one line for the user; the traceback only when asked for
+        if args.debug:
+            raise
+        print(f"dpo-dist: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 4
 
 
 def cmd_launch(args: argparse.Namespace) -> int:

@@ -60,14 +60,14 @@ def validate(rows: list[dict], name: str) -> None:
         bad = [k for k in FIELDS if not isinstance(r[k], str) or not r[k].strip()]
         if bad:
             raise DataError(f"{name} row {i}: {', '.join(bad)} must be non-empty strings")
+    if all(r["chosen"] == r["rejected"] for r in rows):
+        raise DataError(f"{name} dataset: chosen == rejected in every row, so there is no preference to learn")
 
 
 def prepare(path: Path, name: str, tok, max_prompt_length: int) -> PreparedData:
     rows = read_rows(path)
     validate(rows, name)
     identical = sum(1 for r in rows if r["chosen"] == r["rejected"])
-    if identical == len(rows):
-        raise DataError(f"{name} dataset: chosen == rejected in every row, so there is no preference to learn")
     out, cut = [], 0
     for r in rows:
         prompt = keep_end(tok, r["prompt"], max_prompt_length)

@@ -15,6 +15,10 @@ from typing import Any
 import torch
 
 
+class RendezvousError(RuntimeError):
+    """The ranks of the job never all met."""
+
+
 class DistContext:
     """World facts plus the few collectives the verification needs; all no-ops for a single process."""
 
@@ -31,8 +35,16 @@ class DistContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if world == 1:
-            return cls(0, 1, 0, _device(local_rank))
+        if "MASTER_ADDR" not in os.environ:
+            # Run directly (`python -m dpo_dist init`, no launcher): a world of one on this host. DeepSpeed still needs
+            # a process group (ZeRO-3 loading calls init_distributed, which would otherwise go looking for MPI).
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                              WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -41,11 +53,18 @@ class DistContext:
             acc.set_device(local_rank)
         if not torch.distributed.is_initialized():
             # DeepSpeed picks nccl on GPUs, gloo with its CPU accelerator (no oneCCL needed); we add the timeout.
-            deepspeed.init_distributed(
-                dist_backend=acc.communication_backend_name(),
-                timeout=timedelta(seconds=timeout_s),
-                auto_mpi_discovery=False,
-            )
+            try:
+                deepspeed.init_distributed(
+                    dist_backend=acc.communication_backend_name(),
+                    timeout=timedelta(seconds=timeout_s),
+                    auto_mpi_discovery=False,
+                )
+            except Exception as e:  # torch: "Timed out after 11 seconds waiting for clients. 1/2 clients joined."
+                where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+                cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise RendezvousError(
+                    f"rank {rank} of {world}: rendezvous at {where} failed within {timeout_s} s ({cause}): check that "
+                    "every node started its ranks and can reach that address, or raise sharding.timeout_s") from None
         return cls(rank, world, local_rank, _device(local_rank))
 
     # -- facts --------------------------------------------------------------------------------------------------

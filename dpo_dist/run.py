@@ -31,6 +31,9 @@ from .resources import (
 from .trainer import LN2, LossRecorder, build_dpo_config
 
 KNOWN_ERRORS = (CheckpointError, DataError, FileNotFoundError, ValueError, OSError)
+# Stages that run collectives inside them (ZeRO-3 loading and gathers, all-reduces, TRL's barriers). The others
+# (setup, tokenizer) are local, so a failure there is decided together at the stage's end and lands in the report.
+COLLECTIVE_STAGES = ("load", "static proofs", "forward proofs", "trainer", "smoke steps")
 
 
 @dataclass
@@ -47,19 +50,48 @@ class InitResult:
 FAULT_ENV = "DPO_DIST_TEST_FAULT"
 
 
-def inject_fault(stage: str, rank: int) -> None:
-    """Test hook: DPO_DIST_TEST_FAULT="<stage>:<rank>[:raise|exit]" makes that rank fail at the start of that stage
-    (raise: an error the stage reports; exit: the process dies at once, as a crashed or killed rank would)."""
+def inject_fault(stage: str, rank: int, state: dict) -> None:
+    """Test hook: DPO_DIST_TEST_FAULT="<stage>:<rank>[:mode]" acts on that rank at the start of that stage.
+    Modes: raise (default: an error the stage reports), exit (the process dies at once, as a crashed or killed rank
+    would), perturb (this rank's copy of one reference weight changes, as a bad copy would), train_ref (the reference
+    goes back to train mode, dropout active)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     parts = spec.split(":")
-    if len(parts) < 2 or parts[0] != stage or parts[1] != str(rank):
+    if len(parts) < 2 or parts[0] != stage or parts[1] not in (str(rank), "*"):
         return
-    if len(parts) > 2 and parts[2] == "exit":
+    mode = parts[2] if len(parts) > 2 else "raise"
+    if mode == "exit":
         print(f"[dpo-dist] rank {rank}: injected crash at stage '{stage}'", file=sys.stderr, flush=True)
         os._exit(17)
+    if mode == "perturb":
+        name, p = list(state["reference"].named_parameters())[-2]
+        local = getattr(p, "ds_tensor", p).data.view(-1)
+        if local.numel():
+            local[0] += 1.0
+        print(f"[dpo-dist] rank {rank}: injected perturbation of {name}", file=sys.stderr, flush=True)
+        return
+    if mode == "train_ref":
+        state["reference"].train()
+        return
     raise RuntimeError(f"injected fault at stage '{stage}' on rank {rank}")
+
+
+def batch_mismatch(ds: dict, cfg: RunConfig, world: int) -> str | None:
+    """DeepSpeed needs train_batch_size = micro batch x gradient accumulation x world size. Numbers written in the
+    DeepSpeed JSON (instead of "auto") must agree with the run config; say which do not, all at once."""
+    t = cfg.train
+    want = {"train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "train_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world}
+    bad = [f"{k}={ds[k]} (run config gives {v})" for k, v in want.items() if isinstance(ds.get(k), int) and ds[k] != v]
+    if not bad:
+        return None
+    return ("DeepSpeed config batch sizes do not divide as train_batch_size = per_device_train_batch_size x "
+            f"gradient_accumulation_steps x world size ({t.per_device_train_batch_size} x "
+            f"{t.gradient_accumulation_steps} x {world}): " + "; ".join(bad) + ". Set them to \"auto\" or fix the "
+            "train section")
 
 
 class InitRun:
@@ -85,6 +117,9 @@ class InitRun:
             return self.rr.add("sharding fits placement", False, f"policy ZeRO-{stage}, reference zero3",
                                "reference.placement zero3 shards the reference only with a ZeRO-3 policy: use "
                                "--sharding zero3, or set reference.on_zero2: replica")
+        bad_batch = batch_mismatch(ds, cfg, self.ctx.world_size)
+        if bad_batch:
+            return self.rr.add("batch sizes consistent", False, bad_batch, bad_batch)
         set_seed(cfg.train.seed)
         smoke = cfg.verify.smoke_steps
         if placement == placements.LORA and smoke == 1:
@@ -96,7 +131,7 @@ class InitRun:
         return self.rr.add("configuration", True, f"ZeRO-{stage} ({label}), reference {placement}, "
                            f"world {self.ctx.world_size}")
 
-    def load(self) -> bool:
+    def tokenizer(self) -> bool:
         cfg, ctx, rr = self.cfg, self.ctx, self.rr
         pol_path = resolve_model_path(cfg.model.path)
         ref_path = resolve_model_path(cfg.reference.path) if cfg.reference.path else pol_path
@@ -113,8 +148,11 @@ class InitRun:
             ok &= rr.add("reference tokenizer equal", not diffs, "; ".join(diffs) or "identical",
                          "the reference checkpoint has another tokenizer: use the policy's SFT checkpoint")
         self.s.update(pol_path=pol_path, ref_path=ref_path, tok=tok)
-        if not ctx.all_ok(ok):
-            return False
+        return ok
+
+    def load(self) -> bool:
+        cfg, ctx, rr = self.cfg, self.ctx, self.rr
+        pol_path, ref_path = self.s["pol_path"], self.s["ref_path"]
         t0 = time.perf_counter()
         ctx.print0(f"[dpo-dist] loading policy from {pol_path} (ZeRO-{self.s['stage']}) ...")
         policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
@@ -146,8 +184,10 @@ class InitRun:
                          "policy and reference configs differ: load both from the same SFT checkpoint")
             fp_ref = weights.model_fingerprints(ref, ctx, "fingerprint reference")
             bad = weights.compare(fp_pol, fp_ref)
+            gap = weights.max_abs_diff(pol, ref, bad[0], ctx) if bad else 0.0
             ok &= rr.add("weights: policy == reference", not bad,
-                         f"{len(fp_pol)} tensors bitwise equal" if not bad else f"{len(bad)} differ, first: {bad[0]}",
+                         f"{len(fp_pol)} tensors bitwise equal" if not bad else
+                         f"{len(bad)} differ, first: {bad[0]} (max abs diff {gap:.3g})",
                          "policy and reference weights differ: re-initialize both from the same checkpoint "
                          f"(first differing tensor: {bad[0] if bad else ''})")
             self.s["fp_reference"] = rr.facts["fingerprints"]["reference"] = fp_ref
@@ -199,11 +239,14 @@ class InitRun:
         rr.facts["initial_kl"] = kl
         limit = cfg.verify.kl_max
         what = "adapters on vs off" if lora else "policy vs reference"
+        in_train = models.training_modules(ref) if ref is not None else []
+        hint = (f"the reference is in train mode ({len(in_train)} modules, e.g. {in_train[0]}): dropout is active, "
+                "call reference.eval()" if in_train else
+                "policy and reference disagree at step 0: check dropout (reference.eval()), dtypes of both models, "
+                "and that both came from the same checkpoint")
         return rr.add("initial KL < limit", abs(kl["mean"]) < limit and kl["max_seq_mean"] < limit,
                       f"{what}: mean {kl['mean']:.3e}/token, max seq {kl['max_seq_mean']:.3e} over {kl['tokens']} "
-                      f"tokens (limit {limit:g})",
-                      "policy and reference disagree at step 0: check dropout (reference.eval()), dtypes of both "
-                      "models, and that both came from the same checkpoint")
+                      f"tokens (limit {limit:g})", hint)
 
     def build(self) -> bool:
         cfg, rr, ctx = self.cfg, self.rr, self.ctx
@@ -217,6 +260,13 @@ class InitRun:
                f"to {cfg.train.max_prompt_length} tokens (kept their end)")
         rr.facts["truncated_prompts"] = cut
         rr.facts["identical_pairs"] = train.identical_pairs
+        args = self.s["args"]
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * ctx.world_size
+        if len(train.rows) < global_batch:
+            return rr.add("train data fills one global batch", False, f"{len(train.rows)} rows < global batch "
+                          f"{global_batch}", f"the global batch is per_device_train_batch_size x "
+                          f"gradient_accumulation_steps x world size = {args.per_device_train_batch_size} x "
+                          f"{args.gradient_accumulation_steps} x {ctx.world_size}: lower them or add data")
         ctx.print0("[dpo-dist] building DPOTrainer ...")
         trainer = placements.build_trainer(self, train.rows, evald.rows if evald else None)
         self.s["trainer"] = trainer
@@ -264,23 +314,35 @@ class InitRun:
     # -- driver -------------------------------------------------------------------------------------------------
     def attempt(self, name: str, fn) -> bool:
         try:
-            inject_fault(name, self.ctx.rank)
+            inject_fault(name, self.ctx.rank, self.s)
             return bool(fn())
-        except KNOWN_ERRORS as e:
+        except Exception as e:
             if self.debug:
                 traceback.print_exc()
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return self.rr.add(name, False, msg, msg)
-        except Exception as e:  # unexpected: keep the cause on one line, the traceback with --debug
-            if self.debug:
-                traceback.print_exc()
-            return self.rr.add(name, False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                               "unexpected error: rerun with --debug for the traceback")
+            text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            if isinstance(e, KNOWN_ERRORS):
+                value, hint = text or type(e).__name__, text or type(e).__name__
+            else:  # unexpected: keep the cause on one line, the traceback with --debug
+                value, hint = f"{type(e).__name__}: {text}", "unexpected error: rerun with --debug for the traceback"
+            if name in COLLECTIVE_STAGES and self.ctx.distributed:
+                self.abandon(name, value)
+            return self.rr.add(name, False, value, hint)
+
+    def abandon(self, stage: str, cause: str) -> None:
+        """A rank that fails inside a collective stage cannot reach the shared decision: its peers are waiting in a
+        collective (a ZeRO-3 gather, an all-reduce) that it will never join. It says why in one line and exits at
+        once; the launcher (torchrun's agent, srun --kill-on-bad-exit) then ends the other ranks within seconds,
+        instead of every rank waiting for the collective timeout."""
+        print(f"dpo-dist: rank {self.ctx.rank} failed in stage '{stage}': {cause} (ending this rank; the launcher "
+              "stops the others)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
 
     def run(self) -> InitResult:
         forward, trainer = ("forward proofs", self.prove_forward), ("trainer", self.build)
         middle = (trainer, forward) if self.cfg.reference.placement == placements.LORA else (forward, trainer)
-        for name, stage in (("setup", self.setup), ("load", self.load), ("static proofs", self.prove_static),
+        for name, stage in (("setup", self.setup), ("tokenizer", self.tokenizer), ("load", self.load),
+                            ("static proofs", self.prove_static),
                             *middle, ("smoke steps", self.smoke)):
             ok = self.attempt(name, stage)
             if not self.ctx.all_ok(ok):
@@ -292,11 +354,23 @@ class InitRun:
 
 
 def finish(result: InitResult, ctx: DistContext, output_dir: str) -> int:
-    """Rank 0 prints the table and writes report.json; every rank returns the same exit code."""
+    """Rank 0 prints the table, writes report.json and names the first failure in one line; every rank returns the
+    same exit code. A report that cannot be written (disk full, say) fails the run and leaves no partial file."""
+    code = 0 if result.passed else 1
     if ctx.is_main:
         print(render_table(result.report["checks"]), flush=True)
         path = Path(output_dir) / "report.json"
-        write_json_atomic(path, result.report)
+        try:
+            write_json_atomic(path, result.report)
+        except OSError as e:
+            print(f"dpo-dist: could not write {path} ({e.strerror or e}): free space or choose another --output-dir",
+                  file=sys.stderr, flush=True)
+            return 1
         verdict = "PASSED" if result.passed else "FAILED"
         print(f"[dpo-dist] quality gate {verdict}; report: {path}", flush=True)
-    return 0 if result.passed else 1
+        failed = [r for r in result.report["checks"] if not r["ok"]]
+        if failed:
+            r = failed[0]
+            print(f"dpo-dist: check '{r['check']}' failed on rank(s) {','.join(map(str, r['failed_ranks']))}: "
+                  f"{r['value']}. Fix: {r['hint']}", file=sys.stderr, flush=True)
+    return code

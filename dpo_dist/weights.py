@@ -91,6 +91,18 @@ def compare(a: dict[str, str], b: dict[str, str]) -> list[str]:
     return [n for n in a if a.get(n) != b.get(n)] + [n for n in b if n not in a]
 
 
+def max_abs_diff(a, b, name: str, ctx: DistContext) -> float:
+    """Largest |a - b| over one named tensor, each rank over its own slice, all-reduced with MAX (no gather)."""
+    pa, pb = dict(a.named_parameters())[name], dict(b.named_parameters()).get(name)
+    local = torch.zeros(1, dtype=torch.float64)
+    if pb is not None:
+        xa, _, na = local_slice(pa, ctx)
+        xb, _, nb = local_slice(pb, ctx)
+        if na == nb and xa.numel() and xa.numel() == xb.numel():
+            local[0] = (xa.double().cpu() - xb.double().cpu()).abs().max()
+    return float(ctx.all_reduce(local, "max").item())
+
+
 def local_bytes(model, ctx: DistContext) -> int:
     """Bytes of parameter data this rank actually holds (its partitions under ZeRO-3)."""
     total = 0

@@ -43,16 +43,45 @@ class LaunchResult:
     report: dict | None
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own, out of our process group)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def run_cmd(argv: list[str], env_extra: dict[str, str], timeout: float, cwd: Path = ROOT) -> tuple[int, str]:
-    """Run in a new session; on timeout kill the whole process group (no stray ranks survive a test)."""
+    """Run in a new session; on timeout kill the whole process tree (no stray ranks survive a test)."""
     env = {**os.environ, **env_extra}
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+        kill_tree(proc.pid)
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            out = "(no output: a process kept the pipe open)"
         raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}") from None
     return proc.returncode, out
 

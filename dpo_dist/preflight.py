@@ -1,0 +1,67 @@
+"""Checks that need no GPU, no process group and no model: run on every rank before anything is launched or loaded,
+so bad input costs a second and one line, not a 70B load and a hung job.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .checkpoint import CheckpointError, preflight
+from .config import RunConfig
+from .data import DataError, read_rows, validate
+from .resources import resolve_data_path, resolve_model_path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class PreflightError(ValueError):
+    """Bad input found before launch, with the fix in the message."""
+
+
+def check_checkpoint(path: Path, cfg: RunConfig, role: str) -> None:
+    try:
+        conf = preflight(path, cfg.model.allow_pickle)
+    except CheckpointError as e:
+        raise PreflightError(f"{role}: {e}") from None
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise PreflightError(f"{role}: no tokenizer in {path} (expected one of {', '.join(TOKENIZER_FILES)}): save "
+                             "the SFT tokenizer with tokenizer.save_pretrained into the checkpoint directory")
+    from .models import needs_remote_code
+
+    if needs_remote_code(conf) and not cfg.model.trust_remote_code:
+        raise PreflightError(f"{role}: model_type {conf.get('model_type')!r} in {path} is not built into transformers "
+                             "and needs remote code: set model.trust_remote_code: true only if you trust its source")
+
+
+def check_output_dir(cfg: RunConfig) -> Path:
+    out = Path(cfg.train.output_dir)
+    if (out / "report.json").exists() and not cfg.overwrite:
+        raise PreflightError(f"output dir {out} already holds a report from another run: pass --overwrite to replace "
+                             "it, or choose another --output-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise PreflightError(f"output dir {out} is not writable ({e.strerror}): choose a writable --output-dir") \
+            from None
+    return out
+
+
+def run_preflight(cfg: RunConfig) -> None:
+    """Raise PreflightError naming the first problem; clear a stale report so a failed run cannot look passed."""
+    out = check_output_dir(cfg)
+    if cfg.overwrite and int(os.environ.get("RANK", "0")) == 0:
+        (out / "report.json").unlink(missing_ok=True)  # first: whatever fails next, the old verdict is gone
+    check_checkpoint(resolve_model_path(cfg.model.path), cfg, "model")
+    if cfg.reference.path:
+        check_checkpoint(resolve_model_path(cfg.reference.path), cfg, "reference")
+    for split, value in (("train", cfg.data.train), ("eval", cfg.data.eval)):
+        if value is None:
+            continue
+        try:
+            validate(read_rows(resolve_data_path(value, split)), split)
+        except DataError as e:
+            raise PreflightError(str(e)) from None
