@@ -111,11 +111,32 @@ class DataConfig:
     eval: str | None = "default"
 
 
+BETA_PRESETS = {"conservative": 0.25, "standard": 0.1, "aggressive": 0.05}
+BETA_REASONS = {
+    "conservative": "0.2-0.3 keeps the policy close to the reference: for a strong SFT model or noisy preferences",
+    "standard": "the usual DPO value",
+    "aggressive": "lets the policy move further from the reference: for clean preferences and short runs",
+}
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    """The KL(policy || reference) budget during training: measured every `every_steps`, warned near the limit."""
+
+    limit: float = 0.1
+    warn_fraction: float = 0.8
+    every_steps: int = 10
+    control: Literal["fixed", "adaptive"] = "fixed"  # adaptive: beta rises near the limit, falls when learning stalls
+    beta_min: float = 0.01
+    beta_max: float = 2.0
+    prompts: tuple[str, ...] = ()  # held-out prompts; empty = verify.prompts
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """DPO arguments; the named ones and `extra` pass through to TRL's DPOConfig."""
 
-    beta: float = 0.1
+    beta: float | Literal["conservative", "standard", "aggressive"] = 0.1
     learning_rate: float = 1e-6
     per_device_train_batch_size: int = 4
     per_device_eval_batch_size: int = 4
@@ -127,6 +148,7 @@ class TrainConfig:
     output_dir: str = "runs/dpo-dist"
     seed: int = 42
     gradient_checkpointing: bool = False
+    resume_from: str | None = None  # a trainer checkpoint: the reference is re-verified against the init manifest
     extra: dict[str, Any] = field(default_factory=dict)  # more DPOConfig fields, checked against DPOConfig
 
 
@@ -138,6 +160,7 @@ class RunConfig:
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
     overwrite: bool = False
 
 
@@ -230,9 +253,11 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
 
 
 def _check_values(cfg: RunConfig, problems: list[str]) -> None:
-    t, v = cfg.train, cfg.verify
-    if t.beta <= 0:
-        problems.append(f"'train.beta' must be > 0, got {t.beta}")
+    t, v, k = cfg.train, cfg.verify, cfg.kl
+    if isinstance(t.beta, float) and t.beta <= 0:
+        problems.append(f"'train.beta' must be > 0 or one of {', '.join(BETA_PRESETS)}, got {t.beta}")
+    if not 0 < k.limit or not 0 < k.warn_fraction <= 1 or k.every_steps < 1 or not 0 < k.beta_min < k.beta_max:
+        problems.append("'kl' needs limit > 0, 0 < warn_fraction <= 1, every_steps >= 1, 0 < beta_min < beta_max")
     if t.learning_rate <= 0:
         problems.append(f"'train.learning_rate' must be > 0, got {t.learning_rate}")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -324,4 +349,13 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["verify"]["prompts"] = list(d["verify"]["prompts"])
     d["reference"]["lora"]["target_modules"] = list(d["reference"]["lora"]["target_modules"])
+    d["kl"]["prompts"] = list(d["kl"]["prompts"])
     return d
+
+
+def resolve_beta(cfg: RunConfig) -> tuple[float, str]:
+    """The beta value used and why: a number as given, or a preset's value and rationale."""
+    b = cfg.train.beta
+    if isinstance(b, str):
+        return BETA_PRESETS[b], f"preset '{b}': {BETA_REASONS[b]}"
+    return float(b), "set explicitly" if b != TrainConfig.beta else "default (the 'standard' preset)"

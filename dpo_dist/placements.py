@@ -109,6 +109,60 @@ def build_trainer(run, train_rows, eval_rows):
     return DPOTrainer(model=s["policy"], ref_model=s["reference"], train_dataset=train, eval_dataset=evald, **common)
 
 
+class RecordedReference:
+    """precomputed: the reference is freed before training, so its logits for the KL monitor's prompts are recorded
+    first and replayed in the same order (initial_kl runs this rank's prompts one per forward, always in order)."""
+
+    runs_on_cpu = True
+
+    def __init__(self, logits: list):
+        self.logits, self.i = logits, 0
+
+    def __call__(self, **kwargs):
+        from types import SimpleNamespace
+
+        out = self.logits[self.i % len(self.logits)]
+        self.i += 1
+        return SimpleNamespace(logits=out)
+
+
+def record_reference_logits(run, engine, prompts: list[str]) -> RecordedReference:
+    import torch
+
+    from . import probes
+
+    mine, _ = probes.rank_share(prompts, run.ctx)
+    out = []
+    with torch.no_grad():
+        for text in mine:
+            enc = probes._batch(run.s["tok"], [probes.render_prompt(run.s["tok"], text)], run.ctx.device)
+            out.append(engine(**enc).logits.float().cpu())
+    return RecordedReference(out)
+
+
+def kl_reference(run, trainer, prompts: list[str]):
+    """For the KL monitor: given the policy module, a context manager yielding the reference to compare with."""
+    import contextlib
+
+    from . import probes
+
+    placement = run.cfg.reference.placement
+    if placement == LORA:
+        return lambda policy: contextlib.nullcontext(probes.AdaptersOff(policy))
+    if placement == CPU:
+        module = trainer.ref_model.module
+        return lambda policy: contextlib.nullcontext(module)
+    if placement == PRECOMPUTED:
+        recorded = run.s["recorded_reference"]
+
+        def replay(policy):
+            recorded.i = 0
+            return contextlib.nullcontext(recorded)
+
+        return replay
+    return lambda policy: contextlib.nullcontext(trainer.ref_model)
+
+
 def free_reference(run, trainer) -> None:
     """precomputed: once the log-probs exist, release the reference's weight storage on this rank and measure what
     is left. The storage itself is released (not just our handles): DeepSpeed's engine, hooks and coordinator keep
@@ -117,6 +171,11 @@ def free_reference(run, trainer) -> None:
 
     ref = run.s["reference"]
     engine = trainer.ref_model
+    prompts = list(run.cfg.kl.prompts or run.cfg.verify.prompts)
+    run.s["recorded_reference"] = record_reference_logits(run, engine, prompts)
+    from .kl_monitor import reset_zero3_trace
+
+    reset_zero3_trace(engine)
     trainer.ref_model = None
     if engine is not None and hasattr(engine, "destroy"):
         engine.empty_partition_cache()

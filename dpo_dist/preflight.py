@@ -11,6 +11,7 @@ from pathlib import Path
 from .checkpoint import CheckpointError, preflight
 from .config import RunConfig
 from .data import DataError, read_rows, validate
+from .manifest import MANIFEST
 from .resources import resolve_data_path, resolve_model_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -37,7 +38,7 @@ def check_checkpoint(path: Path, cfg: RunConfig, role: str) -> None:
 
 def check_output_dir(cfg: RunConfig) -> Path:
     out = Path(cfg.train.output_dir)
-    if (out / "report.json").exists() and not cfg.overwrite:
+    if (out / "report.json").exists() and not (cfg.overwrite or cfg.train.resume_from):
         raise PreflightError(f"output dir {out} already holds a report from another run: pass --overwrite to replace "
                              "it, or choose another --output-dir")
     try:
@@ -53,11 +54,17 @@ def check_output_dir(cfg: RunConfig) -> Path:
 def run_preflight(cfg: RunConfig) -> None:
     """Raise PreflightError naming the first problem; clear a stale report so a failed run cannot look passed."""
     out = check_output_dir(cfg)
-    if cfg.overwrite and int(os.environ.get("RANK", "0")) == 0:
+    if (cfg.overwrite or cfg.train.resume_from) and int(os.environ.get("RANK", "0")) == 0:
         (out / "report.json").unlink(missing_ok=True)  # first: whatever fails next, the old verdict is gone
     check_checkpoint(resolve_model_path(cfg.model.path), cfg, "model")
     if cfg.reference.path:
         check_checkpoint(resolve_model_path(cfg.reference.path), cfg, "reference")
+    if cfg.train.resume_from and not Path(cfg.train.resume_from).is_dir():
+        raise PreflightError(f"train.resume_from {cfg.train.resume_from} is not a directory: point it at a "
+                             "checkpoint-N folder the trainer saved")
+    if cfg.train.resume_from and not (out / MANIFEST).is_file():
+        raise PreflightError(f"no {MANIFEST} in {out}: a resume re-verifies the reference against the manifest "
+                             "that the original init wrote there; use that run's --output-dir")
     for split, value in (("train", cfg.data.train), ("eval", cfg.data.eval)):
         if value is None:
             continue

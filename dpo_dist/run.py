@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import models, placements, probes, weights
+from . import manifest, models, placements, probes, weights
 from .checkpoint import CheckpointError, preflight
 from .config import RunConfig, to_dict
 from .data import DataError, prepare
@@ -209,7 +209,25 @@ class InitRun:
                 fp_rfile, _ = weights.file_fingerprints(self.s["ref_path"], weights.param_meta(ref), ctx)
                 rr.facts["fingerprints"]["reference_files"] = fp_rfile
         rr.facts["fingerprint_seconds"] = round(time.perf_counter() - t0, 3)
-        return ok
+        return ok & self.check_manifest()
+
+    def check_manifest(self) -> bool:
+        """Init writes what the reference is; a resume re-verifies the reference against that, not the policy."""
+        cfg, rr = self.cfg, self.rr
+        tok_key = placements.tokenizer_key(self.s["tok"])
+        if cfg.train.resume_from:
+            diffs = manifest.compare(manifest.read_manifest(cfg.train.output_dir), self.s["fp_reference"], tok_key)
+            return rr.add("reference == init manifest", not diffs,
+                          f"{len(self.s['fp_reference'])} tensors and the tokenizer as at init" if not diffs else
+                          f"{len(diffs)} differ, first: {diffs[0]}",
+                          f"the reference is not the one this run started with (first difference: "
+                          f"{diffs[0] if diffs else ''}): resume with the original model.path/reference.path")
+        if self.ctx.is_main:
+            path = manifest.write_manifest(cfg.train.output_dir, checkpoint=str(self.s["ref_path"]),
+                                           placement=cfg.reference.placement, tokenizer=tok_key,
+                                           fingerprints=self.s["fp_reference"], config=to_dict(cfg))
+            rr.facts["manifest"] = str(path)
+        return True
 
     def prove_forward(self) -> bool:
         """Generation smoke test, perplexity, and the initial KL, with every rank in step. For lora this runs after
@@ -273,11 +291,34 @@ class InitRun:
         args = trainer.args
         rr.facts["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
             ctx.world_size
+        self.attach_kl_monitor(trainer)
         ok = placements.check_trainer(self, trainer)
         nbytes = placements.reference_bytes(self)
         rr.facts[f"rank_{ctx.rank}_reference_bytes_training"] = nbytes
         placements.check_reference_report(rr, cfg.reference.placement, nbytes, rr.facts)
         return ok
+
+    def attach_kl_monitor(self, trainer) -> None:
+        from .config import resolve_beta
+        from .kl_monitor import AdaptiveBeta, KLMonitor, load_beta_state
+
+        cfg, k = self.cfg, self.cfg.kl
+        beta, why = resolve_beta(cfg)
+        if cfg.train.resume_from:
+            saved = load_beta_state(cfg.train.resume_from)
+            if saved:
+                beta, why = saved["beta"], f"restored from {cfg.train.resume_from}"
+                trainer.beta = beta
+        self.rr.add("beta", True, f"{beta:g}: {why}" + (f"; adaptive within [{k.beta_min:g}, {k.beta_max:g}]"
+                                                         if k.control == "adaptive" else ""))
+        self.rr.facts.update(beta=beta, beta_source=why, kl_control=k.control)
+        adaptive = AdaptiveBeta(beta, k.limit, k.warn_fraction, k.beta_min, k.beta_max) \
+            if k.control == "adaptive" else None
+        prompts = list(k.prompts or cfg.verify.prompts)
+        monitor = KLMonitor(trainer, placements.kl_reference(self, trainer, prompts), self.s["tok"], prompts,
+                            self.ctx, k.limit, k.warn_fraction, k.every_steps, cfg.verify.kl_chunk, adaptive)
+        trainer.add_callback(monitor)
+        self.s["kl_monitor"] = monitor
 
     def smoke(self) -> bool:
         n = self.s["smoke_steps"]
@@ -292,10 +333,20 @@ class InitRun:
         rec = LossRecorder()
         trainer.add_callback(rec)
         ctx.print0(f"[dpo-dist] {n} smoke training step(s) ...")
-        trainer.train()
+        trainer.train(resume_from_checkpoint=self.cfg.train.resume_from)
         losses = rec.losses
+        rr.facts["kl_logged"] = rec.kl_logged
+        monitor = self.s.get("kl_monitor")
+        if monitor is not None:
+            rr.facts["kl_history"] = monitor.history
+            rr.facts["kl_warnings"] = monitor.warnings
+            if monitor.adaptive is not None:
+                rr.facts["beta_changes"] = monitor.adaptive.changes
         rr.facts["smoke_losses"] = losses
         tol = self.cfg.verify.loss_tolerance
+        if self.cfg.train.resume_from:  # a resumed policy is trained: its first loss is not ln 2
+            return rr.add("resumed training ran", bool(losses), f"{len(losses)} steps after resuming, losses "
+                          f"{[round(x, 4) for x in losses]}", "no step ran after resuming: check max_steps")
         ok = rr.add("step-0 DPO loss = ln 2", bool(losses) and abs(losses[0] - LN2) < tol,
                     f"{losses[0]:.6f} (ln 2 = {LN2:.6f})" if losses else "no loss logged",
                     "the first DPO loss must be ln 2 when policy and reference are identical: they were not")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import RunConfig
+from .config import RunConfig, resolve_beta
 
 LN2 = math.log(2.0)
 
@@ -29,7 +29,7 @@ def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, 
     t = cfg.train
     kw: dict[str, Any] = dict(
         output_dir=t.output_dir,
-        beta=t.beta,
+        beta=resolve_beta(cfg)[0],
         learning_rate=t.learning_rate,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
@@ -56,6 +56,8 @@ def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, 
         # that a bf16 weight visibly moves (a 1e-6 Adam step is below bf16 resolution for most weights).
         kw.update(max_steps=smoke_steps, logging_steps=1, save_strategy="no",
                   learning_rate=cfg.verify.smoke_learning_rate, eval_strategy="no")
+        if "save_strategy" in t.extra:  # a rehearsal that saves (to test resuming) keeps the config's save_steps
+            kw.update(save_strategy=t.extra["save_strategy"], save_steps=t.save_steps)
     return kw
 
 
@@ -84,9 +86,12 @@ class LossRecorder:
         class _Recorder(TrainerCallback):
             def __init__(self):
                 self.losses: list[float] = []
+                self.kl_logged: list[float] = []  # what reached the trainer's log lines (and TensorBoard)
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
                     self.losses.append(float(logs["loss"]))
+                if logs and "kl/true_token_kl" in logs:
+                    self.kl_logged.append(float(logs["kl/true_token_kl"]))
 
         return _Recorder()
