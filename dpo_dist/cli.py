@@ -46,6 +46,17 @@ def cmd_init(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"dpo-dist: {e.one_line()}", file=sys.stderr)
         return 2
+    from .gate import ClusterArgs
+
+    cluster_args = ClusterArgs(args.nodes, args.gpus_per_node, args.gpu_mem, args.host_mem)
+    if args.dry_run:
+        from .gate import dry_run
+
+        try:
+            return dry_run(cfg, cluster_args)
+        except ValueError as e:
+            print(f"dpo-dist: {e}", file=sys.stderr)
+            return 2
     from .preflight import PreflightError, run_preflight
 
     try:
@@ -53,6 +64,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     except PreflightError as e:
         print(f"dpo-dist: {e}", file=sys.stderr)
         return 2
+    if not args.force:
+        from .gate import plan_for, refusal
+
+        problem = refusal(*plan_for(cfg, cluster_args)[:2])
+        if problem:
+            print(f"dpo-dist: {problem}", file=sys.stderr)
+            return 2
     try:
         from .distributed import DistContext, RendezvousError
         from .run import InitRun, finish
@@ -101,6 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "DPOTrainer, write the quality-gate report (run under accelerate launch)")
     _add_config_args(p_init)
     p_init.add_argument("--debug", action="store_true", help="print tracebacks")
+    p_init.add_argument("--dry-run", action="store_true", help="build everything on the meta device (no weights): "
+                        "sharding, placement, config checks, trainer arguments, memory plan; --model may be a preset")
+    p_init.add_argument("--force", action="store_true", help="run even if the memory plan says it cannot fit")
+    from .planner import parse_bytes
+
+    for flag, kind, what in (("--nodes", int, "nodes"), ("--gpus-per-node", int, "ranks per node"),
+                             ("--gpu-mem", parse_bytes, "memory per GPU, e.g. 80GB"),
+                             ("--host-mem", parse_bytes, "host memory per node, e.g. 2TB")):
+        p_init.add_argument(flag, type=kind, help=f"cluster for the plan: {what} (default: detected)")
     p_init.set_defaults(func=cmd_init)
 
     p_launch = sub.add_parser("launch", help="build (and run) the accelerate launch command for `init`")

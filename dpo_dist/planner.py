@@ -1,13 +1,895 @@
-"""`dpo-dist plan`: memory per GPU and per node for every strategy, before launching (to be written)."""
+"""`dpo-dist plan`: memory per GPU and per node for every strategy, before launching.
+
+The API is pure: `plan(model_config, cluster, settings) -> Plan` (one layout) and `plan_all(...) -> PlanSet` (every
+strategy, ranked, one recommended); `check(...)` is `plan` plus the recommended alternative when the layout does not
+fit (what `dpo-dist init` uses to refuse a layout). Parameter counts come from the model built on the meta device
+(`presets.model_stats`); the byte counts follow DeepSpeed 0.19's ZeRO code and TRL 1.16's DPO forward (sources in
+docs/planner.md). Module-level imports stay light: torch/transformers load only when a model is counted.
+
+Accounting, per rank, per phase (load, init, train = forward/backward, step = optimizer step); a phase's peak is the
+sum of the components live in it, and a layout's peak is its worst phase:
+  w = bytes per parameter of the run dtype (2 for bf16), Psi = parameters, T = trainable parameters (Psi, or the LoRA
+  adapters), P = ranks that train, L = the largest module's own parameters (DeepSpeed's "largest layer").
+  ZeRO-3: weights w*Psi/P, gradients w*T/P (bf16 partition buffer), fp32 master 4*T/P, Adam 8*T/P; during step() the
+  fp32 gradient of one sub-group, 4*min(sub_group_size, T/P); during forward/backward the largest gathered layer
+  2*w*L (its parameters and full gradient) plus other parameters kept gathered up to stage3_max_live_parameters.
+  ZeRO-2: weights w*Psi (replicated), the rest as ZeRO-3 but the step's fp32 gradient covers the whole partition.
+  Offloading moves the optimizer part (gradient buffers, fp32 grads, master, Adam) and/or the weights to host memory.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+GiB = 1 << 30
+PHASES = ("load", "init", "train", "step")
+PLACEMENTS = ("zero3", "cpu", "ranks", "lora", "precomputed")
+LOGITS_MODES = ("fused", "full")
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# TRL 1.16 fused LM head (trl/kernels/chunked_logprob.py): tokens and vocabulary columns per projection tile.
+TRL_TOKEN_CHUNK = 4096
+TRL_VOCAB_CHUNK = 32768
+# HF sharded checkpoints are written in files of a few GB; a preset has no files, so assume this per file.
+PRESET_SHARD_BYTES = 5 * 10**9
+# Preference order among layouts that fit (lower is better): what each choice costs in speed or in method.
+OFFLOAD_COST = {"none": 0.0, "optimizer": 3.0, "all": 6.0}
+PLACEMENT_COST = {"zero3": 0.0, "precomputed": 0.5, "ranks": 2.0, "cpu": 4.0, "lora": 5.0}
+CHECKPOINTING_COST = 2.0
+ZERO3_COST = 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where the job runs. device="cpu": every rank is a CPU process and "GPU memory" is that process's host memory."""
+
+    nodes: int = 1
+    gpus_per_node: int = 8  # ranks (processes) per node
+    gpu_mem: int = 80 * 10**9  # bytes per GPU (unused for device="cpu")
+    host_mem: int = 1024 * GiB  # bytes per node
+    device: str = "gpu"  # "gpu" or "cpu"
+    runtime_per_rank: int | None = None  # host bytes a rank holds before any model (None: 2 GiB gpu, 0.5 GiB cpu)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def runtime(self) -> int:
+        if self.runtime_per_rank is not None:
+            return self.runtime_per_rank
+        return 2 * GiB if self.device == "gpu" else GiB // 2
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            out.append("nodes and GPUs per node must be >= 1")
+        if self.device not in ("gpu", "cpu"):
+            out.append(f"device must be 'gpu' or 'cpu', got {self.device!r}")
+        if self.device == "gpu" and self.gpu_mem <= 0:
+            out.append("GPU memory must be > 0")
+        if self.host_mem <= 0:
+            out.append("host memory must be > 0")
+        return out
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One layout and the run parameters that size activations. Defaults follow dpo-dist's run config defaults and
+    the shipped DeepSpeed configs (ds_configs/*.json)."""
+
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    placement: str = "zero3"
+    micro_batch: int = 4  # prompt pairs per rank (train.per_device_train_batch_size); chosen+rejected doubles it
+    max_length: int = 1024  # train.max_length: tokens per sequence
+    gradient_checkpointing: bool = False
+    dtype: str = "bfloat16"
+    ref_ranks: int | None = None  # K for placement "ranks" (None: the planner picks the smallest K that fits)
+    lora_rank: int = 16
+    logits: str = "fused"  # "fused": TRL 1.x chunked LM head; "full": fp32 [2b, T, V] logits materialized
+    max_live_parameters: int = 1_000_000_000  # stage3_max_live_parameters
+    sub_group_size: int = 1_000_000_000  # DeepSpeed's default
+    reduce_bucket_size: int | None = None  # None: hidden_size**2, transformers' "auto"
+    checkpoint_mmap_shared: bool = True  # cpu placement: one mmapped copy per node (checkpoint dtype = run dtype)
+
+    @property
+    def offload(self) -> str:
+        return "all" if self.offload_params else "optimizer" if self.offload_optimizer else "none"
+
+    def label(self) -> str:
+        """e.g. 'ZeRO-3 off-opt ckpt ref:zero3' (off-opt: optimizer offload; off-all: optimizer + parameters)."""
+        parts = [f"ZeRO-{self.zero_stage}"]
+        if self.offload != "none":
+            parts.append("off-opt" if self.offload == "optimizer" else "off-all")
+        if self.gradient_checkpointing:
+            parts.append("ckpt")
+        ref = self.placement + (f"(K={self.ref_ranks})" if self.placement == "ranks" and self.ref_ranks else "")
+        return " ".join(parts) + f" ref:{ref}"
+
+    def sharding_name(self) -> str:
+        """The shipped config that runs this layout, or 'custom' (a sharding.ds_config JSON)."""
+        key = (self.zero_stage, self.offload)
+        return {(2, "none"): "zero2", (3, "none"): "zero3", (3, "all"): "zero3_offload"}.get(key, "custom")
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.zero_stage not in (2, 3):
+            out.append(f"ZeRO stage must be 2 or 3, got {self.zero_stage}")
+        if self.offload_params and (self.zero_stage != 3 or not self.offload_optimizer):
+            out.append("parameter offload needs ZeRO-3 with optimizer offload")
+        if self.placement not in PLACEMENTS:
+            out.append(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.dtype not in DTYPE_BYTES:
+            out.append(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.logits not in LOGITS_MODES:
+            out.append(f"logits must be one of {', '.join(LOGITS_MODES)}, got {self.logits!r}")
+        if self.micro_batch < 1 or self.max_length < 1:
+            out.append("micro-batch and max_length must be >= 1")
+        if self.ref_ranks is not None and self.ref_ranks < 1:
+            out.append("ref_ranks must be >= 1")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# outputs
+
+
+@dataclass(frozen=True)
+class Component:
+    """Bytes one rank holds for one purpose, and the phases it is live in."""
+
+    name: str
+    gpu: int = 0  # on the accelerator (device="cpu": in the rank's own memory)
+    host: int = 0  # in the rank's host memory, private
+    host_shared: int = 0  # in host memory once per node (mmapped files, page cache), counted in each rank's RSS
+    phases: tuple[str, ...] = PHASES
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class RolePlan:
+    """One kind of rank: 'train' ranks hold the policy; 'reference' ranks (placement ranks) hold the reference."""
+
+    role: str
+    ranks: int
+    components: tuple[Component, ...]
+
+    def phase_gpu(self, phase: str) -> int:
+        return sum(c.gpu for c in self.components if phase in c.phases)
+
+    def phase_host_private(self, phase: str) -> int:
+        return sum(c.host for c in self.components if phase in c.phases)
+
+    def phase_host_shared(self, phase: str) -> int:
+        return sum(c.host_shared for c in self.components if phase in c.phases)
+
+    def phase_rank_rss(self, phase: str, cpu: bool) -> int:
+        """What the rank's resident set shows (private + shared pages; on CPU the "GPU" part too)."""
+        own = self.phase_host_private(phase) + self.phase_host_shared(phase)
+        return own + (self.phase_gpu(phase) if cpu else 0)
+
+    def peak_gpu(self) -> tuple[int, str]:
+        return max((self.phase_gpu(ph), ph) for ph in PHASES)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Per-component bytes of one layout on one cluster, whether it fits, and (from `check`) an alternative."""
+
+    settings: RunSettings
+    cluster: Cluster
+    model: dict[str, Any]  # ModelStats as a dict
+    roles: tuple[RolePlan, ...]
+    gpu_peak: int  # worst rank, worst phase (device="cpu": the rank's own memory without runtime/shared pages)
+    gpu_peak_phase: str
+    gpu_capacity: int
+    host_node_peak: int
+    host_node_phase: str
+    host_rank_peak: int  # worst rank's resident set (what VmHWM shows), worst phase
+    host_capacity: int
+    fits: bool
+    problems: tuple[str, ...]
+    score: float
+    available: bool  # runnable by this dpo-dist version (reference.placement implemented)
+    model_states_gpu: int  # policy weights + grads + optimizer + gathered layers on GPU, worst training phase
+    alternative: Plan | None = None
+
+    @property
+    def label(self) -> str:
+        return self.settings.label()
+
+    @property
+    def usage(self) -> float:
+        """Worst of GPU and host use as a fraction of capacity (1.0 = full)."""
+        host = self.host_node_peak / self.host_capacity
+        return host if self.cluster.device == "cpu" else max(self.gpu_peak / self.gpu_capacity, host)
+
+    def components(self, role: str = "train") -> dict[str, dict[str, Any]]:
+        rp = next(r for r in self.roles if r.role == role)
+        return {c.name: {"gpu": c.gpu, "host": c.host, "host_shared": c.host_shared, "phases": list(c.phases),
+                         "note": c.note} for c in rp.components}
+
+    def phases(self) -> dict[str, dict[str, int]]:
+        cpu = self.cluster.device == "cpu"
+        out = {}
+        for ph in PHASES:
+            out[ph] = {"gpu": max(r.phase_gpu(ph) for r in self.roles),
+                       "host_node": _host_node(self.roles, ph, self.cluster),
+                       "host_rank_rss": max(r.phase_rank_rss(ph, cpu) for r in self.roles)}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "label": self.label, "sharding": self.settings.sharding_name(), "settings": asdict(self.settings),
+            "fits": self.fits, "available": self.available, "problems": list(self.problems), "score": self.score,
+            "usage": round(self.usage, 4),
+            "gpu": {"peak_bytes": self.gpu_peak, "peak_phase": self.gpu_peak_phase,
+                    "capacity_bytes": self.gpu_capacity, "model_states_bytes": self.model_states_gpu},
+            "host": {"node_peak_bytes": self.host_node_peak, "node_peak_phase": self.host_node_phase,
+                     "rank_peak_bytes": self.host_rank_peak, "capacity_bytes": self.host_capacity},
+            "phases": self.phases(),
+            "roles": {r.role: {"ranks": r.ranks, "components": self.components(r.role)} for r in self.roles},
+        }
+        if self.alternative is not None:
+            d["alternative"] = self.alternative.to_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class PlanSet:
+    """Every strategy for one model and cluster: fitting ones first (best first), then the rest by how far off."""
+
+    model: dict[str, Any]
+    source: str
+    cluster: Cluster
+    plans: tuple[Plan, ...]
+    recommended: Plan | None
+    recommended_available: Plan | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": {"source": self.source, **self.model}, "cluster": asdict(self.cluster),
+            "recommended": self.recommended.label if self.recommended else None,
+            "recommended_available": self.recommended_available.label if self.recommended_available else None,
+            "strategies": [p.to_dict() for p in self.plans],
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# arithmetic
+
+
+def activation_bytes_per_token(m: dict[str, Any], w: int, checkpointing: bool) -> int:
+    """Bytes autograd saves per token for backward, whole model. Fitted to transformers 5.23 Llama/Qwen2/Mixtral with
+    SDPA (tests/test_planner.py measures it on real small models): per decoder layer w*(10h + 4i*k + 2*h_kv) plus
+    fp32 row statistics (4 bytes per head, 8 per token), + w*2h*k + 4E for the MoE routing; outside the layers
+    w*3h + 2*head_dim + 12. With gradient checkpointing a layer keeps only its input (w*h) and one layer is
+    recomputed at a time."""
+    h, i, k, e = m["hidden_size"], m["intermediate_size"], m["experts_per_token"], m["num_experts"]
+    h_kv = m["num_kv_heads"] * m["head_dim"]
+    layer = w * (10 * h + 4 * i * k + 2 * h_kv) + 4 * m["num_heads"] + 8
+    if e > 1:
+        layer += w * 2 * h * k + 4 * e
+    outside = w * 3 * h + 2 * m["head_dim"] + 12
+    if checkpointing:
+        return m["num_layers"] * w * h + layer + outside
+    return m["num_layers"] * layer + outside
+
+
+def logits_bytes(m: dict[str, Any], tokens: int, w: int, mode: str, trainable_head: bool) -> int:
+    """The LM head's working memory for one micro-batch (chosen+rejected) with gradients."""
+    v, h = m["vocab_size"], m["hidden_size"]
+    if mode == "full":
+        return 2 * 4 * v * tokens  # fp32 logits [2b, T, V] and their gradient
+    tile = w * min(tokens, TRL_TOKEN_CHUNK) * min(v, TRL_VOCAB_CHUNK)
+    # saved hidden copy (w*h/token), fp32 grad of the hidden (4h/token), one tile, fp32 grad of the head weight
+    return tokens * (w + 4) * h + tile + (4 * v * h if trainable_head else 0)
+
+
+def full_logits_bytes(m: dict[str, Any], tokens: int) -> int:
+    """fp32 [2b, T, V]: what a micro-batch's logits weigh when materialized."""
+    return 4 * m["vocab_size"] * tokens
+
+
+def reference_forward_bytes(m: dict[str, Any], tokens: int, w: int, mode: str) -> int:
+    """A no-grad forward keeps one layer's intermediates, plus its logits ('full') or one tile ('fused')."""
+    h, i, k, v = m["hidden_size"], m["intermediate_size"], m["experts_per_token"], m["vocab_size"]
+    layer = w * tokens * (2 * h + 3 * i * k)
+    if mode == "full":
+        return layer + 4 * v * tokens
+    return layer + w * min(tokens, TRL_TOKEN_CHUNK) * min(v, TRL_VOCAB_CHUNK)
+
+
+def _host_node(roles: tuple[RolePlan, ...], phase: str, cluster: Cluster) -> int:
+    """Host bytes of one node: its ranks' private memory (the hungriest role on every rank: conservative when the
+    reference ranks share nodes with training ranks) plus what the node's ranks share once."""
+    cpu = cluster.device == "cpu"
+    per_rank = max(r.phase_host_private(phase) + (r.phase_gpu(phase) if cpu else 0) for r in roles)
+    shared = max(r.phase_host_shared(phase) for r in roles)
+    return cluster.gpus_per_node * (per_rank + cluster.runtime) + shared
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _train_role(m: dict[str, Any], s: RunSettings, c: Cluster, p: int, shard_bytes: int) -> RolePlan:
+    w = DTYPE_BYTES[s.dtype]
+    psi, big = m["params"], m["largest_layer_params"]
+    z3 = s.zero_stage == 3
+    lora = s.placement == "lora"
+    trainable = s.lora_rank * m["lora_params_per_rank"] if lora else psi
+    t_part = _ceil_div(trainable, p)
+    mixed = w < 4  # bf16/fp16: fp32 master copy and fp32 gradients at step time
+    opt_host = s.offload_optimizer
+    weights_host = s.offload_params
+    tokens = 2 * s.micro_batch * s.max_length
+    bucket = w * (s.reduce_bucket_size or m["hidden_size"] ** 2) * (1 if z3 else 2)  # ZeRO-2: overlap_comm x2
+    comps: list[Component] = []
+
+    def put(name: str, nbytes: int, on_host: bool, phases=PHASES, note: str = "") -> None:
+        comps.append(Component(name, gpu=0 if on_host else nbytes, host=nbytes if on_host else 0, phases=phases,
+                               note=note))
+
+    base = w * (_ceil_div(psi, p) if z3 else psi)
+    if lora:
+        base += w * (t_part if z3 else trainable)
+    put("policy weights", base, weights_host,
+        note=("ZeRO-3 partition" if z3 else "replicated (ZeRO-2)") + (", offloaded" if weights_host else "")
+        + (f", incl. LoRA r={s.lora_rank}: {trainable:,} trainable" if lora else ""))
+    put("gradients", w * t_part, opt_host, PHASES[2:], "bf16 gradient partition" if w == 2 else "gradient partition")
+    if mixed:
+        put("fp32 master weights", 4 * t_part, opt_host, PHASES[2:])
+    put("Adam states", 8 * t_part, opt_host, PHASES[2:], "exp_avg + exp_avg_sq, fp32")
+    if mixed:
+        if opt_host:
+            put("fp32 step gradients", 4 * t_part, True, PHASES[2:], "pinned fp32 gradient buffer (offload)")
+        elif z3:
+            put("fp32 step gradients", 4 * min(s.sub_group_size, t_part), False, ("step",),
+                "fp32 gradient of one optimizer sub-group, during step()")
+        else:
+            put("fp32 step gradients", 4 * t_part, False, ("step",), "fp32 gradient partition, during step()")
+        if opt_host and not z3:
+            put("bf16 param buffer", w * t_part, True, PHASES[2:], "ZeRO-2 offload copy-back buffer")
+
+    # reference on training ranks
+    ref_note = {"zero3": "ZeRO-3 partition" if z3 else "stage-0 replica under ZeRO-2 (reference.on_zero2)",
+                "precomputed": "only until its log-probs are computed"}
+    if s.placement in ("zero3", "precomputed"):
+        ref = w * (_ceil_div(psi, p) if z3 else psi)
+        phases = PHASES if s.placement == "zero3" else ("load", "init")
+        put("reference weights", ref, weights_host and z3, phases, ref_note[s.placement])
+    elif s.placement == "cpu":
+        nbytes = w * psi
+        comps.append(Component("reference weights", host_shared=nbytes if s.checkpoint_mmap_shared else 0,
+                               host=0 if s.checkpoint_mmap_shared else nbytes,
+                               note="unsharded in host memory" + (", one mmapped copy per node"
+                                                                   if s.checkpoint_mmap_shared else "")))
+
+    # gathered parameters (ZeRO-3) / the largest layer's gradient before bucketing (ZeRO-2)
+    if z3:
+        live = w * max(0, min(psi, s.max_live_parameters) - big)
+        grad_big = 0 if lora else w * big
+        put("largest gathered layer", w * big + grad_big, False, ("train",),
+            f"{m['largest_layer_name']}: {big:,} params, bf16 weights + full gradient")
+        put("live parameters", live, False, ("init", "train"),
+            "other parameters ZeRO-3 keeps gathered (stage3_max_live_parameters)")
+        put("gathered while loading", w * big, False, ("load",), "GatheredParameters of one module")
+        put("gathered (init forwards)", w * big, False, ("init",), "one module at a time")
+    else:
+        put("largest gathered layer", 0 if lora else w * big, False, ("train",),
+            "LoRA: the frozen base has no gradients" if lora else "full gradient of the largest layer before "
+            "bucketing")
+    put("ZeRO buffers", bucket, False, ("train",), "reduce bucket" + (" x2 (overlap_comm)" if not z3 else ""))
+
+    # activations and logits of one micro-batch
+    act = tokens * activation_bytes_per_token(m, w, s.gradient_checkpointing)
+    put("activations", act, False, ("train",), f"{tokens:,} tokens (2 x {s.micro_batch} x {s.max_length})"
+        + (", checkpointed" if s.gradient_checkpointing else ""))
+    head_trainable = not lora
+    put("logits", logits_bytes(m, tokens, w, s.logits, head_trainable), False, ("train",),
+        f"{s.logits}: full fp32 logits would be {full_logits_bytes(m, tokens) / GiB:.2f} GiB")
+    if s.placement in ("zero3", "lora"):
+        put("reference forward", reference_forward_bytes(m, tokens, w, s.logits), False, ("train",),
+            "no-grad forward while the policy's activations are live")
+    elif s.placement == "cpu":
+        put("reference forward", reference_forward_bytes(m, tokens, w, s.logits), True, ("train",),
+            "the reference's forward runs on the CPU")
+    elif s.placement == "precomputed":
+        put("reference forward", reference_forward_bytes(m, tokens, w, s.logits), False, ("init",),
+            "no-grad forwards that precompute the reference log-probs")
+
+    # loading: ZeRO-3 builds partitioned (zero.Init) and rank 0 reads the files; ZeRO-2 loads full copies per rank
+    comps.append(Component("checkpoint pages", host_shared=shard_bytes, phases=("load",),
+                           note="largest checkpoint file, mapped while it is read (page cache)"))
+    if not z3:
+        n_full = 1 + (1 if s.placement in ("zero3", "precomputed") else 0)
+        comps.append(Component("full copies while loading", host=n_full * w * psi, phases=("load",),
+                               note="ZeRO-2: from_pretrained materializes the whole model on every rank"))
+    return RolePlan("train", p, tuple(comps))
+
+
+def _reference_role(m: dict[str, Any], s: RunSettings, k: int, shard_bytes: int) -> RolePlan:
+    w = DTYPE_BYTES[s.dtype]
+    psi, big = m["params"], m["largest_layer_params"]
+    tokens = 2 * s.micro_batch * s.max_length
+    comps = (
+        Component("reference weights", gpu=w * _ceil_div(psi, k), note=f"ZeRO-3 inference partition over {k} ranks"),
+        Component("largest gathered layer", gpu=w * big, phases=("load", "init", "train"), note="one module"),
+        Component("live parameters", gpu=w * max(0, min(psi, s.max_live_parameters) - big), phases=("init", "train"),
+                  note="stage3_max_live_parameters"),
+        Component("reference forward", gpu=reference_forward_bytes(m, tokens, w, s.logits), phases=("train",),
+                  note="no-grad forward of one micro-batch"),
+        Component("checkpoint pages", host_shared=shard_bytes, phases=("load",), note="largest checkpoint file"),
+    )
+    return RolePlan("reference", k, comps)
+
+
+def _assemble(m: dict[str, Any], c: Cluster, s: RunSettings, roles: tuple[RolePlan, ...], headroom: float,
+              extra_problems: list[str]) -> Plan:
+    cpu = c.device == "cpu"
+    gpu_peak, gpu_phase = max(r.peak_gpu() for r in roles)
+    node_peak, node_phase = max((_host_node(roles, ph, c), ph) for ph in PHASES)
+    rank_peak = max(r.phase_rank_rss(ph, cpu) for r in roles for ph in PHASES) + c.runtime
+    gpu_cap = c.host_mem // c.gpus_per_node if cpu else c.gpu_mem
+    problems = list(extra_problems)
+    if not cpu and gpu_peak > gpu_cap * (1 - headroom):
+        problems.append(f"GPU: {gpu_peak / GiB:.1f} GiB needed ({gpu_phase}) > {(1 - headroom) * gpu_cap / GiB:.1f}"
+                        f" GiB usable")
+    if node_peak > c.host_mem * (1 - headroom):
+        problems.append(f"host: {node_peak / GiB:.1f} GiB per node needed ({node_phase}) > "
+                        f"{(1 - headroom) * c.host_mem / GiB:.1f} GiB usable")
+    train = roles[0]
+    state_names = {"policy weights", "gradients", "fp32 master weights", "Adam states", "fp32 step gradients",
+                   "largest gathered layer", "live parameters"}
+    states = max(sum(x.gpu for x in train.components if x.name in state_names and ph in x.phases)
+                 for ph in ("train", "step"))
+    score = (OFFLOAD_COST[s.offload] + PLACEMENT_COST[s.placement] + (ZERO3_COST if s.zero_stage == 3 else 0)
+             + (CHECKPOINTING_COST if s.gradient_checkpointing else 0))
+    from .config import IMPLEMENTED_PLACEMENTS
+
+    return Plan(settings=s, cluster=c, model=m, roles=roles, gpu_peak=gpu_peak, gpu_peak_phase=gpu_phase,
+                gpu_capacity=gpu_cap, host_node_peak=node_peak, host_node_phase=node_phase, host_rank_peak=rank_peak,
+                host_capacity=c.host_mem, fits=not problems, problems=tuple(problems), score=score,
+                available=s.placement in IMPLEMENTED_PLACEMENTS, model_states_gpu=states)
+
+
+def plan(model_config: dict[str, Any], cluster: Cluster, settings: RunSettings, *, headroom: float = 0.10,
+         shard_bytes: int | None = None) -> Plan:
+    """Bytes per rank and per node of one layout. `model_config` is a config.json dict; `shard_bytes` the largest
+    checkpoint file (None: min(model size, 5 GB), as for a preset). Raises ValueError for an impossible request."""
+    from .presets import model_stats
+
+    bad = cluster.problems() + settings.problems()
+    if bad:
+        raise ValueError("; ".join(bad))
+    m = model_stats(model_config).as_dict()
+    w = DTYPE_BYTES[settings.dtype]
+    if shard_bytes is None:
+        shard_bytes = min(w * m["params"], PRESET_SHARD_BYTES)
+    world = cluster.world
+    extra: list[str] = []
+    if settings.placement == "ranks":
+        if world < 2:
+            raise ValueError("placement 'ranks' needs at least 2 ranks (K reference + P training)")
+        k = settings.ref_ranks or _pick_ref_ranks(m, cluster, settings, headroom, shard_bytes)
+        if k >= world:
+            raise ValueError(f"ref_ranks K={k} leaves no training rank out of {world}")
+        settings = replace(settings, ref_ranks=k)
+        roles = (_train_role(m, settings, cluster, world - k, shard_bytes),
+                 _reference_role(m, settings, k, shard_bytes))
+    else:
+        roles = (_train_role(m, settings, cluster, world, shard_bytes),)
+    return _assemble(m, cluster, settings, roles, headroom, extra)
+
+
+def _pick_ref_ranks(m: dict[str, Any], c: Cluster, s: RunSettings, headroom: float, shard_bytes: int) -> int:
+    """Smallest K (1, 2, 4, ... then whole nodes) whose reference ranks fit; else half the ranks."""
+    world = c.world
+    cands = sorted({k for k in [2**j for j in range(int(math.log2(world)) + 1)] + [c.gpus_per_node * j for j in
+                                                                                     range(1, c.nodes + 1)]
+                    if 1 <= k <= world // 2})
+    cap = (c.host_mem // c.gpus_per_node if c.device == "cpu" else c.gpu_mem) * (1 - headroom)
+    for k in cands:
+        if _reference_role(m, s, k, shard_bytes).peak_gpu()[0] <= cap:
+            return k
+    return max(1, world // 2)
+
+
+def strategies(world: int, base: RunSettings) -> list[RunSettings]:
+    """Every layout dpo-dist can describe: ZeRO-2/3 x offload x checkpointing x reference placement."""
+    out = []
+    for stage, offloads in ((2, ("none", "optimizer")), (3, ("none", "optimizer", "all"))):
+        for off in offloads:
+            for ckpt in (False, True):
+                for placement in PLACEMENTS:
+                    if placement == "ranks" and world < 2:
+                        continue
+                    out.append(replace(base, zero_stage=stage, offload_optimizer=off != "none",
+                                       offload_params=off == "all", gradient_checkpointing=ckpt, placement=placement,
+                                       ref_ranks=base.ref_ranks if placement == "ranks" else None))
+    return out
+
+
+def plan_all(model_config: dict[str, Any], cluster: Cluster, base: RunSettings | None = None, *,
+             headroom: float = 0.10, shard_bytes: int | None = None, source: str = "",
+             only: dict[str, Any] | None = None) -> PlanSet:
+    """Plan every strategy (optionally only those whose settings match `only`), rank them, recommend one: the
+    cheapest layout that fits (no offload over offload, no checkpointing over it, ZeRO-2 over ZeRO-3, and reference
+    placements zero3 < precomputed < ranks < cpu < lora), then the same among what this version can run."""
+    from .presets import model_stats
+
+    base = base or RunSettings()
+    plans = []
+    for s in strategies(cluster.world, base):
+        if only and any(getattr(s, k) != v for k, v in only.items()):
+            continue
+        plans.append(plan(model_config, cluster, s, headroom=headroom, shard_bytes=shard_bytes))
+    plans.sort(key=lambda p: (not p.fits, p.score if p.fits else p.usage, p.usage))
+    fitting = [p for p in plans if p.fits]
+    rec = fitting[0] if fitting else None
+    rec_av = next((p for p in fitting if p.available), None)
+    return PlanSet(model=model_stats(model_config).as_dict(), source=source, cluster=cluster, plans=tuple(plans),
+                   recommended=rec, recommended_available=rec_av)
+
+
+def check(model_config: dict[str, Any], cluster: Cluster, settings: RunSettings, *, headroom: float = 0.10,
+          shard_bytes: int | None = None) -> Plan:
+    """`plan` for the requested layout; when it does not fit, `.alternative` is the recommended layout that does
+    (keeping the run's micro-batch, length and dtype), or None if nothing fits. For `dpo-dist init`."""
+    p = plan(model_config, cluster, settings, headroom=headroom, shard_bytes=shard_bytes)
+    if p.fits:
+        return p
+    alt = plan_all(model_config, cluster, settings, headroom=headroom, shard_bytes=shard_bytes)
+    choice = alt.recommended_available or alt.recommended
+    return replace(p, alternative=choice)
+
+
+def settings_from_run_config(cfg, ds_config: dict[str, Any] | None = None, ref_ranks: int | None = None,
+                             **overrides: Any) -> RunSettings:
+    """RunSettings of a dpo-dist RunConfig (and its resolved DeepSpeed dict, for stage, offloads and ZeRO-3 knobs)."""
+    zo = (ds_config or {}).get("zero_optimization", {})
+    name = cfg.sharding.name or "zero3"
+    stage = int(zo.get("stage", 2 if name == "zero2" else 3))
+    off_opt = (zo.get("offload_optimizer") or {}).get("device", "none") not in (None, "none")
+    off_par = (zo.get("offload_param") or {}).get("device", "none") not in (None, "none")
+    if not ds_config:
+        off_opt = off_par = name == "zero3_offload"
+
+    def num(key: str, default: int) -> int:
+        v = zo.get(key, default)
+        return int(v) if isinstance(v, (int, float)) else default
+
+    kw = dict(zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par, placement=cfg.reference.placement,
+              micro_batch=cfg.train.per_device_train_batch_size, max_length=cfg.train.max_length,
+              gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype, ref_ranks=ref_ranks,
+              max_live_parameters=num("stage3_max_live_parameters", 1_000_000_000),
+              sub_group_size=num("sub_group_size", 1_000_000_000),
+              reduce_bucket_size=zo.get("reduce_bucket_size") if isinstance(zo.get("reduce_bucket_size"), int)
+              else None)
+    kw.update(overrides)
+    return RunSettings(**kw)
+
+
+def detect_cluster(processes_per_node: int, nodes: int = 1, cpu: bool | None = None) -> Cluster:
+    """The cluster this process runs on, assuming every node looks like this one: GPU memory from torch (the first
+    visible device), host memory from /proc/meminfo; `cpu=None` decides by torch.cuda.is_available()."""
+    import torch
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    if cpu:
+        return local_cpu_cluster(processes_per_node, nodes)
+    gpu = torch.cuda.get_device_properties(0).total_memory
+    return Cluster(nodes=nodes, gpus_per_node=processes_per_node, gpu_mem=gpu, host_mem=_mem_total())
+
+
+def local_cpu_cluster(processes: int, nodes: int = 1) -> Cluster:
+    """This machine as a CPU cluster: `processes` ranks per node sharing MemTotal."""
+    return Cluster(nodes=nodes, gpus_per_node=processes, gpu_mem=0, host_mem=_mem_total(), device="cpu")
+
+
+def _mem_total() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 16 * GiB
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+_UNITS = {"": GiB, "k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
+          "g": GiB, "gb": 10**9, "gib": GiB, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' = 80e9, '80GiB' or '80G' or '80' = 80 * 2^30, '2TB' = 2e12."""
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    if unit not in _UNITS or not num:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 80GB, 80GiB, 2TB)")
+    return int(float(num) * _UNITS[unit])
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="checkpoint dir, config.json, or a preset name")
+    p.add_argument("--model", default="default", help="checkpoint dir, its config.json, or a preset: "
+                   "llama-3-8b, llama-3-70b, llama-3.1-405b, llama-3.2-1b, qwen2.5-7b, qwen2.5-72b, mixtral-8x7b "
+                   "(default: the embedded tiny model)")
+    p.add_argument("--config", help="run YAML: micro-batch, max_length, dtype, checkpointing, placement from it")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs (ranks) per node; with --cpu: processes")
+    p.add_argument("--gpu-mem", type=parse_bytes, default=80 * 10**9, help="per GPU (default 80GB = 80e9 bytes)")
+    p.add_argument("--host-mem", type=parse_bytes, help="per node (default 1TiB; with --cpu: this machine's)")
+    p.add_argument("--cpu", action="store_true", help="CPU-only ranks: 'GPU memory' is the processes' host memory")
+    p.add_argument("--runtime-per-rank", type=parse_bytes, help="host bytes per rank before any model "
+                   "(default 2GiB on GPU nodes, 0.5GiB with --cpu)")
+    p.add_argument("--micro-batch", type=int, help="prompt pairs per rank (default 4, or the run YAML's)")
+    p.add_argument("--max-length", type=int, help="tokens per sequence (default 1024, or the run YAML's)")
+    p.add_argument("--dtype", choices=list(DTYPE_BYTES))
+    p.add_argument("--zero", type=int, choices=[2, 3], help="only this ZeRO stage")
+    p.add_argument("--offload", choices=["none", "optimizer", "all"], help="only this offload")
+    p.add_argument("--placement", choices=list(PLACEMENTS), help="only this reference placement")
+    p.add_argument("--gradient-checkpointing", choices=["on", "off"], help="only with / without it")
+    p.add_argument("--ref-ranks", type=int, help="K reference ranks for placement 'ranks' (default: smallest fit)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--logits", choices=list(LOGITS_MODES), default="fused",
+                   help="fused: TRL 1.x chunked LM head (default); full: materialized fp32 logits")
+    p.add_argument("--max-live-parameters", type=int, default=1_000_000_000, help="stage3_max_live_parameters")
+    p.add_argument("--headroom", type=float, default=0.10, help="fraction of each memory kept free (default 0.10)")
+    p.add_argument("--top", type=int, default=0, help="show only the N best rows (default: all)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--plot", metavar="PNG", help="stacked bar chart per strategy against capacity (matplotlib)")
+
+
+def _inputs(args: argparse.Namespace) -> tuple[dict, str, Any, Cluster, RunSettings]:
+    from .presets import resolve_model
+
+    base = RunSettings(lora_rank=args.lora_rank, logits=args.logits, max_live_parameters=args.max_live_parameters,
+                       ref_ranks=args.ref_ranks)
+    model_spec = args.model
+    if args.config:
+        from .config import load
+
+        cfg = load(args.config)
+        ds = None
+        if cfg.sharding.ds_config:  # the user's own DeepSpeed JSON decides stage, offloads and ZeRO-3 knobs
+            with open(cfg.sharding.ds_config) as f:
+                ds = json.load(f)
+        base = settings_from_run_config(cfg, ds, ref_ranks=args.ref_ranks, lora_rank=args.lora_rank,
+                                        logits=args.logits)
+        if args.model == "default":
+            model_spec = cfg.model.path
+    overrides = {k: v for k, v in (("micro_batch", args.micro_batch), ("max_length", args.max_length),
+                                   ("dtype", args.dtype)) if v is not None}
+    base = replace(base, **overrides)
+    src = resolve_model(model_spec)
+    if args.cpu:
+        host = args.host_mem or _mem_total()
+        cluster = Cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem=0, host_mem=host, device="cpu",
+                          runtime_per_rank=args.runtime_per_rank)
+    else:
+        cluster = Cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_mem=args.gpu_mem,
+                          host_mem=args.host_mem or 1024 * GiB, runtime_per_rank=args.runtime_per_rank)
+    return src.config, src.source, src.checkpoint, cluster, base
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("dpo-dist plan: not implemented yet")
+    try:
+        config, source, ckpt, cluster, base = _inputs(args)
+        only: dict[str, Any] = {}
+        if args.zero:
+            only["zero_stage"] = args.zero
+        if args.offload:
+            only.update(offload_optimizer=args.offload != "none", offload_params=args.offload == "all")
+        if args.placement:
+            only["placement"] = args.placement
+        if args.gradient_checkpointing:
+            only["gradient_checkpointing"] = args.gradient_checkpointing == "on"
+        ps = plan_all(config, cluster, base, headroom=args.headroom, source=source, only=only,
+                      shard_bytes=ckpt.largest_file_bytes if ckpt else None)
+    except (ValueError, OSError) as e:
+        print(f"dpo-dist plan: {e}", file=sys.stderr)
+        return 2
+    if not ps.plans:
+        print("dpo-dist plan: no strategy matches the filters", file=sys.stderr)
+        return 2
+    requested = None
+    if args.config:  # the run YAML's own layout, checked, with the alternative when it does not fit
+        requested = check(config, cluster, base, headroom=args.headroom,
+                          shard_bytes=ckpt.largest_file_bytes if ckpt else None)
+    if args.plot:
+        plot(ps, args.plot)
+    if args.json:
+        data = ps.to_dict()
+        if requested is not None:
+            data["requested"] = requested.to_dict()
+        print(json.dumps(data, indent=1))
+    else:
+        print(render(ps, top=args.top))
+        if requested is not None:
+            verdict = "fits" if requested.fits else "does NOT fit: " + "; ".join(requested.problems)
+            print(f"\nyour config ({args.config}): {requested.label} {verdict}")
+            if requested.alternative is not None:
+                print(f"  instead: {requested.alternative.label}")
+        if args.plot:
+            print(f"\nplot: {args.plot}")
+    return 0
+
+
+def render(ps: PlanSet, top: int = 0) -> str:
+    m, c = ps.model, ps.cluster
+    dev = "CPU ranks (GPU columns = each process's own memory)" if c.device == "cpu" else \
+        f"{c.gpus_per_node} GPUs x {c.gpu_mem / GiB:.1f} GiB"
+    lines = [
+        f"model: {ps.source} ({m['model_type']}): {m['params'] / 1e9:.3f}B parameters (built on the meta device in "
+        f"{m['build_seconds']} s), largest layer {m['largest_layer_name']} {m['largest_layer_params'] / 1e6:.1f}M",
+        f"cluster: {c.nodes} node(s) x {dev}, host {c.host_mem / GiB:.0f} GiB per node, runtime "
+        f"{c.runtime / GiB:.1f} GiB per rank",
+    ]
+    s0 = ps.plans[0].settings
+    lines.append(f"run: micro-batch {s0.micro_batch} pairs x {s0.max_length} tokens, {s0.dtype}, logits {s0.logits}"
+                 f"; GiB per rank unless marked")
+    cols = ("weights", "grads", "master", "Adam", "fp32g", "ref", "gather", "act", "logits")
+    head = f"{'#':>3} {'strategy':<46}" + "".join(f"{h:>7}" for h in cols) + \
+        f"{'load':>7}{'GPU pk':>8}{'host/node':>10}  fits"
+    lines += ["", head, "-" * len(head)]
+    rows = ps.plans[:top] if top else ps.plans
+    for n, p in enumerate(rows, 1):
+        comp = {x.name: x for x in p.roles[0].components}
+
+        def g(*names: str, comp=comp) -> int:
+            return sum(max(comp[x].gpu, comp[x].host) for x in names if x in comp)
+
+        ref = comp.get("reference weights")
+        ref_b = (max(ref.gpu, ref.host, ref.host_shared) if ref else 0)
+        if len(p.roles) > 1:
+            ref_b = p.roles[1].components[0].gpu
+        vals = (g("policy weights"), g("gradients"), g("fp32 master weights"), g("Adam states"),
+                g("fp32 step gradients", "bf16 param buffer"), ref_b, g("largest gathered layer", "live parameters"),
+                g("activations"), g("logits"), max(r.phase_gpu("load") for r in p.roles))
+        mark = "yes" if p.fits else "no"
+        if p.fits and not p.available:
+            mark += "*"
+        label = p.label + ("" if p.settings.sharding_name() == "custom" else f" [{p.settings.sharding_name()}]")
+        lines.append(f"{n:>3} {label[:46]:<46}" + "".join(f"{_gib(v):>7}" for v in vals)
+                     + f"{_gib(p.gpu_peak):>8}{_gib(p.host_node_peak):>10}  {mark}")
+    lines.append("")
+    lines.append("fp32g = fp32 gradients of the optimizer step; gather = largest gathered layer + live ZeRO-3 "
+                 "parameters; load = GPU peak while loading; GPU pk = worst phase; off-opt/off-all = optimizer / "
+                 "optimizer+parameter offload (those parts sit in host memory); [name] = shipped sharding config, "
+                 "else a custom ds_config; * = fits, but this dpo-dist version does not run that placement yet")
+    if ps.recommended is None:
+        best = ps.plans[0]
+        lines.append(f"nothing fits. Closest: {best.label} ({best.usage:.0%} of capacity): "
+                     + "; ".join(best.problems))
+        return "\n".join(lines)
+    rec = ps.recommended
+    lines.append(f"recommended: {rec.label}  (sharding: {rec.settings.sharding_name()})")
+    if ps.recommended_available is not None and ps.recommended_available is not rec:
+        lines.append(f"recommended among what this version runs: {ps.recommended_available.label}")
+    lines.append("")
+    lines.append(f"breakdown of the recommended layout ({rec.roles[0].role} rank, GiB):")
+    for role in rec.roles:
+        if len(rec.roles) > 1:
+            lines.append(f"  [{role.role} ranks: {role.ranks}]")
+        for x in role.components:
+            where = "GPU" if x.gpu else ("host, per node" if x.host_shared else "host")
+            if x.gpu or x.host or x.host_shared:
+                lines.append(f"  {x.name:<28}{_gib(x.gpu or x.host or x.host_shared):>8} {where:<15} "
+                             f"{','.join(x.phases):<22} {x.note}")
+    ph = rec.phases()
+    lines.append("  peaks by phase (GPU | host per node): " + ", ".join(
+        f"{k} {_gib(v['gpu'])} | {_gib(v['host_node'])}" for k, v in ph.items()))
+    return "\n".join(lines)
+
+
+COLORS = {"policy weights": "#1f77b4", "gradients": "#ff7f0e", "fp32 master weights": "#2ca02c",
+          "Adam states": "#98df8a", "fp32 step gradients": "#bcbd22", "bf16 param buffer": "#dbdb8d",
+          "reference weights": "#9467bd", "largest gathered layer": "#d62728", "live parameters": "#ff9896",
+          "ZeRO buffers": "#7f7f7f", "activations": "#8c564b", "logits": "#e377c2", "reference forward": "#c5b0d5",
+          "gathered while loading": "#d62728", "gathered (init forwards)": "#d62728", "checkpoint pages": "#c7c7c7",
+          "full copies while loading": "#17becf", "runtime": "#aaaaaa"}
+
+
+def plot(ps: PlanSet, path: str) -> None:
+    """Two panels of horizontal stacked bars, one bar per strategy: GPU memory of the worst rank at its peak phase
+    (device="cpu": the process's own memory) against the GPU's capacity; host memory per node against the node's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plans = list(ps.plans)
+    n = len(plans)
+    fig, axes = plt.subplots(1, 2, figsize=(16, 1.5 + 0.28 * n), sharey=True)
+    seen: set[str] = set()
+    for y, p in enumerate(plans):
+        role = max(p.roles, key=lambda r: r.peak_gpu()[0])
+        left = 0.0
+        for x in role.components:
+            if p.gpu_peak_phase in x.phases and x.gpu:
+                axes[0].barh(y, x.gpu / GiB, left=left, color=COLORS.get(x.name, "#333333"),
+                             label=x.name if x.name not in seen else None)
+                seen.add(x.name)
+                left += x.gpu / GiB
+        ph = p.host_node_phase
+        left = 0.0
+        r0 = p.roles[0]
+        cpu = p.cluster.device == "cpu"
+        parts = [("runtime", p.cluster.runtime * p.cluster.gpus_per_node)]
+        for x in r0.components:
+            if ph in x.phases:
+                parts.append((x.name, p.cluster.gpus_per_node * (x.host + (x.gpu if cpu else 0)) + x.host_shared))
+        for name, b in parts:
+            if b:
+                axes[1].barh(y, b / GiB, left=left, color=COLORS.get(name, "#333333"),
+                             label=name if name not in seen else None)
+                seen.add(name)
+                left += b / GiB
+    # keep the capacity lines readable: clip at 3x capacity and write the real total at the end of clipped bars
+    caps = (ps.cluster.gpu_mem if ps.cluster.device == "gpu" else ps.cluster.host_mem / ps.cluster.gpus_per_node,
+            ps.cluster.host_mem)
+    totals = ([p.gpu_peak for p in plans], [p.host_node_peak for p in plans])
+    for ax, cap, tot in zip(axes, caps, totals, strict=True):
+        limit = min(max(tot), 3 * cap) / GiB * 1.02
+        ax.set_xlim(0, limit)
+        for y, t in enumerate(tot):
+            if t / GiB > limit:
+                ax.text(limit * 0.99, y, f"{t / GiB:,.0f} GiB \u2192", ha="right", va="center", fontsize=6,
+                        color="white")
+    labels = [("" if p.fits else "\u2717 ") + p.label for p in plans]
+    axes[0].set_yticks(range(n), labels, fontsize=7)
+    axes[0].invert_yaxis()
+    if ps.cluster.device == "gpu":
+        axes[0].axvline(ps.cluster.gpu_mem / GiB, color="k", ls="--", lw=1)
+        axes[0].set_title(f"per GPU at its peak phase (capacity {ps.cluster.gpu_mem / GiB:.0f} GiB, dashed)")
+    else:
+        axes[0].set_title("per process, device part (CPU ranks)")
+    axes[1].axvline(ps.cluster.host_mem / GiB, color="k", ls="--", lw=1)
+    axes[1].set_title(f"host per node at its peak phase (capacity {ps.cluster.host_mem / GiB:.0f} GiB, dashed)")
+    for ax in axes:
+        ax.set_xlabel("GiB")
+        ax.grid(axis="x", alpha=0.3)
+    handles, names = _legend(axes)
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=min(len(names), 7), frameon=False)
+    fig.suptitle(f"{ps.source}: {ps.model['params'] / 1e9:.2f}B params, {ps.cluster.nodes} node(s) x "
+                 f"{ps.cluster.gpus_per_node} ranks" + (f"; recommended: {ps.recommended.label}" if ps.recommended
+                                                        else "; nothing fits"), fontsize=10)
+    fig.tight_layout(rect=(0, 0.8 / (1.5 + 0.28 * n), 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _legend(axes) -> tuple[list, list]:
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    return handles, labels
+
+
+__all__ = ["Cluster", "RunSettings", "Component", "RolePlan", "Plan", "PlanSet", "plan", "plan_all", "check",
+           "strategies", "settings_from_run_config", "local_cpu_cluster", "detect_cluster",
+           "activation_bytes_per_token", "parse_bytes", "add_arguments", "run", "render", "plot"]

@@ -1,0 +1,74 @@
+"""The memory plan before launch: init refuses a layout that cannot fit (naming one that would) before loading
+anything, --force overrides, and --dry-run checks a 70B run on the meta device in seconds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import save_file
+
+from dpo_dist.presets import PRESETS
+from dpo_dist.resources import DEFAULT_CHECKPOINT
+
+CLUSTER = ["--nodes", "1", "--gpus-per-node", "8", "--gpu-mem", "80GB", "--host-mem", "1TB"]
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dpo_dist", *args], capture_output=True, text=True, timeout=timeout,
+                          env={"DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+
+
+def test_dry_run_of_a_70b_preset_goes_through_construction_in_seconds():
+    t0 = time.time()
+    out = cli("init", "--dry-run", "--model", "llama-3-70b", "--nodes", "2", "--gpus-per-node", "8", "--gpu-mem",
+              "80GB", "--host-mem", "2TB", "--sharding", "zero3_offload", "--set", "train.gradient_checkpointing=true",
+              "--set", "train.per_device_train_batch_size=1")
+    assert time.time() - t0 < 30
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "LlamaForCausalLM with 70.554B parameters" in out.stdout
+    assert "world 16 = 2 node(s) x 8" in out.stdout and "global batch 1 x 4 x 16 = 64" in out.stdout
+    assert "plan: fits" in out.stdout
+
+
+def test_dry_run_that_cannot_fit_says_what_would():
+    out = cli("init", "--dry-run", "--model", "llama-3-70b", *CLUSTER)
+    assert out.returncode == 2
+    assert "does not fit" in out.stdout and "would fit" in out.stdout and "--force" in out.stdout
+
+
+def fake_70b_checkpoint(tmp_path):
+    """config.json of a 70B model and a tokenizer, with a stand-in weights file: enough to pass preflight, so the
+    refusal is shown to come from the plan, before any weight is read."""
+    d = tmp_path / "llama70b"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(PRESETS["llama-3-70b"]))
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(DEFAULT_CHECKPOINT / f, d / f)
+    save_file({"placeholder": torch.zeros(1)}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def test_init_refuses_a_layout_that_cannot_fit_before_loading(tmp_path):
+    d = fake_70b_checkpoint(tmp_path)
+    t0 = time.time()
+    out = cli("init", "--model", str(d), "--output-dir", str(tmp_path / "out"), *CLUSTER)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not fit 1 node(s) x 8 gpu rank(s)" in lines[0] and "would fit" in lines[0]
+    assert time.time() - t0 < 30
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_force_runs_a_layout_the_plan_refuses(tmp_path):
+    tiny = ["--nodes", "1", "--gpus-per-node", "1", "--gpu-mem", "1MB", "--host-mem", "1GB",
+            "--set", "verify.generation=false"]
+    refused = cli("init", "--output-dir", str(tmp_path / "a"), *tiny)
+    assert refused.returncode == 2 and "does not fit" in refused.stderr
+    forced = cli("init", "--output-dir", str(tmp_path / "b"), "--force", *tiny)
+    assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["passed"]
