@@ -67,7 +67,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     if not args.force:
         from .gate import plan_for, refusal
 
-        problem = refusal(*plan_for(cfg, cluster_args)[:2])
+        try:
+            problem = refusal(*plan_for(cfg, cluster_args)[:2])
+        except (OSError, ValueError) as e:  # a config the planner cannot read: the run itself will say more
+            problem = None
+            print(f"dpo-dist: warning: no memory plan ({e})", file=sys.stderr)
         if problem:
             print(f"dpo-dist: {problem}", file=sys.stderr)
             return 2

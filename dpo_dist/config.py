@@ -101,6 +101,9 @@ class VerifyConfig:
     smoke_steps: int = 0
     smoke_learning_rate: float = 1e-2  # smoke steps only: large enough that every bf16 weight visibly moves
     loss_tolerance: float = 1e-4
+    # cpu placement on an accelerator: the reference's forward runs on other hardware, so its bf16 sums differ
+    # (seen on an H100: step-0 loss 0.692086, KL 4.2e-5/token with bitwise-equal weights)
+    cross_device_loss_tolerance: float = 5e-3
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from .checkpoint import CheckpointError, preflight
 from .config import RunConfig
 from .data import DataError, read_rows, validate
 from .manifest import MANIFEST
-from .resources import resolve_data_path, resolve_model_path
+from .resources import resolve_data_path, resolve_ds_config, resolve_model_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -54,6 +54,10 @@ def check_output_dir(cfg: RunConfig) -> Path:
 def run_preflight(cfg: RunConfig) -> None:
     """Raise PreflightError naming the first problem; clear a stale report so a failed run cannot look passed."""
     out = check_output_dir(cfg)
+    try:
+        resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
+    except (FileNotFoundError, ValueError) as e:
+        raise PreflightError(str(e)) from None
     if (cfg.overwrite or cfg.train.resume_from) and int(os.environ.get("RANK", "0")) == 0:
         (out / "report.json").unlink(missing_ok=True)  # first: whatever fails next, the old verdict is gone
     check_checkpoint(resolve_model_path(cfg.model.path), cfg, "model")
