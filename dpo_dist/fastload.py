@@ -245,6 +245,24 @@ def _check_init(init) -> None:
         raise FastLoadRefused("ZeRO quantized weights: load with from_pretrained")
 
 
+def pin_malloc_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """glibc only: serve every allocation of `nbytes` or more with its own mapping, returned to the OS when freed.
+
+    By default glibc raises its mmap threshold (up to 32 MiB) each time a mapped block is freed, so later blocks of
+    that size (gathered ZeRO-3 parameters, pread buffers, logits) come from the heap, and the heap keeps them after
+    they are freed: measured in `dpo-dist init` on 0.44B, 2 ranks, +250-300 MiB of RSS per stage that never went
+    back. Pinning the threshold (what `MALLOC_MMAP_THRESHOLD_=1048576` does from process start) disables that
+    adjustment. Returns whether it was applied (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, int(nbytes)))  # -3 = M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def _preadv_exact(fd: int, buf: memoryview, offset: int, where: str) -> None:
     done = 0
     while done < len(buf):

@@ -1,0 +1,663 @@
+"""Benchmarks of `dpo-dist init` on this machine: loading memory and time against the naive path and the floor,
+the fingerprint's cost against torch.sum, and the initial-KL check's memory against full-vocabulary softmaxes.
+
+    .venv/bin/python bench/bench_init.py                 # everything (~12-15 min on 2 cores), writes
+                                                         # bench/results.json and bench/results.md
+    .venv/bin/python bench/bench_init.py --only load fingerprint --runs 3
+
+Not part of the test suite. Every figure is the median of --runs runs (default 3). The ~0.44B-parameter Llama
+checkpoint (random bf16 weights, 846 MiB) is built once by bench/make_checkpoint.py and cached (path printed).
+
+Groups:
+  load         bench/load_driver.py under torchrun, 2 ranks: idle (runtime baseline), naive (full models on every
+               rank, then deepspeed.initialize), transformers (ZeRO-3 from_pretrained), fastload, fastload with
+               zero.Init's broadcast kept, read (each rank preads exactly fastload's bytes: the I/O floor). Peak RSS =
+               VmHWM per rank; ideal = that rank's VmHWM after imports + the bytes of weights it holds at the end.
+  product      `dpo-dist launch --cpu --num-processes 2 ... --placement {zero3,cpu,lora} --force --set
+               verify.generation=false` on the checkpoint, the workers' /proc sampled for VmHWM and PSS; each also
+               with fastload patched into the load stage (bench/fastload_entry.py); the same command on the embedded
+               1M-parameter checkpoint gives the product's runtime baseline.
+  fingerprint  dpo_dist.fingerprint over every tensor of the checkpoint vs torch.sum over the same tensors, 1 and 2
+               threads; plus the previous implementation, the eager floor (the widening copy alone) and a fused
+               kernel (torch.compile, on 50M elements) for the explanation in bench/README.md.
+  kl           peak memory (VmHWM growth, fresh process each) of dpo_dist.kl.token_kl, of the proposed
+               bench/kl_buffered.py, and of a full-vocabulary log_softmax KL at V = 32k and 128k, B x T = 2 x 512.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+PY = sys.executable
+DEFAULT_CKPT = Path.home() / ".cache" / "dpo-dist" / "bench-llama-0.5b"
+CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+LOAD_MODES = ["idle", "read", "naive", "transformers", "fastload", "fastload-bcast"]
+PLACEMENTS = ["zero3", "cpu", "lora"]
+KB = 1024
+
+
+def log(*a) -> None:
+    print("[bench]", *a, flush=True)
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- processes --------------------------------------------------------------------------------------------------
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run(argv: list[str], env_extra: dict, timeout: float, log_path: Path | None = None, sample=None) -> int:
+    """Run in its own session; kill the whole tree on timeout. `sample(pid)` is called every 0.2 s while it runs."""
+    env = {**os.environ, **env_extra}
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    t_end = time.monotonic() + timeout
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > t_end:
+                kill_tree(proc.pid)
+                proc.wait()
+                raise RuntimeError(f"timed out after {timeout}s: {' '.join(argv)} (log {log_path})")
+            if sample:
+                sample(proc.pid)
+            time.sleep(0.2)
+    finally:
+        if log_path:
+            out.close()
+    return proc.returncode
+
+
+class WorkerSampler:
+    """Per-rank peak memory of a launch's worker processes, read from /proc: VmHWM (the kernel's own high-water
+    mark of RSS, exact) and the largest PSS seen (smaps_rollup, sampled every 0.2 s)."""
+
+    def __init__(self):
+        self.by_rank: dict[int, dict[str, int]] = {}
+        self.rank_of: dict[int, int] = {}
+
+    def _rank(self, pid: int) -> int | None:
+        """The worker's RANK, or None for any other process. Only workers are remembered: a process seen between
+        fork and exec still shows its parent's command line."""
+        if pid in self.rank_of:
+            return self.rank_of[pid]
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            vals = dict(e.split(b"=", 1) for e in env if b"=" in e)
+            if b"LOCAL_RANK" in vals and b"\0init\0" in cmd and b"launch" not in cmd:
+                self.rank_of[pid] = int(vals[b"RANK"])
+                return self.rank_of[pid]
+        except (OSError, ValueError, KeyError):
+            pass
+        return None
+
+    def __call__(self, root: int) -> None:
+        for pid in descendants(root):
+            rank = self._rank(pid)
+            if rank is None:
+                continue
+            rec = self.by_rank.setdefault(rank, {"vmhwm_kb": 0, "pss_max_kb": 0, "rss_max_kb": 0})
+            try:
+                for line in open(f"/proc/{pid}/status"):
+                    if line.startswith("VmHWM:"):
+                        rec["vmhwm_kb"] = max(rec["vmhwm_kb"], int(line.split()[1]))
+                for line in open(f"/proc/{pid}/smaps_rollup"):
+                    k, _, rest = line.partition(":")
+                    if k == "Pss":
+                        rec["pss_max_kb"] = max(rec["pss_max_kb"], int(rest.split()[0]))
+                    elif k == "Rss":
+                        rec["rss_max_kb"] = max(rec["rss_max_kb"], int(rest.split()[0]))
+            except (OSError, ValueError):
+                pass
+
+
+# -- checkpoint -------------------------------------------------------------------------------------------------
+def ensure_checkpoint(path: Path) -> Path:
+    if not (path / "model.safetensors").exists():
+        log(f"building the benchmark checkpoint (once) at {path} ...")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([PY, str(BENCH / "make_checkpoint.py"), "--out", str(path), "--layers", "32"], cwd=ROOT,
+                       check=True)
+    log(f"checkpoint: {path} ({(path / 'model.safetensors').stat().st_size / 2**20:.0f} MiB)")
+    # warm the page cache: every path then reads from memory, as the floor assumes
+    with open(path / "model.safetensors", "rb") as f:
+        while f.read(64 << 20):
+            pass
+    return path
+
+
+# -- group: load ------------------------------------------------------------------------------------------------
+def bench_load(ckpt: Path, runs: int, work: Path) -> dict:
+    raw: dict[str, list[dict]] = {m: [] for m in LOAD_MODES}
+    for i in range(runs):
+        for mode in LOAD_MODES:  # interleaved, so a noisy minute spreads over every mode
+            out = work / f"load-{mode}-{i}"
+            argv = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                    "--master_port", str(free_port()), str(BENCH / "load_driver.py"), mode, "--model", str(ckpt),
+                    "--out", str(out)] + (["--verify"] if mode == "fastload" and i == 0 else [])
+            t0 = time.perf_counter()
+            code = run(argv, CPU_ENV, 600, work / f"load-{mode}-{i}.log")
+            wall = time.perf_counter() - t0
+            if code != 0:
+                raise RuntimeError(f"load driver {mode} failed (exit {code}): see {work / f'load-{mode}-{i}.log'}")
+            ranks = [json.loads((out / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
+            raw[mode].append({"wall_s": wall, "ranks": ranks})
+            peak = max(r["vmhwm_kb"]["end"] for r in ranks) / KB
+            log(f"load {mode} run {i + 1}/{runs}: load {ranks[0]['seconds']['load']:.2f} s, worst-rank peak "
+                f"{peak:.0f} MiB, wall {wall:.1f} s")
+    summary = {}
+    for mode, rs in raw.items():
+        per_rank = {}
+        for r in range(2):
+            recs = [x["ranks"][r] for x in rs]
+            peak = med([x["vmhwm_kb"]["end"] for x in recs])
+            base = med([x["vmhwm_kb"]["imports"] for x in recs])
+            base_td = med([x["vmhwm_kb"]["torch+deepspeed"] for x in recs])
+            held = recs[0]["held_bytes"] / KB
+            per_rank[str(r)] = {"peak_kb": peak, "baseline_kb": base, "baseline_torch_deepspeed_kb": base_td,
+                           "held_kb": held, "ideal_kb": base + held,
+                           "x_ideal": med([x["vmhwm_kb"]["end"] / (x["vmhwm_kb"]["imports"] + held) for x in recs]),
+                           "x_ideal_torch_deepspeed_baseline": med(
+                               [x["vmhwm_kb"]["end"] / (x["vmhwm_kb"]["torch+deepspeed"] + held) for x in recs]),
+                           "end_pss_kb": med([x["end_kb"]["Pss"] for x in recs]),
+                           "phases_kb": recs[-1]["vmhwm_kb"]}
+        summary[mode] = {"load_s": med([x["ranks"][0]["seconds"]["load"] for x in rs]),
+                         "load_s_runs": [round(x["ranks"][0]["seconds"]["load"], 3) for x in rs],
+                         "wall_s": med([x["wall_s"] for x in rs]), "per_rank": per_rank,
+                         "worst_x_ideal": max(v["x_ideal"] for v in per_rank.values()),
+                         "detail": rs[0]["ranks"][0].get("detail")}
+        if mode == "fastload":
+            summary[mode]["verified_against_files"] = all(r.get("verified_against_files") for r in rs[0]["ranks"])
+    return summary
+
+
+def bench_file_read(ckpt: Path, runs: int) -> dict:
+    """Reading the whole file once from page cache, one process, into one preallocated buffer."""
+    code = r"""
+import os, sys, time, torch
+p = sys.argv[1]; n = os.path.getsize(p); buf = torch.empty(n, dtype=torch.uint8); mv = memoryview(buf.numpy())
+buf.fill_(0)  # touch the pages first: this measures the read, not page faults
+fd = os.open(p, os.O_RDONLY); t = time.perf_counter(); done = 0
+while done < n:
+    done += os.preadv(fd, [mv[done:]], done)
+print(time.perf_counter() - t)
+"""
+    ts = []
+    for _ in range(runs):
+        r = subprocess.run([PY, "-c", code, str(ckpt / "model.safetensors")], capture_output=True, text=True,
+                           check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        ts.append(float(r.stdout.strip()))
+    return {"read_once_s": med(ts), "runs": ts}
+
+
+# -- group: product ---------------------------------------------------------------------------------------------
+def product_run(ckpt: Path, placement: str, out: Path, log_path: Path, extra_set: list[str],
+                fastload: bool = False, lean_proofs: bool = False) -> dict:
+    """`dpo-dist launch --cpu --num-processes 2 -- ...` as a user runs it; with `fastload` (and `lean_proofs`), the
+    same accelerate launch with `-m fastload_entry` in place of `-m dpo_dist` (bench/fastload_entry.py: the proposed
+    changes patched in)."""
+    init_args = ["--model", str(ckpt), "--output-dir", str(out), "--overwrite", "--placement", placement, "--force",
+                 "--set", "verify.generation=false"]  # --force: the memory planner counts a whole training step
+    # (optimizer states included) and refuses 0.44B on this 24 GB box; init itself never builds optimizer states
+    for s in extra_set:
+        init_args += ["--set", s]
+    port = free_port()
+    if fastload:
+        from dpo_dist.launcher import LaunchSpec, build_launch
+
+        argv, env = build_launch(LaunchSpec(num_processes=2, main_process_port=port, cpu=True,
+                                            init_args=tuple(init_args)))
+        at = max(i for i, a in enumerate(argv) if a == "-m")
+        assert argv[at + 1] == "dpo_dist", argv
+        argv[at + 1] = "fastload_entry"
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]),
+               "PYTHONUNBUFFERED": "1", "DPO_DIST_BENCH_LEAN_PROOFS": "1" if lean_proofs else "0"}
+    else:
+        argv = [PY, "-m", "dpo_dist", "launch", "--cpu", "--num-processes", "2", "--port", str(port), "--",
+                *init_args]
+        env = {"PYTHONUNBUFFERED": "1"}
+    sampler = WorkerSampler()
+    t0 = time.perf_counter()
+    code = run(argv, env, 600, log_path, sampler)
+    wall = time.perf_counter() - t0
+    rep_path = out / "report.json"
+    report = json.loads(rep_path.read_text()) if rep_path.exists() else None
+    if code != 0 or report is None or len(sampler.by_rank) != 2:
+        raise RuntimeError(f"dpo-dist init ({placement}) exit {code}, ranks seen {sorted(sampler.by_rank)}: "
+                           f"see {log_path}")
+    if fastload and ckpt.name != "tiny-sft" and "loaded by dpo_dist.fastload" not in log_path.read_text():
+        raise RuntimeError(f"fastload was not used: see {log_path}")
+    facts = report["facts"]
+    per = report["per_rank_facts"]
+    res = {"wall_s": wall, "passed": report["passed"], "load_s": facts.get("load_seconds"),
+           "fingerprint_s": facts.get("fingerprint_seconds"), "ranks": {}}
+    for r in range(2):
+        pf = per[str(r)]
+        res["ranks"][r] = {**sampler.by_rank[r], "policy_bytes": pf.get(f"rank_{r}_policy_bytes", 0),
+                           "reference_bytes": pf.get(f"rank_{r}_reference_bytes", 0),
+                           "after_load_kb": pf.get(f"rank_{r}_memory_kb", {})}
+    return res
+
+
+# label -> (fastload, lean proofs); "fastload" alone only for zero3, to separate the two changes' effects
+PRODUCT_VARIANTS = {"as is": (False, False), "fastload": (True, False), "proposed": (True, True)}
+
+
+def product_jobs(placement: str) -> list[str]:
+    return ["as is", "fastload", "proposed"] if placement == "zero3" else ["as is", "proposed"]
+
+
+def bench_product(ckpt: Path, tiny: Path, runs: int, work: Path, extra_set: list[str]) -> dict:
+    """Each placement as the product runs it today and with fastload patched in, plus the embedded 1M-parameter
+    checkpoint (placement zero3) for the product's runtime baseline: peaks there differ by placement by < 1%."""
+    raw: dict[str, list[dict]] = {}
+    for i in range(runs):
+        jobs = [("baseline@tiny", "zero3", tiny, (False, False)),
+                ("baseline@tiny proposed", "zero3", tiny, (True, True))]
+        jobs += [(f"{placement} {variant}", placement, ckpt, PRODUCT_VARIANTS[variant]) for placement in PLACEMENTS
+                 for variant in product_jobs(placement)]
+        for label, placement, model, (fast, lean) in jobs:
+            slug = label.replace(" ", "-").replace("@", "-")
+            res = product_run(model, placement, work / f"prod-{slug}-{i}", work / f"prod-{slug}-{i}.log", extra_set,
+                              fastload=fast, lean_proofs=lean)
+            raw.setdefault(label, []).append(res)
+            log(f"product {label} run {i + 1}/{runs}: wall {res['wall_s']:.1f} s, load {res['load_s']} s, "
+                f"peaks {[round(v['vmhwm_kb'] / KB) for v in res['ranks'].values()]} MiB, passed "
+                f"{res['passed']}")
+    summary: dict = {}
+    for key, label in (("baseline", "baseline@tiny"), ("baseline proposed", "baseline@tiny proposed")):
+        small = raw[label]
+        summary[key] = {"wall_s": med([x["wall_s"] for x in small]), "per_rank": {
+            str(r): {"peak_kb": med([x["ranks"][r]["vmhwm_kb"] for x in small]),
+                     "pss_peak_kb": med([x["ranks"][r]["pss_max_kb"] for x in small])} for r in range(2)}}
+    for placement in PLACEMENTS:
+        for variant in product_jobs(placement):
+            big = raw[f"{placement} {variant}"]
+            per_rank = {}
+            # each variant against the baseline of the same runtime (proposed: malloc threshold pinned too)
+            baseline = summary["baseline proposed" if variant == "proposed" else "baseline"]["per_rank"]
+            for r in range(2):
+                base = baseline[str(r)]["peak_kb"]
+                base_pss = baseline[str(r)]["pss_peak_kb"]
+                pol = big[0]["ranks"][r]["policy_bytes"] / KB
+                ref = big[0]["ranks"][r]["reference_bytes"] / KB
+                # the cpu placement's reference is one copy per node, mapped by both ranks: PSS counts half of it
+                ref_pss = ref / 2 if placement == "cpu" else ref
+                peak = med([x["ranks"][r]["vmhwm_kb"] for x in big])
+                pss = med([x["ranks"][r]["pss_max_kb"] for x in big])
+                per_rank[str(r)] = {"peak_kb": peak, "pss_peak_kb": pss, "policy_kb": pol, "reference_kb": ref,
+                                    "ideal_kb": base + pol + ref, "ideal_pss_kb": base_pss + pol + ref_pss,
+                                    "x_ideal": peak / (base + pol + ref),
+                                    "pss_x_ideal": pss / (base_pss + pol + ref_pss),
+                                    "after_load_kb": big[-1]["ranks"][r]["after_load_kb"]}
+            summary[f"{placement} {variant}"] = {
+                "wall_s": med([x["wall_s"] for x in big]), "load_s": med([x["load_s"] for x in big]),
+                "load_s_runs": [x["load_s"] for x in big], "fingerprint_s": med([x["fingerprint_s"] for x in big]),
+                "passed": all(x["passed"] for x in big), "per_rank": per_rank,
+                "worst_x_ideal": max(v["x_ideal"] for v in per_rank.values()),
+                "worst_pss_x_ideal": max(v["pss_x_ideal"] for v in per_rank.values())}
+    return summary
+
+
+# -- group: fingerprint -----------------------------------------------------------------------------------------
+FP_PROBE = r"""
+import json, statistics, sys, time
+import torch
+from safetensors.torch import load_file
+from dpo_dist.fingerprint import MULT, fingerprint_flat, fingerprint_tensor
+
+_M32 = 0xFFFFFFFF
+_BASE = {}
+def previous(flat, offset=0, step=1 << 20):  # the implementation before this benchmark (commit 952b5a9), CPU path
+    numel = flat.numel(); bits = flat.view(torch.int16); step = min(step, numel)
+    if step not in _BASE:  # cached, as it was
+        _BASE.clear(); _BASE[step] = torch.arange(1, (1 << 20) + 1, dtype=torch.int64).mul_(MULT).bitwise_and_(_M32)
+    base = next(iter(_BASE.values()))[:step]
+    wbuf = torch.empty(step, dtype=torch.int64); bbuf = torch.empty(step, dtype=torch.int64)
+    starts = range(0, numel, step); part = torch.empty(len(starts), 2, dtype=torch.int64)
+    for j, s in enumerate(starts):
+        n = min(step, numel - s); b = bbuf[:n].copy_(bits[s:s + n]); b.bitwise_and_(0xFFFF)
+        torch.sum(b, dim=0, out=part[j, 1])
+        w = torch.add(base[:n], ((offset + s) * MULT) & _M32, out=wbuf[:n]); w.bitwise_and_(_M32).mul_(b)
+        torch.sum(w, dim=0, out=part[j, 0])
+    return part.sum(dim=0)
+
+def widen_only(flat, step=1 << 18):  # the one pass every eager pipeline needs: 16-bit patterns -> int64
+    u = flat.view(torch.uint16); buf = torch.empty(min(step, flat.numel()), dtype=torch.int64)
+    for s in range(0, flat.numel(), step):
+        n = min(step, flat.numel() - s); buf[:n].copy_(u[s:s + n])
+
+def timed(fn, reps):
+    fn(); ts = []
+    for _ in range(reps):
+        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+tensors = [t.reshape(-1) for t in load_file(sys.argv[1]).values()]
+reps = int(sys.argv[2]); compile_ = sys.argv[3] == "1"
+n = sum(t.numel() for t in tensors)
+res = {"threads": torch.get_num_threads(), "elements": n, "tensors": len(tensors)}
+res["sum_s"] = timed(lambda: [torch.sum(t) for t in tensors], reps)
+res["fingerprint_s"] = timed(lambda: [fingerprint_tensor(t) for t in tensors], reps)
+res["previous_s"] = timed(lambda: [previous(t) for t in tensors], reps)
+res["widen_only_s"] = timed(lambda: [widen_only(t) for t in tensors], reps)
+assert all(torch.equal(previous(t, 7), fingerprint_flat(t, 7)) for t in tensors[:8])
+x = torch.randn(50_000_000).to(torch.bfloat16)
+res["x50m_sum_s"] = timed(lambda: torch.sum(x), reps)
+res["x50m_fingerprint_s"] = timed(lambda: fingerprint_flat(x), reps)
+res["x50m_previous_s"] = timed(lambda: previous(x), reps)
+if compile_:
+    def fused(bits, c):
+        b = bits.to(torch.int64) & 0xFFFF
+        w = (torch.arange(1, bits.numel() + 1, dtype=torch.int64) * MULT + c) & _M32
+        return torch.stack([(w * b).sum(), b.sum()])
+    t0 = time.perf_counter(); f = torch.compile(fused, dynamic=False); out = f(x.view(torch.int16), 0)
+    res["x50m_compile_s"] = time.perf_counter() - t0
+    assert torch.equal(out, fingerprint_flat(x))
+    res["x50m_fused_s"] = timed(lambda: f(x.view(torch.int16), 0), reps)
+print(json.dumps(res))
+"""
+
+
+def bench_fingerprint(ckpt: Path, runs: int, compile_: bool) -> dict:
+    out = {}
+    for threads in (1, 2):
+        r = subprocess.run([PY, "-c", FP_PROBE, str(ckpt / "model.safetensors"), str(runs),
+                            "1" if compile_ and threads == 1 else "0"], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=900)
+        if r.returncode != 0:
+            raise RuntimeError(f"fingerprint probe failed: {r.stderr[-3000:]}")
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        res["x_sum"] = res["fingerprint_s"] / res["sum_s"]
+        res["previous_x_sum"] = res["previous_s"] / res["sum_s"]
+        res["widen_only_x_sum"] = res["widen_only_s"] / res["sum_s"]
+        res["x50m_x_sum"] = res["x50m_fingerprint_s"] / res["x50m_sum_s"]
+        if "x50m_fused_s" in res:
+            res["x50m_fused_x_sum"] = res["x50m_fused_s"] / res["x50m_sum_s"]
+        out[f"threads_{threads}"] = res
+        log(f"fingerprint, {threads} thread(s): {res['fingerprint_s']:.3f} s vs torch.sum {res['sum_s']:.4f} s "
+            f"({res['x_sum']:.1f}x; previous implementation {res['previous_x_sum']:.1f}x)")
+    return out
+
+
+# -- group: kl --------------------------------------------------------------------------------------------------
+KL_PROBE = r"""
+import json, sys, time
+import torch
+from dpo_dist.kl import token_kl
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+impl, V, B, T, chunk = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+g = torch.Generator().manual_seed(0)
+lp = torch.randn(B, T, V, generator=g).to(torch.bfloat16)  # the models' logits: bf16, as dpo-dist gets them
+lq = (lp.float() + 0.01 * torch.randn(B, T, V, generator=g)).to(torch.bfloat16)
+with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS: the inputs' fp32 temporaries are gone
+    f.write("5")
+before = hwm()
+t = time.perf_counter()
+if impl == "chunked":
+    kl = token_kl(lp, lq, chunk=chunk)
+elif impl == "buffered":  # the proposal in bench/kl_buffered.py
+    sys.path.insert(0, "bench")
+    from kl_buffered import token_kl_buffered
+    kl = token_kl_buffered(lp, lq, chunk=chunk)
+else:  # every full-vocabulary tensor at once, the usual way
+    a = torch.log_softmax(lp.float(), dim=-1)
+    b = torch.log_softmax(lq.float(), dim=-1)
+    kl = (a.exp() * (a - b)).sum(dim=-1)
+secs = time.perf_counter() - t
+peak = hwm()
+if impl == "buffered":  # after the measurement: agrees with token_kl, and exactly 0 on identical logits
+    assert (kl - token_kl(lp, lq, chunk=chunk)).abs().max().item() < 1e-6
+    assert token_kl_buffered(lp, lp, chunk=chunk).abs().max().item() == 0.0
+print(json.dumps({"impl": impl, "V": V, "extra_kb": peak - before, "inputs_kb": (lp.nbytes + lq.nbytes) // 1024,
+                  "seconds": secs, "kl_mean": kl.mean().item()}))
+"""
+
+
+def bench_kl(runs: int, B: int = 2, T: int = 512, chunk: int = 4096) -> dict:
+    out: dict = {"B": B, "T": T, "chunk": chunk}
+    for V in (32_000, 128_256):
+        for impl in ("chunked", "buffered", "full"):
+            recs = []
+            for _ in range(runs):
+                r = subprocess.run([PY, "-c", KL_PROBE, impl, str(V), str(B), str(T), str(chunk)], cwd=ROOT,
+                                   capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   timeout=600)
+                if r.returncode != 0:
+                    raise RuntimeError(f"kl probe failed: {r.stderr[-3000:]}")
+                recs.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            key = f"{impl}_V{V}"
+            out[key] = {"extra_kb": med([x["extra_kb"] for x in recs]), "seconds": med([x["seconds"] for x in recs]),
+                        "extra_kb_runs": [x["extra_kb"] for x in recs],
+                        "inputs_kb": recs[0]["inputs_kb"], "kl_mean": recs[0]["kl_mean"],
+                        "fp32_BTV_kb": B * T * V * 4 / KB, "fp32_BTchunk_kb": B * T * min(chunk, V) * 4 / KB}
+            log(f"kl {impl} V={V}: +{out[key]['extra_kb'] / KB:.0f} MiB over the inputs, {out[key]['seconds']:.2f} s")
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+def mib(kb) -> str:
+    return "—" if kb is None else f"{kb / KB:,.0f}"
+
+
+def render(res: dict) -> str:
+    L = []
+    env = res["environment"]
+    L.append(f"Measured {res['date']} on {env['cpu']} ({env['cores']} cores, {env['mem_gib']} GiB), "
+             f"torch {env['torch']}, deepspeed {env['deepspeed']}, transformers {env['transformers']}; "
+             f"2 ranks (gloo, DeepSpeed CPU accelerator, 1 thread each); median of {res['runs']} runs. Checkpoint: "
+             f"{env['params_m']:.0f}M-parameter Llama, bf16, {env['file_mib']:.0f} MiB.")
+    load = res.get("load")
+    if load:
+        L += ["", "**Loading policy + reference, both ZeRO-3 partitioned (bench/load_driver.py)**. Ideal per rank = "
+              "its VmHWM after imports (torch, deepspeed, transformers' modeling code; process group up) + the "
+              "weights it holds at the end (2 x 423 MiB).", "",
+              "| path | peak RSS rank 0 / rank 1 (MiB) | x ideal (worst rank) | x ideal, torch+deepspeed-only "
+              "baseline | time after imports (s) | x naive time |",
+              "|---|---|---|---|---|---|"]
+        naive_t = load["naive"]["load_s"]
+        names = {"naive": "naive: full policy + full reference on every rank, then deepspeed.initialize",
+                 "transformers": "transformers ZeRO-3 from_pretrained (the product's load stage today)",
+                 "fastload": "**dpo_dist.fastload** (own byte ranges into partitions, no init broadcast)",
+                 "fastload-bcast": "fastload with zero.Init's broadcast kept",
+                 "read": "floor: pread of exactly those bytes into preallocated buffers"}
+        for mode in ("naive", "transformers", "fastload", "fastload-bcast", "read"):
+            s = load[mode]
+            pr = s["per_rank"]
+            L.append(f"| {names[mode]} | {mib(pr['0']['peak_kb'])} / {mib(pr['1']['peak_kb'])} | "
+                     f"{s['worst_x_ideal']:.3f} | "
+                     f"{max(v['x_ideal_torch_deepspeed_baseline'] for v in pr.values()):.3f} | "
+                     f"{s['load_s']:.2f} | {s['load_s'] / naive_t:.2f} |")
+        idle = load["idle"]["per_rank"]
+        L.append(f"| idle rank (baseline) | {mib(idle['0']['peak_kb'])} / {mib(idle['1']['peak_kb'])} | | | | |")
+        fr = res.get("file_read")
+        if fr:
+            L.append(f"| floor: the whole file read once from page cache, one process | | | | "
+                     f"{fr['read_once_s']:.2f} | {fr['read_once_s'] / naive_t:.2f} |")
+        if "verified_against_files" in load["fastload"]:
+            L.append("")
+            L.append(f"fastload's partitions checked against the file's fingerprints (first run, both models, both "
+                     f"ranks): {'equal' if load['fastload']['verified_against_files'] else 'DIFFERENT'}.")
+    prod = res.get("product")
+    if prod:
+        base = prod["baseline"]["per_rank"]
+        base_p = prod.get("baseline proposed", prod["baseline"])["per_rank"]
+        L += ["", "**`dpo-dist init`** (`dpo-dist launch --cpu --num-processes 2 -- --placement X --force --set "
+              "verify.generation=false`, no smoke steps): as it is; with its ZeRO-3 loads done by fastload; and "
+              "proposed = fastload + forward-proof engines that release each layer (stage3_max_live_parameters = "
+              "stage3_max_reuse_distance = 0) + glibc's mmap threshold pinned at 1 MiB "
+              "(fastload.pin_malloc_mmap_threshold); bench/fastload_entry.py patches them in. "
+              "Peak = VmHWM of each worker; PSS = the largest "
+              "sampled (0.2 s). Ideal = the product's runtime baseline (the same command on the embedded "
+              f"1M-parameter checkpoint: {mib(base['0']['peak_kb'])} / {mib(base['1']['peak_kb'])} MiB as is, "
+              f"{mib(base_p['0']['peak_kb'])} / {mib(base_p['1']['peak_kb'])} MiB proposed) + the "
+              "weights the rank holds (cpu: the reference is one mapped copy per node; PSS counts half of it). "
+              "Time after imports = the load stage.", "",
+              "| placement | variant | peak RSS rank 0 / 1 (MiB) | x ideal (worst) | peak PSS rank 0 / 1 (MiB) | PSS "
+              "x ideal (worst) | load stage (s) | fingerprints (s) | wall (s) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+        names = {"as is": "as is (transformers from_pretrained)", "fastload": "fastload",
+                 "proposed": "**proposed** (fastload + lean proofs)"}
+        for placement in PLACEMENTS:
+            for variant in product_jobs(placement):
+                s = prod[f"{placement} {variant}"]
+                pr = s["per_rank"]
+                loader = names[variant]
+                L.append(f"| {placement} | {loader} | {mib(pr['0']['peak_kb'])} / {mib(pr['1']['peak_kb'])} | "
+                         f"{s['worst_x_ideal']:.2f} | {mib(pr['0']['pss_peak_kb'])} / {mib(pr['1']['pss_peak_kb'])} "
+                         f"| {s['worst_pss_x_ideal']:.2f} | {s['load_s']:.2f} | {s['fingerprint_s']:.2f} | "
+                         f"{s['wall_s']:.1f} |")
+        for key, b in (("as is", base), ("proposed", base_p)):
+            wall = prod.get("baseline" if key == "as is" else "baseline proposed", prod["baseline"])["wall_s"]
+            L.append(f"| (baseline: embedded 1M checkpoint) | {key} | {mib(b['0']['peak_kb'])} / "
+                     f"{mib(b['1']['peak_kb'])} | | {mib(b['0']['pss_peak_kb'])} / {mib(b['1']['pss_peak_kb'])} | | "
+                     f"| | {wall:.1f} |")
+    fp = res.get("fingerprint")
+    if fp:
+        L += ["", "**Fingerprint vs torch.sum** over every tensor of the checkpoint (443M bf16 elements, one "
+              "process).", "",
+              "| threads | torch.sum (s) | fingerprint (s) | x sum | previous implementation (x sum) | widening copy "
+              "alone (x sum) | 50M elements: fingerprint x sum | 50M: fused kernel (torch.compile) x sum |",
+              "|---|---|---|---|---|---|---|---|"]
+        for key in ("threads_1", "threads_2"):
+            s = fp[key]
+            fused = f"{s['x50m_fused_x_sum']:.1f}" if "x50m_fused_x_sum" in s else "—"
+            L.append(f"| {s['threads']} | {s['sum_s']:.3f} | {s['fingerprint_s']:.3f} | {s['x_sum']:.1f} | "
+                     f"{s['previous_x_sum']:.1f} | {s['widen_only_x_sum']:.1f} | {s['x50m_x_sum']:.1f} | {fused} |")
+    kl = res.get("kl")
+    if kl:
+        L += ["", f"**Initial-KL memory** (B x T = {kl['B']} x {kl['T']}, bf16 logits of both models as inputs, "
+              f"chunk {kl['chunk']}): VmHWM growth during the computation, fresh process each.", "",
+              "| vocab | inputs (MiB) | dpo_dist.kl.token_kl (MiB) | proposed buffered token_kl (MiB) | full-vocab "
+              "log_softmax KL (MiB) | one fp32 [B,T,V] (MiB) | one fp32 [B,T,chunk] (MiB) | time token_kl / "
+              "buffered / full (s) |",
+              "|---|---|---|---|---|---|---|---|"]
+        for V in (32_000, 128_256):
+            c, b, f = kl[f"chunked_V{V}"], kl[f"buffered_V{V}"], kl[f"full_V{V}"]
+            L.append(f"| {V:,} | {mib(c['inputs_kb'])} | {mib(c['extra_kb'])} (runs: "
+                     f"{', '.join(mib(x) for x in c['extra_kb_runs'])}) | {mib(b['extra_kb'])} | {mib(f['extra_kb'])} "
+                     f"| {mib(c['fp32_BTV_kb'])} | {mib(c['fp32_BTchunk_kb'])} | {c['seconds']:.2f} / "
+                     f"{b['seconds']:.2f} / {f['seconds']:.2f} |")
+    return "\n".join(L) + "\n"
+
+
+def environment(ckpt: Path) -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    mem = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
+    cfg = json.loads((ckpt / "config.json").read_text())
+    from dpo_dist.checkpoint import tensor_index
+
+    params = sum(e.numel for e in tensor_index(ckpt).values())
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem / 2**20), "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "params_m": params / 1e6, "layers": cfg.get("num_hidden_layers"),
+            "file_mib": (ckpt / "model.safetensors").stat().st_size / 2**20,
+            "loadavg_start": open("/proc/loadavg").read().split()[:3]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CKPT,
+                    help=f"the cached checkpoint (default {DEFAULT_CKPT})")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", nargs="+", choices=["load", "product", "fingerprint", "kl"],
+                    default=["load", "product", "fingerprint", "kl"])
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile fused-kernel reference")
+    ap.add_argument("--product-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra --set for the product runs (e.g. a loader setting)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dpo-dist-bench"), help="logs and run outputs")
+    ap.add_argument("--out", type=Path, default=BENCH / "results.json")
+    args = ap.parse_args()
+    if args.runs < 1:
+        ap.error("--runs must be >= 1")
+
+    t0 = time.perf_counter()
+    ckpt = ensure_checkpoint(args.checkpoint.expanduser())
+    args.work.mkdir(parents=True, exist_ok=True)
+    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "runs": args.runs, "checkpoint": str(ckpt),
+                 "environment": environment(ckpt)}
+    if args.out.exists():  # keep groups not rerun this time
+        old = json.loads(args.out.read_text())
+        res.update({k: v for k, v in old.items() if k in ("load", "file_read", "product", "fingerprint", "kl")})
+
+    def save() -> str:  # after every group: a later failure keeps what was measured
+        res["environment"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+        res["bench_seconds"] = round(time.perf_counter() - t0, 1)
+        args.out.write_text(json.dumps(res, indent=1, default=str) + "\n")
+        md = render(res)
+        args.out.with_suffix(".md").write_text(md)
+        return md
+
+    if "load" in args.only:
+        res["load"] = bench_load(ckpt, args.runs, args.work)
+        res["file_read"] = bench_file_read(ckpt, args.runs)
+        save()
+    if "product" in args.only:
+        from dpo_dist.resources import DEFAULT_CHECKPOINT
+
+        res["product"] = bench_product(ckpt, DEFAULT_CHECKPOINT, args.runs, args.work, args.product_set)
+        save()
+    if "fingerprint" in args.only:
+        res["fingerprint"] = bench_fingerprint(ckpt, args.runs, not args.no_compile)
+        save()
+    if "kl" in args.only:
+        res["kl"] = bench_kl(args.runs)
+    print(save())
+    log(f"wrote {args.out} and {args.out.with_suffix('.md')} in {res['bench_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
