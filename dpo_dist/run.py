@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from . import manifest, models, placements, probes, weights
-from .checkpoint import CheckpointError, preflight
+from .checkpoint import CheckpointError
 from .config import RunConfig, to_dict
 from .data import DataError, prepare
 from .distributed import DistContext
+from .preflight import check_checkpoint
 from .report import RankReport, build_report, render_table, write_json_atomic
 from .resources import (
     launch_stage_conflict,
@@ -135,12 +136,11 @@ class InitRun:
         cfg, ctx, rr = self.cfg, self.ctx, self.rr
         pol_path = resolve_model_path(cfg.model.path)
         ref_path = resolve_model_path(cfg.reference.path) if cfg.reference.path else pol_path
-        conf = preflight(pol_path, cfg.model.allow_pickle)
+        # The CLI ran these before launch; the Python API (api.prepare) comes straight here, so they run again.
+        check_checkpoint(pol_path, cfg, "model")
         if ref_path != pol_path:
-            preflight(ref_path, cfg.model.allow_pickle)
-        if models.needs_remote_code(conf) and not cfg.model.trust_remote_code:
-            raise CheckpointError(f"model_type {conf.get('model_type')!r} needs remote code: set "
-                                  "model.trust_remote_code: true only if you trust the checkpoint's source")
+            check_checkpoint(ref_path, cfg, "reference")
+        conf = models.read_config_json(pol_path)
         tok = models.load_tokenizer(pol_path, cfg.model.trust_remote_code)
         ok = models.check_tokenizer(tok, conf, cfg.model.pad_policy, rr, ctx.warn)
         if ref_path != pol_path:
