@@ -19,7 +19,9 @@ Groups:
                1M-parameter checkpoint gives the product's runtime baseline.
   fingerprint  dpo_dist.fingerprint over every tensor of the checkpoint vs torch.sum over the same tensors, 1 and 2
                threads; plus the previous implementation, the eager floor (the widening copy alone) and a fused
-               kernel (torch.compile, on 50M elements) for the explanation in bench/README.md.
+               kernel (torch.compile, on 50M elements) for the explanation in bench/README.md. Timed in pairs
+               (each repetition times all of them back to back; max(--runs, 5) repetitions), ratios = medians of the
+               per-repetition ratios, so a busy moment hits both sides.
   kl           peak memory (VmHWM growth, fresh process each) of dpo_dist.kl.token_kl, of the proposed
                bench/kl_buffered.py, and of a full-vocabulary log_softmax KL at V = 32k and 128k, B x T = 2 x 512.
 """
@@ -351,45 +353,47 @@ from safetensors.torch import load_file
 from dpo_dist.fingerprint import MULT, fingerprint_flat, fingerprint_tensor
 
 _M32 = 0xFFFFFFFF
-_BASE = {}
-def previous(flat, offset=0, step=1 << 20):  # the implementation before this benchmark (commit 952b5a9), CPU path
-    numel = flat.numel(); bits = flat.view(torch.int16); step = min(step, numel)
-    if step not in _BASE:  # cached, as it was
-        _BASE.clear(); _BASE[step] = torch.arange(1, (1 << 20) + 1, dtype=torch.int64).mul_(MULT).bitwise_and_(_M32)
-    base = next(iter(_BASE.values()))[:step]
-    wbuf = torch.empty(step, dtype=torch.int64); bbuf = torch.empty(step, dtype=torch.int64)
-    starts = range(0, numel, step); part = torch.empty(len(starts), 2, dtype=torch.int64)
-    for j, s in enumerate(starts):
-        n = min(step, numel - s); b = bbuf[:n].copy_(bits[s:s + n]); b.bitwise_and_(0xFFFF)
-        torch.sum(b, dim=0, out=part[j, 1])
-        w = torch.add(base[:n], ((offset + s) * MULT) & _M32, out=wbuf[:n]); w.bitwise_and_(_M32).mul_(b)
-        torch.sum(w, dim=0, out=part[j, 0])
-    return part.sum(dim=0)
+previous = None
+if sys.argv[4]:  # the implementation before this benchmark, from git (commit 952b5a9)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("fingerprint_previous", sys.argv[4])
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    previous = mod.fingerprint_flat
 
 def widen_only(flat, step=1 << 18):  # the one pass every eager pipeline needs: 16-bit patterns -> int64
     u = flat.view(torch.uint16); buf = torch.empty(min(step, flat.numel()), dtype=torch.int64)
     for s in range(0, flat.numel(), step):
         n = min(step, flat.numel() - s); buf[:n].copy_(u[s:s + n])
 
-def timed(fn, reps):
-    fn(); ts = []
+def paired(fns, reps):
+    # each rep times every function back to back, so a noisy moment hits all of them; medians over reps of the
+    # times and of each time divided by the first function's
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
     for _ in range(reps):
-        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+        for k, f in fns.items():
+            t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
+    first = next(iter(fns))
+    out = {f"{k}_s": statistics.median(v) for k, v in times.items()}
+    out.update({f"{k}_x_sum": statistics.median([a / b for a, b in zip(v, times[first])]) for k, v in times.items()
+                if k != first})
+    return out
 
 tensors = [t.reshape(-1) for t in load_file(sys.argv[1]).values()]
 reps = int(sys.argv[2]); compile_ = sys.argv[3] == "1"
 n = sum(t.numel() for t in tensors)
-res = {"threads": torch.get_num_threads(), "elements": n, "tensors": len(tensors)}
-res["sum_s"] = timed(lambda: [torch.sum(t) for t in tensors], reps)
-res["fingerprint_s"] = timed(lambda: [fingerprint_tensor(t) for t in tensors], reps)
-res["previous_s"] = timed(lambda: [previous(t) for t in tensors], reps)
-res["widen_only_s"] = timed(lambda: [widen_only(t) for t in tensors], reps)
-assert all(torch.equal(previous(t, 7), fingerprint_flat(t, 7)) for t in tensors[:8])
+res = {"threads": torch.get_num_threads(), "elements": n, "tensors": len(tensors), "reps": reps}
+fns = {"sum": lambda: [torch.sum(t) for t in tensors], "fingerprint": lambda: [fingerprint_tensor(t) for t in tensors],
+       "widen_only": lambda: [widen_only(t) for t in tensors]}
+if previous:
+    fns["previous"] = lambda: [previous(t) for t in tensors]
+    assert all(torch.equal(previous(t, 7), fingerprint_flat(t, 7)) for t in tensors[:8])
+res.update(paired(fns, reps))
 x = torch.randn(50_000_000).to(torch.bfloat16)
-res["x50m_sum_s"] = timed(lambda: torch.sum(x), reps)
-res["x50m_fingerprint_s"] = timed(lambda: fingerprint_flat(x), reps)
-res["x50m_previous_s"] = timed(lambda: previous(x), reps)
+fns = {"sum": lambda: torch.sum(x), "fingerprint": lambda: fingerprint_flat(x)}
+if previous:
+    fns["previous"] = lambda: previous(x)
 if compile_:
     def fused(bits, c):
         b = bits.to(torch.int64) & 0xFFFF
@@ -398,29 +402,33 @@ if compile_:
     t0 = time.perf_counter(); f = torch.compile(fused, dynamic=False); out = f(x.view(torch.int16), 0)
     res["x50m_compile_s"] = time.perf_counter() - t0
     assert torch.equal(out, fingerprint_flat(x))
-    res["x50m_fused_s"] = timed(lambda: f(x.view(torch.int16), 0), reps)
+    fns["fused"] = lambda: f(x.view(torch.int16), 0)
+res.update({f"x50m_{k}": v for k, v in paired(fns, reps).items()})
 print(json.dumps(res))
 """
 
 
-def bench_fingerprint(ckpt: Path, runs: int, compile_: bool) -> dict:
+PREVIOUS_FINGERPRINT = "952b5a9:dpo_dist/fingerprint.py"  # before this benchmark's rewrite of the CPU path
+
+
+def bench_fingerprint(ckpt: Path, runs: int, compile_: bool, work: Path) -> dict:
     out = {}
+    prev = work / "fingerprint_previous.py"
+    shown = subprocess.run(["git", "show", PREVIOUS_FINGERPRINT], cwd=ROOT, capture_output=True, text=True)
+    prev.write_text(shown.stdout if shown.returncode == 0 else "")
     for threads in (1, 2):
-        r = subprocess.run([PY, "-c", FP_PROBE, str(ckpt / "model.safetensors"), str(runs),
-                            "1" if compile_ and threads == 1 else "0"], capture_output=True, text=True, cwd=ROOT,
+        r = subprocess.run([PY, "-c", FP_PROBE, str(ckpt / "model.safetensors"), str(max(runs, 5)),
+                            "1" if compile_ and threads == 1 else "0", str(prev) if shown.returncode == 0 else ""],
+                           capture_output=True, text=True, cwd=ROOT,
                            env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=900)
         if r.returncode != 0:
             raise RuntimeError(f"fingerprint probe failed: {r.stderr[-3000:]}")
         res = json.loads(r.stdout.strip().splitlines()[-1])
-        res["x_sum"] = res["fingerprint_s"] / res["sum_s"]
-        res["previous_x_sum"] = res["previous_s"] / res["sum_s"]
-        res["widen_only_x_sum"] = res["widen_only_s"] / res["sum_s"]
-        res["x50m_x_sum"] = res["x50m_fingerprint_s"] / res["x50m_sum_s"]
-        if "x50m_fused_s" in res:
-            res["x50m_fused_x_sum"] = res["x50m_fused_s"] / res["x50m_sum_s"]
+        res["x_sum"] = res["fingerprint_x_sum"]
+        res["x50m_x_sum"] = res["x50m_fingerprint_x_sum"]
         out[f"threads_{threads}"] = res
         log(f"fingerprint, {threads} thread(s): {res['fingerprint_s']:.3f} s vs torch.sum {res['sum_s']:.4f} s "
-            f"({res['x_sum']:.1f}x; previous implementation {res['previous_x_sum']:.1f}x)")
+            f"({res['x_sum']:.1f}x; previous implementation {res.get('previous_x_sum', float('nan')):.1f}x)")
     return out
 
 
@@ -571,8 +579,9 @@ def render(res: dict) -> str:
         for key in ("threads_1", "threads_2"):
             s = fp[key]
             fused = f"{s['x50m_fused_x_sum']:.1f}" if "x50m_fused_x_sum" in s else "—"
+            prev = f"{s['previous_x_sum']:.1f}" if "previous_x_sum" in s else "—"
             L.append(f"| {s['threads']} | {s['sum_s']:.3f} | {s['fingerprint_s']:.3f} | {s['x_sum']:.1f} | "
-                     f"{s['previous_x_sum']:.1f} | {s['widen_only_x_sum']:.1f} | {s['x50m_x_sum']:.1f} | {fused} |")
+                     f"{prev} | {s['widen_only_x_sum']:.1f} | {s['x50m_x_sum']:.1f} | {fused} |")
     kl = res.get("kl")
     if kl:
         L += ["", f"**Initial-KL memory** (B x T = {kl['B']} x {kl['T']}, bf16 logits of both models as inputs, "
@@ -651,7 +660,7 @@ def main() -> None:
         res["product"] = bench_product(ckpt, DEFAULT_CHECKPOINT, args.runs, args.work, args.product_set)
         save()
     if "fingerprint" in args.only:
-        res["fingerprint"] = bench_fingerprint(ckpt, args.runs, not args.no_compile)
+        res["fingerprint"] = bench_fingerprint(ckpt, args.runs, not args.no_compile, args.work)
         save()
     if "kl" in args.only:
         res["kl"] = bench_kl(args.runs)
