@@ -500,10 +500,11 @@ def mib(kb) -> str:
 def render(res: dict) -> str:
     L = []
     env = res["environment"]
-    L.append(f"Measured {res['date']} on {env['cpu']} ({env['cores']} cores, {env['mem_gib']} GiB), "
-             f"torch {env['torch']}, deepspeed {env['deepspeed']}, transformers {env['transformers']}; "
-             f"2 ranks (gloo, DeepSpeed CPU accelerator, 1 thread each); median of {res['runs']} runs. Checkpoint: "
-             f"{env['params_m']:.0f}M-parameter Llama, bf16, {env['file_mib']:.0f} MiB.")
+    when = "; ".join(f"{g} {m['date']}, {m['runs']} runs" for g, m in res.get("measured", {}).items())
+    L.append(f"Measured on {env['cpu']} ({env['cores']} cores, {env['mem_gib']} GiB), torch {env['torch']}, deepspeed "
+             f"{env['deepspeed']}, transformers {env['transformers']}; 2 ranks (gloo, DeepSpeed CPU accelerator, 1 "
+             f"thread each); every figure the median over runs ({when}). Checkpoint: {env['params_m']:.0f}M-parameter "
+             f"Llama, bf16, {env['file_mib']:.0f} MiB.")
     load = res.get("load")
     if load:
         L += ["", "**Loading policy + reference, both ZeRO-3 partitioned (bench/load_driver.py)**. Ideal per rank = "
@@ -629,20 +630,30 @@ def main() -> None:
                     help="extra --set for the product runs (e.g. a loader setting)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dpo-dist-bench"), help="logs and run outputs")
     ap.add_argument("--out", type=Path, default=BENCH / "results.json")
+    ap.add_argument("--render", action="store_true", help="only rewrite results.md from results.json")
     args = ap.parse_args()
+    if args.render:
+        md = render(json.loads(args.out.read_text()))
+        args.out.with_suffix(".md").write_text(md)
+        print(md)
+        return
     if args.runs < 1:
         ap.error("--runs must be >= 1")
 
     t0 = time.perf_counter()
     ckpt = ensure_checkpoint(args.checkpoint.expanduser())
     args.work.mkdir(parents=True, exist_ok=True)
-    res: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "runs": args.runs, "checkpoint": str(ckpt),
+    res: dict = {"checkpoint": str(ckpt),
                  "environment": environment(ckpt)}
     if args.out.exists():  # keep groups not rerun this time
         old = json.loads(args.out.read_text())
-        res.update({k: v for k, v in old.items() if k in ("load", "file_read", "product", "fingerprint", "kl")})
+        res.update({k: v for k, v in old.items() if k in ("load", "file_read", "product", "fingerprint", "kl",
+                                                            "measured")})
+    measured = res.setdefault("measured", {})
 
-    def save() -> str:  # after every group: a later failure keeps what was measured
+    def save(group: str) -> str:  # after every group: a later failure keeps what was measured
+        measured[group] = {"date": time.strftime("%Y-%m-%d %H:%M"), "runs": args.runs if group != "fingerprint"
+                           else max(args.runs, 5), "loadavg": open("/proc/loadavg").read().split()[:3]}
         res["environment"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
         res["bench_seconds"] = round(time.perf_counter() - t0, 1)
         args.out.write_text(json.dumps(res, indent=1, default=str) + "\n")
@@ -653,18 +664,19 @@ def main() -> None:
     if "load" in args.only:
         res["load"] = bench_load(ckpt, args.runs, args.work)
         res["file_read"] = bench_file_read(ckpt, args.runs)
-        save()
+        save("load")
     if "product" in args.only:
         from dpo_dist.resources import DEFAULT_CHECKPOINT
 
         res["product"] = bench_product(ckpt, DEFAULT_CHECKPOINT, args.runs, args.work, args.product_set)
-        save()
+        save("product")
     if "fingerprint" in args.only:
         res["fingerprint"] = bench_fingerprint(ckpt, args.runs, not args.no_compile, args.work)
-        save()
+        save("fingerprint")
     if "kl" in args.only:
         res["kl"] = bench_kl(args.runs)
-    print(save())
+        save("kl")
+    print(render(res))
     log(f"wrote {args.out} and {args.out.with_suffix('.md')} in {res['bench_seconds']:.0f} s")
 
 

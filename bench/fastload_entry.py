@@ -68,10 +68,31 @@ def _lean_proofs() -> None:
         cfg["zero_optimization"].update(stage3_max_live_parameters=0, stage3_max_reuse_distance=0)
         return cfg
 
-    probes.inference_ds_config = lean_config
-    pin_malloc_mmap_threshold()
+    if os.environ.get("DPO_DIST_BENCH_LEAN_CONFIG", "1") == "1":
+        probes.inference_ds_config = lean_config
+    if os.environ.get("DPO_DIST_BENCH_PIN_MALLOC", "1") == "1":
+        pin_malloc_mmap_threshold()
 
 
+def _trim_between_stages() -> None:
+    """DPO_DIST_BENCH_TRIM=1: glibc's malloc_trim(0) after every stage (gives freed heap pages back to the OS)."""
+    import ctypes
+
+    from dpo_dist import run
+
+    attempt = run.InitRun.attempt
+    libc = ctypes.CDLL("libc.so.6")
+
+    def trimmed(self, name, fn):
+        ok = attempt(self, name, fn)
+        libc.malloc_trim(0)
+        return ok
+
+    run.InitRun.attempt = trimmed
+
+
+if os.environ.get("DPO_DIST_BENCH_TRIM") == "1":
+    _trim_between_stages()
 if os.environ.get("DPO_DIST_BENCH_LEAN_PROOFS") == "1":
     _lean_proofs()
 if os.environ.get("DPO_DIST_BENCH_FASTLOAD", "1") == "1":
