@@ -14,16 +14,19 @@ Groups:
                zero.Init's broadcast kept, read (each rank preads exactly fastload's bytes: the I/O floor). Peak RSS =
                VmHWM per rank; ideal = that rank's VmHWM after imports + the bytes of weights it holds at the end.
   product      `dpo-dist launch --cpu --num-processes 2 ... --placement {zero3,cpu,lora} --force --set
-               verify.generation=false` on the checkpoint, the workers' /proc sampled for VmHWM and PSS; each also
-               with fastload patched into the load stage (bench/fastload_entry.py); the same command on the embedded
-               1M-parameter checkpoint gives the product's runtime baseline.
-  fingerprint  dpo_dist.fingerprint over every tensor of the checkpoint vs torch.sum over the same tensors, 1 and 2
-               threads; plus the previous implementation, the eager floor (the widening copy alone) and a fused
-               kernel (torch.compile, on 50M elements) for the explanation in bench/README.md. Timed in pairs
+               verify.generation=false` on the checkpoint, the workers' /proc sampled for VmHWM and PSS: as it ships
+               (model.loader auto: the fast partitioned loader), zero3 also with model.loader=transformers, and each
+               as it was before (the tree of --before-commit, extracted under --work and run from there); the same
+               command on the embedded 1M-parameter checkpoint gives each version's runtime baseline.
+  fingerprint  dpo_dist.fingerprint (its fused C kernel, cache warm) over every tensor of the checkpoint vs torch.sum
+               over the same tensors, 1 and 2 threads; plus its eager fallback (DPO_DIST_FINGERPRINT_KERNEL=0), the
+               previous implementation, the eager floor (the widening copy alone), a torch.compile fused kernel (on
+               50M elements), and the C kernel's compile time (fresh cache) vs its load from the cache. Timed in pairs
                (each repetition times all of them back to back; max(--runs, 5) repetitions), ratios = medians of the
                per-repetition ratios, so a busy moment hits both sides.
-  kl           peak memory (VmHWM growth, fresh process each) of dpo_dist.kl.token_kl, of the proposed
-               bench/kl_buffered.py, and of a full-vocabulary log_softmax KL at V = 32k and 128k, B x T = 2 x 512.
+  kl           peak memory (VmHWM growth, fresh process each) of dpo_dist.kl.token_kl, of its version before
+               (per-chunk temporaries, from --before-commit), and of a full-vocabulary log_softmax KL at V = 32k and
+               128k, B x T = 2 x 512.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1
 LOAD_MODES = ["idle", "read", "naive", "transformers", "fastload", "fastload-bcast"]
 PLACEMENTS = ["zero3", "cpu", "lora"]
 KB = 1024
+# dpo-dist init before it shipped the fast loader (model.loader), the lean proof engines, the pinned mmap threshold
+# and the buffered token_kl: the "before" variants run this commit's tree
+BEFORE_COMMIT = "8770c98"
 
 
 def log(*a) -> None:
@@ -92,11 +98,12 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def run(argv: list[str], env_extra: dict, timeout: float, log_path: Path | None = None, sample=None) -> int:
+def run(argv: list[str], env_extra: dict, timeout: float, log_path: Path | None = None, sample=None,
+        cwd: Path = ROOT) -> int:
     """Run in its own session; kill the whole tree on timeout. `sample(pid)` is called every 0.2 s while it runs."""
     env = {**os.environ, **env_extra}
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     t_end = time.monotonic() + timeout
     try:
         while proc.poll() is None:
@@ -237,45 +244,49 @@ print(time.perf_counter() - t)
 
 
 # -- group: product ---------------------------------------------------------------------------------------------
+def before_tree(work: Path, commit: str) -> Path:
+    """The repository at `commit`, extracted once (git archive): run from there, `python -m dpo_dist` imports that
+    version (the current directory comes first on sys.path, before the editable install's finder)."""
+    where = work / f"before-{commit}"
+    if not (where / "dpo_dist" / "__init__.py").exists():
+        where.mkdir(parents=True, exist_ok=True)
+        tar = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(where)], input=tar, check=True)
+    return where
+
+
 def product_run(ckpt: Path, placement: str, out: Path, log_path: Path, extra_set: list[str],
-                fastload: bool = False, lean_proofs: bool = False) -> dict:
-    """`dpo-dist launch --cpu --num-processes 2 -- ...` as a user runs it; with `fastload` (and `lean_proofs`), the
-    same accelerate launch with `-m fastload_entry` in place of `-m dpo_dist` (bench/fastload_entry.py: the proposed
-    changes patched in)."""
+                tree: Path | None = None, loader: str | None = None) -> dict:
+    """`dpo-dist launch --cpu --num-processes 2 -- ...` as a user runs it: the current version, or the one extracted
+    at `tree` (run from there); `loader` sets model.loader."""
     init_args = ["--model", str(ckpt), "--output-dir", str(out), "--overwrite", "--placement", placement, "--force",
                  "--set", "verify.generation=false"]  # --force: the memory planner counts a whole training step
     # (optimizer states included) and refuses 0.44B on this 24 GB box; init itself never builds optimizer states
     for s in extra_set:
         init_args += ["--set", s]
-    port = free_port()
-    if fastload:
-        from dpo_dist.launcher import LaunchSpec, build_launch
-
-        argv, env = build_launch(LaunchSpec(num_processes=2, main_process_port=port, cpu=True,
-                                            init_args=tuple(init_args)))
-        at = max(i for i, a in enumerate(argv) if a == "-m")
-        assert argv[at + 1] == "dpo_dist", argv
-        argv[at + 1] = "fastload_entry"
-        env = {**env, "PYTHONPATH": os.pathsep.join([str(BENCH), os.environ.get("PYTHONPATH", "")]),
-               "PYTHONUNBUFFERED": "1", "DPO_DIST_BENCH_LEAN_PROOFS": "1" if lean_proofs else "0"}
-    else:
-        argv = [PY, "-m", "dpo_dist", "launch", "--cpu", "--num-processes", "2", "--port", str(port), "--",
-                *init_args]
-        env = {"PYTHONUNBUFFERED": "1"}
+    if loader:
+        init_args += ["--set", f"model.loader={loader}"]
+    argv = [PY, "-m", "dpo_dist", "launch", "--cpu", "--num-processes", "2", "--port", str(free_port()), "--",
+            *init_args]
+    env = {"PYTHONUNBUFFERED": "1"}
     sampler = WorkerSampler()
     t0 = time.perf_counter()
-    code = run(argv, env, 600, log_path, sampler)
+    code = run(argv, env, 600, log_path, sampler, cwd=tree or ROOT)
     wall = time.perf_counter() - t0
     rep_path = out / "report.json"
     report = json.loads(rep_path.read_text()) if rep_path.exists() else None
     if code != 0 or report is None or len(sampler.by_rank) != 2:
         raise RuntimeError(f"dpo-dist init ({placement}) exit {code}, ranks seen {sorted(sampler.by_rank)}: "
                            f"see {log_path}")
-    if fastload and ckpt.name != "tiny-sft" and "loaded by dpo_dist.fastload" not in log_path.read_text():
-        raise RuntimeError(f"fastload was not used: see {log_path}")
     facts = report["facts"]
+    if tree is not None and "loader" in facts:
+        raise RuntimeError(f"the run from {tree} used the current dpo_dist (it reports a loader): see {log_path}")
+    if tree is None and facts.get("loader") != (loader or "fast"):
+        raise RuntimeError(f"model.loader {loader or 'auto'}: loaded by {facts.get('loader')} "
+                           f"({facts.get('loader_reason')}): see {log_path}")
     per = report["per_rank_facts"]
     res = {"wall_s": wall, "passed": report["passed"], "load_s": facts.get("load_seconds"),
+           "loader": facts.get("loader", "transformers (before model.loader)"),
            "fingerprint_s": facts.get("fingerprint_seconds"), "ranks": {}}
     for r in range(2):
         pf = per[str(r)]
@@ -285,33 +296,35 @@ def product_run(ckpt: Path, placement: str, out: Path, log_path: Path, extra_set
     return res
 
 
-# label -> (fastload, lean proofs); "fastload" alone only for zero3, to separate the two changes' effects
-PRODUCT_VARIANTS = {"as is": (False, False), "fastload": (True, False), "proposed": (True, True)}
+# label -> (run the --before-commit tree, model.loader); "transformers" only for zero3: the shipped init with
+# transformers' from_pretrained, to separate the loader's effect from the rest
+PRODUCT_VARIANTS = {"before": (True, None), "transformers": (False, "transformers"), "shipped": (False, None)}
 
 
 def product_jobs(placement: str) -> list[str]:
-    return ["as is", "fastload", "proposed"] if placement == "zero3" else ["as is", "proposed"]
+    return ["before", "transformers", "shipped"] if placement == "zero3" else ["before", "shipped"]
 
 
-def bench_product(ckpt: Path, tiny: Path, runs: int, work: Path, extra_set: list[str]) -> dict:
-    """Each placement as the product runs it today and with fastload patched in, plus the embedded 1M-parameter
-    checkpoint (placement zero3) for the product's runtime baseline: peaks there differ by placement by < 1%."""
+def bench_product(ckpt: Path, tiny: Path, runs: int, work: Path, extra_set: list[str], before: str) -> dict:
+    """Each placement as dpo-dist init ships it and as it was at `before`, plus the embedded 1M-parameter checkpoint
+    (placement zero3) for each version's runtime baseline: peaks there differ by placement by < 1%."""
+    old = before_tree(work, before)
     raw: dict[str, list[dict]] = {}
     for i in range(runs):
-        jobs = [("baseline@tiny", "zero3", tiny, (False, False)),
-                ("baseline@tiny proposed", "zero3", tiny, (True, True))]
+        jobs = [("baseline@tiny before", "zero3", tiny, (True, None)),
+                ("baseline@tiny", "zero3", tiny, (False, None))]
         jobs += [(f"{placement} {variant}", placement, ckpt, PRODUCT_VARIANTS[variant]) for placement in PLACEMENTS
                  for variant in product_jobs(placement)]
-        for label, placement, model, (fast, lean) in jobs:
+        for label, placement, model, (is_before, loader) in jobs:
             slug = label.replace(" ", "-").replace("@", "-")
             res = product_run(model, placement, work / f"prod-{slug}-{i}", work / f"prod-{slug}-{i}.log", extra_set,
-                              fastload=fast, lean_proofs=lean)
+                              tree=old if is_before else None, loader=loader)
             raw.setdefault(label, []).append(res)
             log(f"product {label} run {i + 1}/{runs}: wall {res['wall_s']:.1f} s, load {res['load_s']} s, "
                 f"peaks {[round(v['vmhwm_kb'] / KB) for v in res['ranks'].values()]} MiB, passed "
                 f"{res['passed']}")
-    summary: dict = {}
-    for key, label in (("baseline", "baseline@tiny"), ("baseline proposed", "baseline@tiny proposed")):
+    summary: dict = {"before_commit": before}
+    for key, label in (("baseline", "baseline@tiny"), ("baseline before", "baseline@tiny before")):
         small = raw[label]
         summary[key] = {"wall_s": med([x["wall_s"] for x in small]), "per_rank": {
             str(r): {"peak_kb": med([x["ranks"][r]["vmhwm_kb"] for x in small]),
@@ -320,8 +333,8 @@ def bench_product(ckpt: Path, tiny: Path, runs: int, work: Path, extra_set: list
         for variant in product_jobs(placement):
             big = raw[f"{placement} {variant}"]
             per_rank = {}
-            # each variant against the baseline of the same runtime (proposed: malloc threshold pinned too)
-            baseline = summary["baseline proposed" if variant == "proposed" else "baseline"]["per_rank"]
+            # each variant against the baseline of the same version (shipped: malloc threshold pinned too)
+            baseline = summary["baseline before" if variant == "before" else "baseline"]["per_rank"]
             for r in range(2):
                 base = baseline[str(r)]["peak_kb"]
                 base_pss = baseline[str(r)]["pss_peak_kb"]
@@ -337,6 +350,7 @@ def bench_product(ckpt: Path, tiny: Path, runs: int, work: Path, extra_set: list
                                     "pss_x_ideal": pss / (base_pss + pol + ref_pss),
                                     "after_load_kb": big[-1]["ranks"][r]["after_load_kb"]}
             summary[f"{placement} {variant}"] = {
+                "loader": big[0]["loader"],
                 "wall_s": med([x["wall_s"] for x in big]), "load_s": med([x["load_s"] for x in big]),
                 "load_s_runs": [x["load_s"] for x in big], "fingerprint_s": med([x["fingerprint_s"] for x in big]),
                 "passed": all(x["passed"] for x in big), "per_rank": per_rank,
@@ -347,10 +361,22 @@ def bench_product(ckpt: Path, tiny: Path, runs: int, work: Path, extra_set: list
 
 # -- group: fingerprint -----------------------------------------------------------------------------------------
 FP_PROBE = r"""
-import json, statistics, sys, time
+import json, os, statistics, sys, time
 import torch
 from safetensors.torch import load_file
+from dpo_dist import fingerprint as F
 from dpo_dist.fingerprint import MULT, fingerprint_flat, fingerprint_tensor
+
+assert F._kernel() is not None, "the fused fingerprint kernel did not build"
+
+def eager(fn):  # the same calls on the eager fallback path
+    def run():
+        os.environ["DPO_DIST_FINGERPRINT_KERNEL"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["DPO_DIST_FINGERPRINT_KERNEL"]
+    return run
 
 _M32 = 0xFFFFFFFF
 previous = None
@@ -385,13 +411,16 @@ reps = int(sys.argv[2]); compile_ = sys.argv[3] == "1"
 n = sum(t.numel() for t in tensors)
 res = {"threads": torch.get_num_threads(), "elements": n, "tensors": len(tensors), "reps": reps}
 fns = {"sum": lambda: [torch.sum(t) for t in tensors], "fingerprint": lambda: [fingerprint_tensor(t) for t in tensors],
+       "eager": eager(lambda: [fingerprint_tensor(t) for t in tensors]),
        "widen_only": lambda: [widen_only(t) for t in tensors]}
+assert all(torch.equal(fingerprint_flat(t, 7), eager(lambda: fingerprint_flat(t, 7))()) for t in tensors)
 if previous:
     fns["previous"] = lambda: [previous(t) for t in tensors]
     assert all(torch.equal(previous(t, 7), fingerprint_flat(t, 7)) for t in tensors[:8])
 res.update(paired(fns, reps))
 x = torch.randn(50_000_000).to(torch.bfloat16)
-fns = {"sum": lambda: torch.sum(x), "fingerprint": lambda: fingerprint_flat(x)}
+fns = {"sum": lambda: torch.sum(x), "fingerprint": lambda: fingerprint_flat(x),
+       "eager": eager(lambda: fingerprint_flat(x))}
 if previous:
     fns["previous"] = lambda: previous(x)
 if compile_:
@@ -411,8 +440,31 @@ print(json.dumps(res))
 PREVIOUS_FINGERPRINT = "952b5a9:dpo_dist/fingerprint.py"  # before this benchmark's rewrite of the CPU path
 
 
+KERNEL_LOAD = r"""
+from dpo_dist import fingerprint as F
+assert F._kernel() is not None
+print(F._KERNEL["compile_s"])
+"""
+
+
 def bench_fingerprint(ckpt: Path, runs: int, compile_: bool, work: Path) -> dict:
+    import shutil
+
     out = {}
+    # the C kernel's first use on a machine (fresh cache dir: compile + self-check), then a process finding it cached
+    cache = work / "fingerprint_kernel_cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    kernel = {"compile_s": [], "cached_load_s": []}
+    for _ in range(max(runs, 3)):
+        for key in ("compile_s", "cached_load_s"):
+            if key == "compile_s":
+                shutil.rmtree(cache, ignore_errors=True)
+            r = subprocess.run([PY, "-c", KERNEL_LOAD], capture_output=True, text=True, cwd=ROOT, check=True,
+                               env={**os.environ, "TORCH_EXTENSIONS_DIR": str(cache), "OMP_NUM_THREADS": "1"})
+            kernel[key].append(float(r.stdout.split()[-1]))
+    out["kernel"] = {k: statistics.median(v) for k, v in kernel.items()} | {"runs": kernel}
+    log(f"fingerprint kernel: compile {out['kernel']['compile_s']:.2f} s (fresh cache), "
+        f"load from cache {out['kernel']['cached_load_s'] * 1e3:.1f} ms")
     prev = work / "fingerprint_previous.py"
     shown = subprocess.run(["git", "show", PREVIOUS_FINGERPRINT], cwd=ROOT, capture_output=True, text=True)
     prev.write_text(shown.stdout if shown.returncode == 0 else "")
@@ -428,7 +480,8 @@ def bench_fingerprint(ckpt: Path, runs: int, compile_: bool, work: Path) -> dict
         res["x50m_x_sum"] = res["x50m_fingerprint_x_sum"]
         out[f"threads_{threads}"] = res
         log(f"fingerprint, {threads} thread(s): {res['fingerprint_s']:.3f} s vs torch.sum {res['sum_s']:.4f} s "
-            f"({res['x_sum']:.1f}x; previous implementation {res.get('previous_x_sum', float('nan')):.1f}x)")
+            f"({res['x_sum']:.2f}x; eager fallback {res['eager_x_sum']:.1f}x; "
+            f"previous implementation {res.get('previous_x_sum', float('nan')):.1f}x)")
     return out
 
 
@@ -450,34 +503,41 @@ lq = (lp.float() + 0.01 * torch.randn(B, T, V, generator=g)).to(torch.bfloat16)
 with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS: the inputs' fp32 temporaries are gone
     f.write("5")
 before = hwm()
+previous = None
+if impl == "previous":  # token_kl before the buffered version (--before-commit), imported before the measurement
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kl_previous", sys.argv[6])
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    previous = mod.token_kl
 t = time.perf_counter()
-if impl == "chunked":
+if impl == "shipped":
     kl = token_kl(lp, lq, chunk=chunk)
-elif impl == "buffered":  # the proposal in bench/kl_buffered.py
-    sys.path.insert(0, "bench")
-    from kl_buffered import token_kl_buffered
-    kl = token_kl_buffered(lp, lq, chunk=chunk)
+elif impl == "previous":
+    kl = previous(lp, lq, chunk=chunk)
 else:  # every full-vocabulary tensor at once, the usual way
     a = torch.log_softmax(lp.float(), dim=-1)
     b = torch.log_softmax(lq.float(), dim=-1)
     kl = (a.exp() * (a - b)).sum(dim=-1)
 secs = time.perf_counter() - t
 peak = hwm()
-if impl == "buffered":  # after the measurement: agrees with token_kl, and exactly 0 on identical logits
+if impl == "previous":  # after the measurement: the two agree, and the shipped one is exactly 0 on identical logits
     assert (kl - token_kl(lp, lq, chunk=chunk)).abs().max().item() < 1e-6
-    assert token_kl_buffered(lp, lp, chunk=chunk).abs().max().item() == 0.0
+    assert token_kl(lp, lp, chunk=chunk).abs().max().item() == 0.0
 print(json.dumps({"impl": impl, "V": V, "extra_kb": peak - before, "inputs_kb": (lp.nbytes + lq.nbytes) // 1024,
                   "seconds": secs, "kl_mean": kl.mean().item()}))
 """
 
 
-def bench_kl(runs: int, B: int = 2, T: int = 512, chunk: int = 4096) -> dict:
-    out: dict = {"B": B, "T": T, "chunk": chunk}
+def bench_kl(runs: int, work: Path, before: str, B: int = 2, T: int = 512, chunk: int = 4096) -> dict:
+    out: dict = {"B": B, "T": T, "chunk": chunk, "before_commit": before}
+    prev = work / "kl_previous.py"
+    prev.write_text(subprocess.run(["git", "show", f"{before}:dpo_dist/kl.py"], cwd=ROOT, capture_output=True,
+                                   text=True, check=True).stdout)
     for V in (32_000, 128_256):
-        for impl in ("chunked", "buffered", "full"):
+        for impl in ("shipped", "previous", "full"):
             recs = []
             for _ in range(runs):
-                r = subprocess.run([PY, "-c", KL_PROBE, impl, str(V), str(B), str(T), str(chunk)], cwd=ROOT,
+                r = subprocess.run([PY, "-c", KL_PROBE, impl, str(V), str(B), str(T), str(chunk), str(prev)], cwd=ROOT,
                                    capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                    timeout=600)
                 if r.returncode != 0:
@@ -515,8 +575,10 @@ def render(res: dict) -> str:
               "|---|---|---|---|---|---|"]
         naive_t = load["naive"]["load_s"]
         names = {"naive": "naive: full policy + full reference on every rank, then deepspeed.initialize",
-                 "transformers": "transformers ZeRO-3 from_pretrained (the product's load stage today)",
-                 "fastload": "**dpo_dist.fastload** (own byte ranges into partitions, no init broadcast)",
+                 "transformers": "transformers ZeRO-3 from_pretrained (model.loader: transformers; before it, "
+                                 "the only path)",
+                 "fastload": "**dpo_dist.fastload** (own byte ranges into partitions, no init broadcast; "
+                             "model.loader auto)",
                  "fastload-bcast": "fastload with zero.Init's broadcast kept",
                  "read": "floor: pread of exactly those bytes into preallocated buffers"}
         for mode in ("naive", "transformers", "fastload", "fastload-bcast", "read"):
@@ -539,62 +601,76 @@ def render(res: dict) -> str:
     prod = res.get("product")
     if prod:
         base = prod["baseline"]["per_rank"]
-        base_p = prod.get("baseline proposed", prod["baseline"])["per_rank"]
+        base_b = prod["baseline before"]["per_rank"]
+        before = prod.get("before_commit", BEFORE_COMMIT)
+        naive_t = load["naive"]["load_s"] if load else None
         L += ["", "**`dpo-dist init`** (`dpo-dist launch --cpu --num-processes 2 -- --placement X --force --set "
-              "verify.generation=false`, no smoke steps): as it is; with its ZeRO-3 loads done by fastload; and "
-              "proposed = fastload + forward-proof engines that release each layer (stage3_max_live_parameters = "
-              "stage3_max_reuse_distance = 0) + glibc's mmap threshold pinned at 1 MiB "
-              "(fastload.pin_malloc_mmap_threshold); bench/fastload_entry.py patches them in. "
-              "Peak = VmHWM of each worker; PSS = the largest "
-              "sampled (0.2 s). Ideal = the product's runtime baseline (the same command on the embedded "
-              f"1M-parameter checkpoint: {mib(base['0']['peak_kb'])} / {mib(base['1']['peak_kb'])} MiB as is, "
-              f"{mib(base_p['0']['peak_kb'])} / {mib(base_p['1']['peak_kb'])} MiB proposed) + the "
-              "weights the rank holds (cpu: the reference is one mapped copy per node; PSS counts half of it). "
-              "Time after imports = the load stage.", "",
-              "| placement | variant | peak RSS rank 0 / 1 (MiB) | x ideal (worst) | peak PSS rank 0 / 1 (MiB) | PSS "
-              "x ideal (worst) | load stage (s) | fingerprints (s) | wall (s) |",
-              "|---|---|---|---|---|---|---|---|---|"]
-        names = {"as is": "as is (transformers from_pretrained)", "fastload": "fastload",
-                 "proposed": "**proposed** (fastload + lean proofs)"}
+              "verify.generation=false`, no smoke steps): as it ships (model.loader auto: the fast partitioned "
+              "loader; the forward proofs' engines release each layer; glibc's mmap threshold pinned at 1 MiB; "
+              "buffered token_kl), zero3 also with `--set model.loader=transformers`, and as it was before (commit "
+              f"{before}: transformers' from_pretrained, proof engines keeping every layer gathered, glibc's adaptive "
+              "threshold). Peak = VmHWM of each worker; PSS = the largest sampled (0.2 s). Ideal = the same "
+              "version's runtime baseline (the same command on the embedded 1M-parameter checkpoint: "
+              f"{mib(base['0']['peak_kb'])} / {mib(base['1']['peak_kb'])} MiB shipped, {mib(base_b['0']['peak_kb'])} "
+              f"/ {mib(base_b['1']['peak_kb'])} MiB before) + the weights the rank holds (cpu: the reference is one "
+              "mapped copy per node; PSS counts half of it). Time after imports = the load stage; x naive = against "
+              "the naive path's load time in the table above.", "",
+              "| placement | version | peak RSS rank 0 / 1 (MiB) | x ideal (worst) | peak PSS rank 0 / 1 (MiB) | PSS "
+              "x ideal (worst) | load stage (s) | load x naive | fingerprints (s) | wall (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        names = {"before": f"before ({before}, transformers from_pretrained)",
+                 "transformers": "shipped, model.loader: transformers",
+                 "shipped": "**shipped** (model.loader auto: fast)"}
         for placement in PLACEMENTS:
             for variant in product_jobs(placement):
                 s = prod[f"{placement} {variant}"]
                 pr = s["per_rank"]
-                loader = names[variant]
-                L.append(f"| {placement} | {loader} | {mib(pr['0']['peak_kb'])} / {mib(pr['1']['peak_kb'])} | "
-                         f"{s['worst_x_ideal']:.2f} | {mib(pr['0']['pss_peak_kb'])} / {mib(pr['1']['pss_peak_kb'])} "
-                         f"| {s['worst_pss_x_ideal']:.2f} | {s['load_s']:.2f} | {s['fingerprint_s']:.2f} | "
-                         f"{s['wall_s']:.1f} |")
-        for key, b in (("as is", base), ("proposed", base_p)):
-            wall = prod.get("baseline" if key == "as is" else "baseline proposed", prod["baseline"])["wall_s"]
-            L.append(f"| (baseline: embedded 1M checkpoint) | {key} | {mib(b['0']['peak_kb'])} / "
+                vs_naive = f"{s['load_s'] / naive_t:.2f}" if naive_t else "—"
+                L.append(f"| {placement} | {names[variant]} | {mib(pr['0']['peak_kb'])} / {mib(pr['1']['peak_kb'])} "
+                         f"| {s['worst_x_ideal']:.2f} | {mib(pr['0']['pss_peak_kb'])} / "
+                         f"{mib(pr['1']['pss_peak_kb'])} | {s['worst_pss_x_ideal']:.2f} | {s['load_s']:.2f} | "
+                         f"{vs_naive} | {s['fingerprint_s']:.2f} | {s['wall_s']:.1f} |")
+        for key, label in (("baseline before", "before"), ("baseline", "shipped")):
+            b = prod[key]["per_rank"]
+            L.append(f"| (baseline: embedded 1M checkpoint) | {label} | {mib(b['0']['peak_kb'])} / "
                      f"{mib(b['1']['peak_kb'])} | | {mib(b['0']['pss_peak_kb'])} / {mib(b['1']['pss_peak_kb'])} | | "
-                     f"| | {wall:.1f} |")
+                     f"| | | {prod[key]['wall_s']:.1f} |")
     fp = res.get("fingerprint")
     if fp:
-        L += ["", "**Fingerprint vs torch.sum** over every tensor of the checkpoint (443M bf16 elements, one "
-              "process).", "",
-              "| threads | torch.sum (s) | fingerprint (s) | x sum | previous implementation (x sum) | widening copy "
-              "alone (x sum) | 50M elements: fingerprint x sum | 50M: fused kernel (torch.compile) x sum |",
-              "|---|---|---|---|---|---|---|---|"]
-        for key in ("threads_1", "threads_2"):
-            s = fp[key]
-            fused = f"{s['x50m_fused_x_sum']:.1f}" if "x50m_fused_x_sum" in s else "—"
-            prev = f"{s['previous_x_sum']:.1f}" if "previous_x_sum" in s else "—"
-            L.append(f"| {s['threads']} | {s['sum_s']:.3f} | {s['fingerprint_s']:.3f} | {s['x_sum']:.1f} | "
-                     f"{prev} | {s['widen_only_x_sum']:.1f} | {s['x50m_x_sum']:.1f} | {fused} |")
+        if "kernel" in fp:
+            L += ["", "**Fingerprint vs torch.sum** over every tensor of the checkpoint (443M bf16 elements, one "
+                  "process): `dpo_dist.fingerprint` as it ships (its fused C kernel, already compiled), its eager "
+                  "fallback (`DPO_DIST_FINGERPRINT_KERNEL=0`, or no C compiler), and references.", "",
+                  "| threads | torch.sum (s) | fingerprint (s) | x sum | eager fallback (x sum) | previous "
+                  "implementation (x sum) | widening copy alone (x sum) | 50M elements: fingerprint x sum | 50M: "
+                  "eager fallback x sum | 50M: torch.compile fused x sum |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+            for key in ("threads_1", "threads_2"):
+                s = fp[key]
+                fused = f"{s['x50m_fused_x_sum']:.1f}" if "x50m_fused_x_sum" in s else "—"
+                prev = f"{s['previous_x_sum']:.1f}" if "previous_x_sum" in s else "—"
+                L.append(f"| {s['threads']} | {s['sum_s']:.3f} | {s['fingerprint_s']:.3f} | {s['x_sum']:.2f} | "
+                         f"{s['eager_x_sum']:.1f} | {prev} | {s['widen_only_x_sum']:.1f} | {s['x50m_x_sum']:.2f} | "
+                         f"{s['x50m_eager_x_sum']:.1f} | {fused} |")
+            k = fp["kernel"]
+            L += ["", f"The C kernel's first use on a machine (fresh cache: compile with the system C compiler + "
+                  f"self-check): {k['compile_s']:.2f} s; a later process loads it from the cache in "
+                  f"{k['cached_load_s'] * 1e3:.0f} ms (medians of {len(k['runs']['compile_s'])}; one thread)."]
+            if "x50m_compile_s" in fp["threads_1"]:
+                L[-1] += f" torch.compile's fused kernel compiled in {fp['threads_1']['x50m_compile_s']:.1f} s."
     kl = res.get("kl")
-    if kl:
+    if kl and "shipped_V32000" in kl:  # (results from before the kl group compared shipped and previous: not shown)
         L += ["", f"**Initial-KL memory** (B x T = {kl['B']} x {kl['T']}, bf16 logits of both models as inputs, "
               f"chunk {kl['chunk']}): VmHWM growth during the computation, fresh process each.", "",
-              "| vocab | inputs (MiB) | dpo_dist.kl.token_kl (MiB) | proposed buffered token_kl (MiB) | full-vocab "
-              "log_softmax KL (MiB) | one fp32 [B,T,V] (MiB) | one fp32 [B,T,chunk] (MiB) | time token_kl / "
-              "buffered / full (s) |",
+              "| vocab | inputs (MiB) | dpo_dist.kl.token_kl, shipped (MiB) | token_kl before "
+              f"({kl.get('before_commit', BEFORE_COMMIT)}: per-chunk temporaries) (MiB) | full-vocab log_softmax KL "
+              "(MiB) | one fp32 [B,T,V] (MiB) | one fp32 [B,T,chunk] (MiB) | time shipped / before / full (s) |",
               "|---|---|---|---|---|---|---|---|"]
         for V in (32_000, 128_256):
-            c, b, f = kl[f"chunked_V{V}"], kl[f"buffered_V{V}"], kl[f"full_V{V}"]
+            c, b, f = kl[f"shipped_V{V}"], kl[f"previous_V{V}"], kl[f"full_V{V}"]
             L.append(f"| {V:,} | {mib(c['inputs_kb'])} | {mib(c['extra_kb'])} (runs: "
-                     f"{', '.join(mib(x) for x in c['extra_kb_runs'])}) | {mib(b['extra_kb'])} | {mib(f['extra_kb'])} "
+                     f"{', '.join(mib(x) for x in c['extra_kb_runs'])}) | {mib(b['extra_kb'])} (runs: "
+                     f"{', '.join(mib(x) for x in b['extra_kb_runs'])}) | {mib(f['extra_kb'])} "
                      f"| {mib(c['fp32_BTV_kb'])} | {mib(c['fp32_BTchunk_kb'])} | {c['seconds']:.2f} / "
                      f"{b['seconds']:.2f} / {f['seconds']:.2f} |")
     return "\n".join(L) + "\n"
@@ -626,6 +702,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=["load", "product", "fingerprint", "kl"],
                     default=["load", "product", "fingerprint", "kl"])
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile fused-kernel reference")
+    ap.add_argument("--before-commit", default=BEFORE_COMMIT,
+                    help=f"the version the product and kl groups compare against (default {BEFORE_COMMIT})")
     ap.add_argument("--product-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra --set for the product runs (e.g. a loader setting)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dpo-dist-bench"), help="logs and run outputs")
@@ -668,13 +746,14 @@ def main() -> None:
     if "product" in args.only:
         from dpo_dist.resources import DEFAULT_CHECKPOINT
 
-        res["product"] = bench_product(ckpt, DEFAULT_CHECKPOINT, args.runs, args.work, args.product_set)
+        res["product"] = bench_product(ckpt, DEFAULT_CHECKPOINT, args.runs, args.work, args.product_set,
+                                       args.before_commit)
         save("product")
     if "fingerprint" in args.only:
         res["fingerprint"] = bench_fingerprint(ckpt, args.runs, not args.no_compile, args.work)
         save("fingerprint")
     if "kl" in args.only:
-        res["kl"] = bench_kl(args.runs)
+        res["kl"] = bench_kl(args.runs, args.work, args.before_commit)
         save("kl")
     print(render(res))
     log(f"wrote {args.out} and {args.out.with_suffix('.md')} in {res['bench_seconds']:.0f} s")

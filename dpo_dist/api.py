@@ -5,7 +5,9 @@
     if result.passed:
         result.trainer.train()
 
-The process group stays up (the trainer needs it); the caller's process exit tears it down.
+The process group stays up (the trainer needs it); the caller's process exit tears it down. With
+`reference.placement: ranks` the reference ranks never return from `prepare`: they serve the policy ranks until
+those exit.
 """
 
 from __future__ import annotations
@@ -23,8 +25,21 @@ def prepare(config: str | Path | RunConfig | None = None, overrides: list[tuple[
     from .run import InitRun, finish
 
     cfg = config if isinstance(config, RunConfig) else load(config, overrides)
-    ctx = DistContext.from_env(cfg.sharding.timeout_s)
-    result = InitRun(cfg, ctx).run()
+    if cfg.reference.placement == "ranks":
+        import atexit
+
+        from .reference_ranks import serve
+        from .roles import REFERENCE, split_world
+
+        ctx, roles = split_world(cfg.reference.ranks, cfg.sharding.timeout_s)
+        if roles.role == REFERENCE:  # serves until every policy rank is done; never returns to the script
+            raise SystemExit(serve(cfg, ctx, roles))
+    else:
+        ctx = DistContext.from_env(cfg.sharding.timeout_s)
+    result = InitRun(cfg, ctx, keep_serving=True).run()
+    remote = result.state.get("remote")
+    if remote is not None:  # the reference ranks serve this process's training; they stop when it exits
+        atexit.register(remote.close, result.passed)
     if write_report:
         finish(result, ctx, cfg.train.output_dir)
     return result

@@ -57,6 +57,13 @@ def cmd_init(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"dpo-dist: {e}", file=sys.stderr)
             return 2
+    if cfg.reference.placement == "ranks":  # the split of the launched processes, before anything is loaded
+        from .roles import check_counts
+
+        problem = check_counts(int(os.environ.get("WORLD_SIZE", "1")), cfg.reference.ranks)
+        if problem:
+            print(f"dpo-dist: {problem}", file=sys.stderr)
+            return 2
     from .preflight import PreflightError, run_preflight
 
     try:
@@ -79,11 +86,27 @@ def cmd_init(args: argparse.Namespace) -> int:
         from .distributed import DistContext, RendezvousError
         from .run import InitRun, finish
 
+        roles = None
         try:
-            ctx = DistContext.from_env(cfg.sharding.timeout_s)
+            if cfg.reference.placement == "ranks":
+                from .roles import split_world
+
+                ctx, roles = split_world(cfg.reference.ranks, cfg.sharding.timeout_s)
+            else:
+                ctx = DistContext.from_env(cfg.sharding.timeout_s)
         except RendezvousError as e:
             print(f"dpo-dist: {e}", file=sys.stderr)
             return 3
+        except ValueError as e:
+            print(f"dpo-dist: {e}", file=sys.stderr)
+            return 2
+        if roles is not None and roles.role == "reference":
+            from .reference_ranks import serve
+
+            try:
+                return serve(cfg, ctx, roles, debug=args.debug)
+            finally:
+                ctx.teardown()
         try:
             result = InitRun(cfg, ctx, debug=args.debug).run()
             return finish(result, ctx, cfg.train.output_dir)
@@ -147,11 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_launch.set_defaults(func=cmd_launch)
 
     # Subcommands owned by their own modules; each module keeps heavy imports inside its run function.
-    from . import planner, slurm
+    from . import plan_cli, slurm
 
     p_plan = sub.add_parser("plan", help="memory plan per strategy for a model and cluster, before you launch")
-    planner.add_arguments(p_plan)
-    p_plan.set_defaults(func=planner.run)
+    plan_cli.add_arguments(p_plan)
+    p_plan.set_defaults(func=plan_cli.run)
 
     p_slurm = sub.add_parser("slurm", help="write (and with --submit, submit) an sbatch script for N nodes x G GPUs")
     slurm.add_arguments(p_slurm)

@@ -30,7 +30,7 @@ DEFAULT_REFERENCE_TEXT = (
 
 SHARDING_NAMES = ("zero2", "zero3", "zero3_offload")
 PLACEMENTS = ("zero3", "cpu", "lora", "precomputed", "ranks")
-IMPLEMENTED_PLACEMENTS = ("zero3", "cpu", "lora", "precomputed")
+IMPLEMENTED_PLACEMENTS = ("zero3", "cpu", "lora", "precomputed", "ranks")
 
 
 class ConfigError(ValueError):
@@ -55,6 +55,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False  # safetensors only unless the user opts into pickle .bin files
     pad_policy: Literal["eos", "fail"] = "eos"  # no pad token: set pad = eos with a warning, or fail
+    # How ZeRO-3 models are loaded. auto: dpo_dist.fastload (each rank reads only its own partition's bytes) when the
+    # checkpoint allows it under ZeRO-3, else transformers' from_pretrained; fast: refuse to run if fastload cannot
+    # be used; transformers: always from_pretrained.
+    loader: Literal["auto", "fast", "transformers"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,13 @@ class ReferenceConfig:
     on_zero2: Literal["replica", "refuse"] = "replica"  # zero3 placement with a ZeRO-2 policy
     lora: LoraSettings = field(default_factory=LoraSettings)
     cache_dir: str | None = None  # precomputed log-probs; None = <train.output_dir>/ref_logps
+    # placement ranks: the last `ranks` (K) of the launched processes hold the reference and serve it; the others train
+    ranks: int = 1
+    serve: Literal["online", "precompute"] = "online"  # ranks: log-probs per micro-batch, or all before training
+    batch_requests: bool = True  # ranks: requests of equal length from the policy ranks served in one forward
+    # ranks with batch_requests: pad micro-batches to a multiple (e.g. 64) so equal lengths, hence shared forwards, are
+    # common; null keeps TRL's padding, bitwise the colocated run's (padding itself moves bf16 results slightly)
+    pad_to_multiple_of: int | None = None
 
 
 @dataclass(frozen=True)
@@ -129,9 +140,12 @@ class KLConfig:
     limit: float = 0.1
     warn_fraction: float = 0.8
     every_steps: int = 10
-    control: Literal["fixed", "adaptive"] = "fixed"  # adaptive: beta rises near the limit, falls when learning stalls
+    # adaptive: beta rises near the limit, falls when learning stalls, and a learning-rate brake holds the KL under the
+    # warning level (the scheduler's rate x a scale in [lr_scale_min, 1]; under Adam beta alone barely slows the drift)
+    control: Literal["fixed", "adaptive"] = "fixed"
     beta_min: float = 0.01
     beta_max: float = 2.0
+    lr_scale_min: float = 0.01  # brake floor in [0, 1] (at/past the warning level: 1% of the scheduled rate); 1: none
     prompts: tuple[str, ...] = ()  # held-out prompts; empty = verify.prompts
 
 
@@ -259,8 +273,10 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
     t, v, k = cfg.train, cfg.verify, cfg.kl
     if isinstance(t.beta, float) and t.beta <= 0:
         problems.append(f"'train.beta' must be > 0 or one of {', '.join(BETA_PRESETS)}, got {t.beta}")
-    if not 0 < k.limit or not 0 < k.warn_fraction <= 1 or k.every_steps < 1 or not 0 < k.beta_min < k.beta_max:
-        problems.append("'kl' needs limit > 0, 0 < warn_fraction <= 1, every_steps >= 1, 0 < beta_min < beta_max")
+    if not 0 < k.limit or not 0 < k.warn_fraction <= 1 or k.every_steps < 1 or not 0 < k.beta_min < k.beta_max \
+            or not 0 <= k.lr_scale_min <= 1:
+        problems.append("'kl' needs limit > 0, 0 < warn_fraction <= 1, every_steps >= 1, 0 < beta_min < beta_max, "
+                        "0 <= lr_scale_min <= 1")
     if t.learning_rate <= 0:
         problems.append(f"'train.learning_rate' must be > 0, got {t.learning_rate}")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -283,6 +299,9 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
         problems.append("'verify.prompts' must hold at least one prompt")
     if cfg.sharding.timeout_s < 10:
         problems.append(f"'sharding.timeout_s' must be >= 10 seconds, got {cfg.sharding.timeout_s}")
+    if cfg.reference.ranks < 1 or (cfg.reference.pad_to_multiple_of or 1) < 1:
+        problems.append(f"'reference.ranks' and 'reference.pad_to_multiple_of' must be >= 1, got "
+                        f"{cfg.reference.ranks} and {cfg.reference.pad_to_multiple_of}")
     if cfg.reference.placement not in IMPLEMENTED_PLACEMENTS:
         problems.append(
             f"'reference.placement: {cfg.reference.placement}' is not available in this version "

@@ -70,15 +70,16 @@ def dry_run(cfg: RunConfig, cluster_args: ClusterArgs) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .config import resolve_beta
-    from .resources import resolve_ds_config, zero_stage
-    from .run import batch_mismatch
+    from .resources import batch_mismatch, resolve_ds_config, zero_stage
     from .trainer import dpo_config_kwargs
 
     t0 = time.perf_counter()
     plan, cluster, model_conf = plan_for(cfg, cluster_args)
     label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
     problems = []
-    bad_batch = batch_mismatch(ds, cfg, cluster.world)
+    # the trainer's world: placement ranks keeps its last reference.ranks processes out of training
+    train_world = cluster.world - (cfg.reference.ranks if cfg.reference.placement == "ranks" else 0)
+    bad_batch = batch_mismatch(ds, cfg, train_world)
     if bad_batch:
         problems.append(bad_batch)
     conf = AutoConfig.for_model(**{k: v for k, v in model_conf.items() if k != "architectures"})
@@ -96,13 +97,14 @@ def dry_run(cfg: RunConfig, cluster_args: ClusterArgs) -> int:
 
     DPOConfig(**{**kwargs, "use_cpu": True})  # TRL/transformers validate the trainer arguments here
     beta, why = resolve_beta(cfg)
-    gbatch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * cluster.world
+    gbatch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * train_world
     lines = [
         f"dry run: {type(policy).__name__} with {n / 1e9:.3f}B parameters (built on the meta device, no weights)",
         f"  sharding {label} (ZeRO-{zero_stage(ds)}), reference placement {cfg.reference.placement}, "
         f"world {cluster.world} = {cluster.nodes} node(s) x {cluster.gpus_per_node}",
         f"  global batch {cfg.train.per_device_train_batch_size} x {cfg.train.gradient_accumulation_steps} x "
-        f"{cluster.world} = {gbatch}, max_length {cfg.train.max_length}, beta {beta:g} ({why})",
+        f"{train_world} = {gbatch}{' (policy ranks only)' if train_world != cluster.world else ''}, "
+        f"max_length {cfg.train.max_length}, beta {beta:g} ({why})",
         f"  plan: {'fits' if plan.fits else 'does NOT fit'}; peak {plan.gpu_peak / 2**30:.1f} GiB per "
         f"{'GPU' if cluster.device == 'gpu' else 'rank'}, host {plan.host_node_peak / 2**30:.1f} GiB per node",
     ]

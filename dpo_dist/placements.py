@@ -8,6 +8,7 @@ bytes of reference weights a rank holds.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -17,8 +18,9 @@ from typing import Any
 from . import models, weights
 from .report import RankReport
 
-ZERO3, CPU, LORA, PRECOMPUTED = "zero3", "cpu", "lora", "precomputed"
-USES_TRL_PRECOMPUTE = (CPU, PRECOMPUTED)  # placements that run TRL in precompute mode (no TRL-built reference)
+ZERO3, CPU, LORA, PRECOMPUTED, RANKS = "zero3", "cpu", "lora", "precomputed", "ranks"
+# placements that run TRL in precompute mode (no TRL-built reference)
+USES_TRL_PRECOMPUTE = (CPU, PRECOMPUTED, RANKS)
 
 
 def load_reference(run) -> Any:
@@ -27,15 +29,21 @@ def load_reference(run) -> Any:
     placement = cfg.reference.placement
     if placement == LORA:
         return None
+    if placement == RANKS:  # held by the reference ranks: here only their hello (loaded, fingerprinted, or why not)
+        hello = s["remote"].hello()
+        if "error" in hello:
+            raise ValueError(hello["error"])
+        run.rr.facts["reference_load_seconds"] = hello.get("load_seconds")
+        return None
     if placement == CPU:
         # Built outside ZeRO-3's partitioning context: this copy must stay whole, in host memory.
         with models.outside_zero3():
             ref, shared = models.load_cpu_shared(s["ref_path"], cfg.model.dtype, cfg.model.trust_remote_code)
         ref.runs_on_cpu = True
         run.rr.facts["cpu_reference_shared_pages"] = shared
-    else:
+    else:  # ZeRO-3: the fast partitioned loader when run.load planned it (the policy's plan for the same checkpoint)
         ref = models.load_causal_lm(s["ref_path"], cfg.model.dtype, cfg.model.trust_remote_code,
-                                    cfg.model.allow_pickle)
+                                    cfg.model.allow_pickle, plan=s.get("ref_plan"))
     models.freeze(ref)
     return ref
 
@@ -67,6 +75,18 @@ def disk_dataset(rows: list[dict[str, str]], root: Path, ctx):
     return load_from_disk(str(where))
 
 
+def precompute_keys(run, train_rows, eval_rows) -> tuple[Path, str, dict[str, str]]:
+    """Where precomputed log-probs are cached, and under which keys: the reference's weights fingerprint, and a hash
+    of the rows, the tokenizer and the length limits (same inputs, same key, in any output dir)."""
+    cfg = run.cfg
+    root = Path(cfg.reference.cache_dir or Path(cfg.train.output_dir) / "ref_logps")
+    digest = weights_digest(run.s["fp_reference"])
+    limits = (tokenizer_key(run.s["tok"]), cfg.train.max_length, cfg.train.max_prompt_length)
+    keys = {"train": data_key(train_rows, *limits), "eval": data_key(eval_rows or [], *limits)}
+    run.rr.facts["precompute_key"] = {"reference_weights": digest, "train_data": keys["train"]}
+    return root, digest, keys
+
+
 def build_trainer(run, train_rows, eval_rows):
     """The DPOTrainer for this placement."""
     from .data import to_dataset
@@ -77,18 +97,16 @@ def build_trainer(run, train_rows, eval_rows):
     if placement == PRECOMPUTED:
         from .ref_trainers import PrecomputedDPOTrainer
 
-        root = Path(cfg.reference.cache_dir or Path(cfg.train.output_dir) / "ref_logps")
+        root, digest, keys = precompute_keys(run, train_rows, eval_rows)
         train = disk_dataset(train_rows, root, ctx)
         evald = disk_dataset(eval_rows, root, ctx) if eval_rows else None
-        digest = weights_digest(s["fp_reference"])
-        limits = (tokenizer_key(s["tok"]), cfg.train.max_length, cfg.train.max_prompt_length)
-        keys = {"train": data_key(train_rows, *limits), "eval": data_key(eval_rows or [], *limits)}
-        run.rr.facts["precompute_key"] = {"reference_weights": digest, "train_data": keys["train"]}
         trainer = PrecomputedDPOTrainer(model=s["policy"], ref_model=s["reference"], train_dataset=train,
                                         eval_dataset=evald, reference_digest=digest, data_keys=keys, **common)
         run.rr.facts["precompute_cache_hits"] = trainer.cache_hits
         free_reference(run, trainer)
         return trainer
+    if placement == RANKS:
+        return build_ranks_trainer(run, train_rows, eval_rows, common)
     train = to_dataset(train_rows)
     evald = to_dataset(eval_rows) if eval_rows else None
     if placement == CPU:
@@ -98,15 +116,68 @@ def build_trainer(run, train_rows, eval_rows):
                                       train_dataset=train, eval_dataset=evald, **common)
     from trl import DPOTrainer
 
-    if placement == LORA:
-        from peft import LoraConfig
-
-        lo = cfg.reference.lora
-        peft_config = LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                                 target_modules=list(lo.target_modules), task_type="CAUSAL_LM")
-        return DPOTrainer(model=s["policy"], ref_model=None, peft_config=peft_config, train_dataset=train,
-                          eval_dataset=evald, **common)
+    if placement == LORA:  # TRL's own PEFT path, handed the PeftModel the forward proofs ran on (wrap_lora)
+        peft_model = s["peft_policy"]
+        with trl_wraps_into(peft_model, s["peft_kwargs"]) as calls:
+            trainer = DPOTrainer(model=s["policy"], ref_model=None, peft_config=peft_model.peft_config["default"],
+                                 train_dataset=train, eval_dataset=evald, **common)
+        if len(calls) != 1:
+            raise ValueError(f"TRL's DPOTrainer called get_peft_model {len(calls)} times (expected once): this TRL "
+                             "version wraps LoRA models differently; dpo-dist supports trl 1.16")
+        return trainer
     return DPOTrainer(model=s["policy"], ref_model=s["reference"], train_dataset=train, eval_dataset=evald, **common)
+
+
+def lora_config(cfg):
+    from peft import LoraConfig
+
+    lo = cfg.reference.lora
+    return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=list(lo.target_modules),
+                      task_type="CAUSAL_LM")
+
+
+def wrap_lora(run):
+    """lora: the policy wrapped with PEFT exactly as TRL's DPOTrainer wraps a model passed with a peft_config (same
+    seed before, same adapter dtype rule), done before the forward proofs so that they run, and free their working
+    set, before the trainer exists, as for the other placements (bench/README.md)."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    args = run.s["args"]
+    set_seed(args.seed)  # DPOTrainer seeds right before get_peft_model: the same adapter initialization
+    plugin = args.deepspeed_plugin
+    # ZeRO-3: adapters in the base dtype (TRL: mixed bf16/fp32 persistent parameters break ZeRO-3's all-gather)
+    kwargs = {"autocast_adapter_dtype": False} if plugin is not None and plugin.zero_stage == 3 else {}
+    run.s["peft_kwargs"] = kwargs
+    return get_peft_model(run.s["policy"], lora_config(run.cfg), **kwargs)
+
+
+@contextlib.contextmanager
+def trl_wraps_into(peft_model, kwargs: dict):
+    """While DPOTrainer(model=base, peft_config=...) is built, its get_peft_model(base, peft_config) returns the
+    PeftModel that wrap_lora already made from that base (checked: same base, config and arguments), so TRL takes its
+    new-adapter path (reference = the base with adapters disabled, ref_model None) without wrapping twice.
+
+    Passing the PeftModel itself (peft_config=None) is not the same in trl 1.16: it then treats the adapter as a
+    pretrained one and adds a frozen copy of it, adapter "ref", as the reference, copied from the adapter's tensors,
+    which the forward proofs' ZeRO-3 engine has partitioned by then (RuntimeError: size ... must match ... 0)."""
+    import trl.trainer.dpo_trainer as dpo_module
+
+    original, calls = dpo_module.get_peft_model, []
+
+    def reuse(model, peft_config, **got):
+        calls.append(got)
+        if model is not peft_model.get_base_model() or peft_config is not peft_model.peft_config["default"] or \
+                got != kwargs:
+            raise ValueError(f"TRL wraps the policy with PEFT differently from dpo-dist ({type(model).__name__}, "
+                             f"arguments {got} vs {kwargs}): report this as a dpo-dist bug")
+        return peft_model
+
+    dpo_module.get_peft_model = reuse
+    try:
+        yield calls
+    finally:
+        dpo_module.get_peft_model = original
 
 
 class RecordedReference:
@@ -152,6 +223,9 @@ def kl_reference(run, trainer, prompts: list[str]):
     if placement == CPU:
         module = trainer.ref_model.module
         return lambda policy: contextlib.nullcontext(module)
+    if placement == RANKS:
+        remote = run.s["remote"]
+        return lambda policy: contextlib.nullcontext(remote)
     if placement == PRECOMPUTED:
         recorded = run.s["recorded_reference"]
 
@@ -214,6 +288,8 @@ def check_trainer(run, trainer) -> bool:
         return ok & models.check_roles(s["policy"], ref.module, rr, prefix="trainer: ")
     if placement == LORA:
         return check_lora(trainer, s["fp_policy"], run)
+    if placement == RANKS:
+        return check_ranks_trainer(run, trainer)
     # precomputed
     cols = set(trainer.train_dataset.column_names)
     ok = rr.add("reference log-probs precomputed", {"ref_chosen_logps", "ref_rejected_logps"} <= cols,
@@ -229,9 +305,18 @@ def check_lora(trainer, fp_before: dict[str, str], run) -> bool:
     """LoRA: only adapter weights train; the base (= the reference) is frozen and still bitwise the checkpoint's."""
     rr, ctx = run.rr, run.ctx
     model = trainer.model
-    ok = rr.add("trainer reference = base with adapters off", trainer.ref_model is None and hasattr(
-        model, "disable_adapter"), f"ref_model {trainer.ref_model}, {type(model).__name__}",
-        "TRL did not wrap the policy with PEFT: check reference.lora settings")
+    # the PeftModel the forward proofs ran on (adapters on vs off), wrapped once, its only adapter the trained one:
+    # TRL then computes the reference with adapters disabled (a "ref" adapter would be used instead)
+    same = model is run.s.get("peft_policy")
+    adapters = list(getattr(model, "peft_config", {}))
+    inner = type(model.get_base_model()).__name__ if hasattr(model, "get_base_model") else "-"
+    ok = rr.add("trainer reference = base with adapters off",
+                trainer.ref_model is None and hasattr(model, "disable_adapter") and same and adapters == ["default"]
+                and "Peft" not in inner,
+                f"ref_model {trainer.ref_model}, {type(model).__name__} over {inner}, adapters {adapters}, "
+                f"the forward proofs' model: {same}",
+                "TRL did not train the PEFT-wrapped policy the forward proofs checked (or added a reference adapter):"
+                " report this as a dpo-dist bug")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     not_lora = [n for n in trainable if "lora_" not in n]
     ok &= rr.add("only adapters trainable", trainable and not not_lora,
@@ -256,7 +341,7 @@ def base_name(peft_name: str) -> str:
 def smoke_reference(run, trainer):
     """The module whose weights must not move during training (None when the reference was freed)."""
     placement = run.cfg.reference.placement
-    if placement == PRECOMPUTED:
+    if placement in (PRECOMPUTED, RANKS):  # freed, or held (and checked) on the reference ranks
         return None
     if placement == LORA:
         return FrozenOnly(trainer.model)
@@ -274,6 +359,11 @@ class FrozenOnly:
 
 
 def reference_bytes(run) -> int:
+    if run.cfg.reference.placement == RANKS:  # measured: every live parameter that is not the policy's
+        from .reference_ranks import stray_parameter_bytes
+
+        trainer = run.s.get("trainer")
+        return stray_parameter_bytes([trainer.model if trainer is not None else run.s["policy"]])
     ref = run.s.get("reference")
     return 0 if ref is None else weights.local_bytes(ref, run.ctx)
 
@@ -285,5 +375,54 @@ def check_reference_report(rr: RankReport, placement: str, nbytes: int, facts: d
         extra = ", pages shared per node" if facts.get("cpu_reference_shared_pages") else ", private copy"
     if placement == LORA:
         extra = " (the policy's own base: no second copy)"
+    if placement == RANKS:
+        extra = f" (measured; the reference lives on {facts.get('reference_ranks', 'the')} reference rank(s))"
     rr.add("reference placement", True, f"{placement}: {nbytes / 2**20:.1f} MiB of reference weights on this rank"
            + extra)
+
+
+def build_ranks_trainer(run, train_rows, eval_rows, common):
+    """placement ranks: TRL in precompute mode with no reference on this rank; the reference ranks answer either per
+    micro-batch (serve: online) or once for the whole dataset before training (serve: precompute, cached on disk
+    under the reference's fingerprint like the precomputed placement)."""
+    from .data import to_dataset
+    from .ref_trainers import RemoteOnlineDPOTrainer, RemotePrecomputeDPOTrainer
+
+    cfg, s, ctx = run.cfg, run.s, run.ctx
+    if cfg.reference.serve == "online":
+        return RemoteOnlineDPOTrainer(model=s["policy"], ref_model=None, remote_reference=s["remote"],
+                                      train_dataset=to_dataset(train_rows),
+                                      eval_dataset=to_dataset(eval_rows) if eval_rows else None, **common)
+    root, digest, keys = precompute_keys(run, train_rows, eval_rows)
+    trainer = RemotePrecomputeDPOTrainer(
+        model=s["policy"], ref_model=None, remote_reference=s["remote"],
+        train_dataset=disk_dataset(train_rows, root, ctx),
+        eval_dataset=disk_dataset(eval_rows, root, ctx) if eval_rows else None, reference_digest=digest,
+        data_keys=keys, **common)
+    run.rr.facts["precompute_cache_hits"] = trainer.cache_hits
+    return trainer
+
+
+def check_ranks_trainer(run, trainer) -> bool:
+    """placement ranks: TRL built no reference here, and this policy rank holds no reference weights (measured)."""
+    from .reference_ranks import RemoteReference
+
+    rr, ctx = run.rr, run.ctx
+    online = run.cfg.reference.serve == "online"
+    ref = trainer.ref_model
+    ok = rr.add("trainer reference served by reference ranks",
+                isinstance(ref, RemoteReference) if online else ref is None,
+                f"{type(ref).__name__} -> {ctx.roles.describe(ctx.roles.server_of(ctx.roles.global_rank))}"
+                if online else "log-probs precomputed by the reference ranks, cache "
+                f"{'reused' if all(trainer.cache_hits.values()) else 'computed'}",
+                "TRL built its own reference on a policy rank: report this as a dpo-dist bug")
+    if not online:
+        cols = set(trainer.train_dataset.column_names)
+        ok &= rr.add("reference log-probs precomputed", {"ref_chosen_logps", "ref_rejected_logps"} <= cols,
+                     "ref_chosen_logps, ref_rejected_logps in the train dataset",
+                     "TRL did not add ref_chosen_logps/ref_rejected_logps to the dataset")
+    nbytes = reference_bytes(run)
+    ok &= rr.add("no reference weights on policy ranks", nbytes == 0,
+                 f"{nbytes} bytes of parameters outside the policy on this rank (measured)",
+                 "a policy rank holds parameters that are not the policy's: something loaded a reference here")
+    return ok

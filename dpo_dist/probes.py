@@ -23,12 +23,16 @@ def is_partitioned(model) -> bool:
 
 
 def inference_ds_config(train_ds: dict, hidden_size: int | None) -> dict:
-    """The DeepSpeed config of a forward-only ZeRO-3 engine, as TRL's prepare_deepspeed derives it."""
+    """The DeepSpeed config of a forward-only ZeRO-3 engine, as TRL's prepare_deepspeed derives it, except that each
+    layer is released after use: the shipped configs' stage3_max_live_parameters / stage3_max_reuse_distance of 1e9
+    let DeepSpeed keep the whole model gathered from the second forward on (a model under 1e9 parameters), which the
+    few forwards of the proofs do not need (measured on 0.44B, 2 ranks: init peak 1.67x -> ~1.15x the ideal)."""
     cfg = copy.deepcopy(train_ds)
     cfg.pop("optimizer", None)
     cfg.pop("scheduler", None)
     zero = cfg.setdefault("zero_optimization", {})
     zero.pop("offload_optimizer", None)
+    zero.update(stage3_max_live_parameters=0, stage3_max_reuse_distance=0)
     if hidden_size:
         zero.update({"reduce_bucket_size": hidden_size * hidden_size,
                      "stage3_param_persistence_threshold": 10 * hidden_size,

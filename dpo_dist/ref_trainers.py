@@ -30,6 +30,8 @@ def check_trl_hooks() -> list[str]:
         problems.append(f"DPOTrainer._precompute_ref_logps{inspect.signature(fn)} changed")
     if "precompute_ref_logps" not in inspect.getsource(DPOTrainer._compute_loss):
         problems.append("DPOTrainer._compute_loss no longer reads precompute_ref_logps")
+    if fn is not None and "self.ref_model or self.model" not in inspect.getsource(fn):
+        problems.append("DPOTrainer._precompute_ref_logps no longer forwards self.ref_model when it is set")
     return problems
 
 
@@ -106,3 +108,35 @@ class PrecomputedDPOTrainer(DPOTrainer):
         for k, v in keep.items():
             out[k] = v.to(device=self.accelerator.device, dtype=torch.float32)
         return out
+
+
+class RemoteOnlineDPOTrainer(DPOTrainer):
+    """reference.placement ranks, serve: online. Constructed in TRL's precompute mode with no `ref_model` (so TRL
+    builds, loads and wraps no reference on this rank), then switched to per-micro-batch reference forwards through
+    a RemoteReference that asks this rank's reference rank."""
+
+    def __init__(self, *args, remote_reference: torch.nn.Module, **kwargs):
+        self._remote = remote_reference
+        super().__init__(*args, **kwargs)
+        self.precompute_ref_logps = False
+        self.ref_model = remote_reference
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        return dataset  # nothing to precompute: the reference ranks answer per micro-batch
+
+
+class RemotePrecomputeDPOTrainer(PrecomputedDPOTrainer):
+    """reference.placement ranks, serve: precompute. TRL's precompute pass runs as usual (same batches, same gather,
+    same cache file), with the reference forward answered by the reference ranks; training then reads the cached
+    log-probs and the reference ranks only serve the KL monitor."""
+
+    def __init__(self, *args, remote_reference: torch.nn.Module, **kwargs):
+        self._remote = remote_reference
+        super().__init__(*args, **kwargs)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        self.ref_model = self._remote  # TRL calls `self.ref_model or self.model`: ours, never the policy
+        try:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        finally:
+            self.ref_model = None

@@ -81,3 +81,19 @@ def launch_stage_conflict(ds: dict) -> str | None:
         return (f"accelerate was launched with {env_file} (ZeRO-{zero_stage(launched)}) but the run config asks for "
                 f"ZeRO-{zero_stage(ds)}: launch with launch/zero{zero_stage(ds)}.yaml or drop --sharding")
     return None
+
+
+def batch_mismatch(ds: dict, cfg, world: int) -> str | None:
+    """DeepSpeed needs train_batch_size = micro batch x gradient accumulation x world size. Numbers written in the
+    DeepSpeed JSON (instead of "auto") must agree with the run config; say which do not, all at once."""
+    t = cfg.train
+    want = {"train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
+            "gradient_accumulation_steps": t.gradient_accumulation_steps,
+            "train_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world}
+    bad = [f"{k}={ds[k]} (run config gives {v})" for k, v in want.items() if isinstance(ds.get(k), int) and ds[k] != v]
+    if not bad:
+        return None
+    return ("DeepSpeed config batch sizes do not divide as train_batch_size = per_device_train_batch_size x "
+            f"gradient_accumulation_steps x world size ({t.per_device_train_batch_size} x "
+            f"{t.gradient_accumulation_steps} x {world}): " + "; ".join(bad) + ". Set them to \"auto\" or fix the "
+            "train section")

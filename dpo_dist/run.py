@@ -20,9 +20,11 @@ from .checkpoint import CheckpointError
 from .config import RunConfig, to_dict
 from .data import DataError, prepare
 from .distributed import DistContext
+from .faults import inject_fault
 from .preflight import check_checkpoint
 from .report import RankReport, build_report, render_table, write_json_atomic
 from .resources import (
+    batch_mismatch,
     launch_stage_conflict,
     resolve_data_path,
     resolve_ds_config,
@@ -48,60 +50,20 @@ class InitResult:
         return bool(self.report["passed"])
 
 
-FAULT_ENV = "DPO_DIST_TEST_FAULT"
-
-
-def inject_fault(stage: str, rank: int, state: dict) -> None:
-    """Test hook: DPO_DIST_TEST_FAULT="<stage>:<rank>[:mode]" acts on that rank at the start of that stage.
-    Modes: raise (default: an error the stage reports), exit (the process dies at once, as a crashed or killed rank
-    would), perturb (this rank's copy of one reference weight changes, as a bad copy would), train_ref (the reference
-    goes back to train mode, dropout active)."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return
-    parts = spec.split(":")
-    if len(parts) < 2 or parts[0] != stage or parts[1] not in (str(rank), "*"):
-        return
-    mode = parts[2] if len(parts) > 2 else "raise"
-    if mode == "exit":
-        print(f"[dpo-dist] rank {rank}: injected crash at stage '{stage}'", file=sys.stderr, flush=True)
-        os._exit(17)
-    if mode == "perturb":
-        name, p = list(state["reference"].named_parameters())[-2]
-        local = getattr(p, "ds_tensor", p).data.view(-1)
-        if local.numel():
-            local[0] += 1.0
-        print(f"[dpo-dist] rank {rank}: injected perturbation of {name}", file=sys.stderr, flush=True)
-        return
-    if mode == "train_ref":
-        state["reference"].train()
-        return
-    raise RuntimeError(f"injected fault at stage '{stage}' on rank {rank}")
-
-
-def batch_mismatch(ds: dict, cfg: RunConfig, world: int) -> str | None:
-    """DeepSpeed needs train_batch_size = micro batch x gradient accumulation x world size. Numbers written in the
-    DeepSpeed JSON (instead of "auto") must agree with the run config; say which do not, all at once."""
-    t = cfg.train
-    want = {"train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
-            "gradient_accumulation_steps": t.gradient_accumulation_steps,
-            "train_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * world}
-    bad = [f"{k}={ds[k]} (run config gives {v})" for k, v in want.items() if isinstance(ds.get(k), int) and ds[k] != v]
-    if not bad:
-        return None
-    return ("DeepSpeed config batch sizes do not divide as train_batch_size = per_device_train_batch_size x "
-            f"gradient_accumulation_steps x world size ({t.per_device_train_batch_size} x "
-            f"{t.gradient_accumulation_steps} x {world}): " + "; ".join(bad) + ". Set them to \"auto\" or fix the "
-            "train section")
-
-
 class InitRun:
     """The stages of `dpo-dist init`; each returns True when this rank may go on."""
 
-    def __init__(self, cfg: RunConfig, ctx: DistContext, debug: bool = False):
-        self.cfg, self.ctx, self.debug = cfg, ctx, debug
+    def __init__(self, cfg: RunConfig, ctx: DistContext, debug: bool = False, keep_serving: bool = False):
+        """keep_serving (placement ranks): leave the reference ranks serving after init, for a trainer that goes on
+        training (dpo_dist.api.prepare); `dpo-dist init` ends them with the verdict."""
+        self.cfg, self.ctx, self.debug, self.keep_serving = cfg, ctx, debug, keep_serving
         self.rr = RankReport(ctx.rank)
         self.s: dict[str, Any] = {}  # what the stages hand each other
+        roles = getattr(ctx, "roles", None)
+        if roles is not None:  # placement ranks: this policy rank's line to its reference rank, from the start
+            from .reference_ranks import RemoteReference
+
+            self.s["remote"] = RemoteReference(roles, ctx.device)
 
     # -- stages -------------------------------------------------------------------------------------------------
     def setup(self) -> bool:
@@ -129,8 +91,10 @@ class InitRun:
         self.s["args"] = build_dpo_config(cfg, ds, smoke, precompute=placement in placements.USES_TRL_PRECOMPUTE)
         self.rr.facts.update(sharding=label, zero_stage=stage, placement=placement, world_size=self.ctx.world_size,
                              output_dir=str(Path(cfg.train.output_dir)), smoke_steps=smoke)
-        return self.rr.add("configuration", True, f"ZeRO-{stage} ({label}), reference {placement}, "
-                           f"world {self.ctx.world_size}")
+        roles = getattr(self.ctx, "roles", None)
+        world = f"world {self.ctx.world_size}" if roles is None else \
+            f"{roles.policy_ranks} policy + {roles.reference_ranks} reference rank(s) of {roles.world} processes"
+        return self.rr.add("configuration", True, f"ZeRO-{stage} ({label}), reference {placement}, {world}")
 
     def tokenizer(self) -> bool:
         cfg, ctx, rr = self.cfg, self.ctx, self.rr
@@ -151,11 +115,27 @@ class InitRun:
         return ok
 
     def load(self) -> bool:
+        from . import fastload
+
         cfg, ctx, rr = self.cfg, self.ctx, self.rr
         pol_path, ref_path = self.s["pol_path"], self.s["ref_path"]
         t0 = time.perf_counter()
-        ctx.print0(f"[dpo-dist] loading policy from {pol_path} (ZeRO-{self.s['stage']}) ...")
-        policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # the user's own setting wins
+            # glibc: large freed blocks (gathered ZeRO-3 layers, logits, read buffers) go back to the OS instead of
+            # staying in the heap for the rest of the run (bench/README.md: +250-300 MiB per rank on 0.44B otherwise)
+            rr.facts["malloc_mmap_threshold_pinned"] = fastload.pin_malloc_mmap_threshold()
+        try:  # every loader decision first, the same on every rank, before anything is allocated
+            pol_plan = self.fast_plan(pol_path)
+            ref_plan = None
+            if cfg.reference.placement in (placements.ZERO3, placements.PRECOMPUTED):  # loaded by load_causal_lm
+                ref_plan = pol_plan if ref_path == pol_path else self.fast_plan(ref_path, "reference_loader")
+        except ValueError as e:  # model.loader: fast, and it cannot be used
+            return rr.add("model loader", False, str(e), str(e))
+        self.s["ref_plan"] = ref_plan
+        how = "fast partitioned loader" if pol_plan is not None else "from_pretrained"
+        ctx.print0(f"[dpo-dist] loading policy from {pol_path} (ZeRO-{self.s['stage']}, {how}) ...")
+        policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
+                                       plan=pol_plan)
         policy.train()
         self.s["policy"] = policy
         ctx.print0(f"[dpo-dist] loading reference ({cfg.reference.placement}) from {ref_path} ...")
@@ -166,7 +146,46 @@ class InitRun:
         rr.facts[f"rank_{ctx.rank}_memory_kb"] = models.shared_memory_kb()
         rr.facts["partitioned"] = probes.is_partitioned(policy)
         return rr.add("models loaded", True, f"{sum(1 for _ in policy.parameters())} tensors, "
-                      f"{rr.facts['load_seconds']} s")
+                      f"{rr.facts['load_seconds']} s, {how}")
+
+    def fast_plan(self, path: Path, fact: str = "loader"):
+        """The dpo_dist.fastload plan for the checkpoint at `path`, or None for transformers' from_pretrained, decided
+        the same on every rank (an all-reduced flag); records the choice and why in facts[fact] and facts[fact +
+        "_reason"]. model.loader fast raises ValueError (one line: what blocked it, and the fix) where auto falls
+        back with a warning."""
+        from . import fastload
+
+        cfg, rr = self.cfg, self.rr
+        choice, stage, plan = cfg.model.loader, self.s["stage"], None
+        if choice == "transformers":
+            why = "model.loader: transformers"
+        elif stage != 3:
+            why = f"ZeRO-{stage}: the fast loader fills ZeRO-3 partitions only"
+        else:
+            zero = self.s["ds"].get("zero_optimization") or {}
+            offload = str((zero.get("offload_param") or {}).get("device", "none")).lower()
+            quantized = zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights")
+            why = ""
+            if offload == "nvme" or quantized is True:
+                why = "parameters offloaded to NVMe" if offload == "nvme" else "ZeRO quantized weights"
+            else:
+                try:
+                    plan = fastload.plan_load(path, cfg.model.dtype, cfg.model.trust_remote_code)
+                except fastload.FastLoadRefused as e:
+                    why = " ".join(str(e).split())
+            if not self.ctx.all_ok(plan is not None):
+                plan, why = None, why or "refused on another rank"
+        if plan is not None:
+            rr.facts.update({fact: "fast", fact + "_reason": "dpo_dist.fastload: each rank reads its own partitions' "
+                             "bytes from the files"})
+            return plan
+        if choice == "fast":
+            raise ValueError(f"model.loader is fast but the fast loader cannot load {path}: {why}. Fix: set "
+                             "model.loader: transformers (or auto) to load with from_pretrained")
+        if choice == "auto" and stage == 3:
+            self.ctx.warn(f"fast loader not used for {path} ({why}): loading with transformers' from_pretrained")
+        rr.facts.update({fact: "transformers", fact + "_reason": why})
+        return None
 
     def prove_static(self) -> bool:
         """Roles, configs, and bitwise weights equality (policy vs reference vs files)."""
@@ -177,7 +196,12 @@ class InitRun:
         self.s["fp_policy"] = fp_pol
         rr.facts["fingerprints"] = {"policy": fp_pol}
         ok = True
-        if ref is not None:
+        if self.cfg.reference.placement == placements.RANKS:
+            from .reference_ranks import static_checks
+
+            ok, fp_ref = static_checks(self, fp_pol)
+            self.s["fp_reference"] = rr.facts["fingerprints"]["reference"] = fp_ref
+        elif ref is not None:
             ok &= models.check_roles(pol, ref, rr)
             diffs = models.config_differences(pol.config.to_dict(), ref.config.to_dict())
             ok &= rr.add("configs equal", not diffs, "; ".join(diffs[:5]) or "identical",
@@ -230,11 +254,14 @@ class InitRun:
         return True
 
     def prove_forward(self) -> bool:
-        """Generation smoke test, perplexity, and the initial KL, with every rank in step. For lora this runs after
-        the trainer exists (the reference is the PEFT-wrapped policy with adapters off)."""
+        """Generation smoke test, perplexity, and the initial KL, with every rank in step, before the trainer exists.
+        For lora the policy is wrapped with PEFT first: the reference is that PeftModel with its adapters off, and
+        the trainer is handed the same PeftModel."""
         cfg, ctx, rr, tok = self.cfg, self.ctx, self.rr, self.s["tok"]
         lora = cfg.reference.placement == placements.LORA
-        pol = self.s["trainer"].model if lora else self.s["policy"]
+        if lora and "peft_policy" not in self.s:
+            self.s["peft_policy"] = placements.wrap_lora(self)
+        pol = self.s["peft_policy"] if lora else self.s["policy"]
         ref = self.s["reference"]
         ds = self.s["args"].hf_deepspeed_config.config
         synced = probes.is_partitioned(pol) and ctx.distributed
@@ -242,7 +269,12 @@ class InitRun:
         try:
             with contextlib.ExitStack() as stack:
                 p = stack.enter_context(probes.forward_ready(pol, ds, ctx))
-                r = probes.AdaptersOff(p) if lora else stack.enter_context(probes.forward_ready(ref, ds, ctx))
+                if lora:
+                    r = probes.AdaptersOff(p)
+                elif cfg.reference.placement == placements.RANKS:
+                    r = self.s["remote"]  # the reference ranks answer with their logits
+                else:
+                    r = stack.enter_context(probes.forward_ready(ref, ds, ctx))
                 if cfg.verify.generation:
                     ctx.print0("[dpo-dist] generation smoke test ...")
                     texts = probes.generation_check(p, tok, list(cfg.verify.prompts), cfg.verify.max_new_tokens,
@@ -291,6 +323,16 @@ class InitRun:
         args = trainer.args
         rr.facts["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
             ctx.world_size
+        roles = getattr(ctx, "roles", None)
+        if roles is not None:
+            rr.facts.update(policy_ranks=roles.policy_ranks, reference_ranks=roles.reference_ranks,
+                            launched_processes=roles.world)
+            seen = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            rr.add("global batch counts policy ranks only", args.world_size == roles.policy_ranks,
+                   f"{seen} = {args.per_device_train_batch_size} x "
+                   f"{args.gradient_accumulation_steps} x P={args.world_size} (of W={roles.world}; the "
+                   f"K={roles.reference_ranks} reference rank(s) do not train)",
+                   "the trainer counted reference ranks in its world: report this as a dpo-dist bug")
         self.attach_kl_monitor(trainer)
         ok = placements.check_trainer(self, trainer)
         nbytes = placements.reference_bytes(self)
@@ -299,26 +341,10 @@ class InitRun:
         return ok
 
     def attach_kl_monitor(self, trainer) -> None:
-        from .config import resolve_beta
-        from .kl_monitor import AdaptiveBeta, KLMonitor, load_beta_state
+        from .kl_monitor import attach
 
-        cfg, k = self.cfg, self.cfg.kl
-        beta, why = resolve_beta(cfg)
-        if cfg.train.resume_from:
-            saved = load_beta_state(cfg.train.resume_from)
-            if saved:
-                beta, why = saved["beta"], f"restored from {cfg.train.resume_from}"
-                trainer.beta = beta
-        self.rr.add("beta", True, f"{beta:g}: {why}" + (f"; adaptive within [{k.beta_min:g}, {k.beta_max:g}]"
-                                                         if k.control == "adaptive" else ""))
-        self.rr.facts.update(beta=beta, beta_source=why, kl_control=k.control)
-        adaptive = AdaptiveBeta(beta, k.limit, k.warn_fraction, k.beta_min, k.beta_max) \
-            if k.control == "adaptive" else None
-        prompts = list(k.prompts or cfg.verify.prompts)
-        monitor = KLMonitor(trainer, placements.kl_reference(self, trainer, prompts), self.s["tok"], prompts,
-                            self.ctx, k.limit, k.warn_fraction, k.every_steps, cfg.verify.kl_chunk, adaptive)
-        trainer.add_callback(monitor)
-        self.s["kl_monitor"] = monitor
+        self.s["kl_monitor"] = attach(trainer, self.cfg, self.ctx, self.rr, self.s["tok"],
+                                      lambda prompts: placements.kl_reference(self, trainer, prompts))
 
     def smoke(self) -> bool:
         n = self.s["smoke_steps"]
@@ -333,7 +359,13 @@ class InitRun:
         rec = LossRecorder()
         trainer.add_callback(rec)
         ctx.print0(f"[dpo-dist] {n} smoke training step(s) ...")
+        remote = self.s.get("remote")
+        waited = remote.wait_s if remote is not None else 0.0
+        t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=self.cfg.train.resume_from)
+        rr.facts["smoke_seconds"] = round(time.perf_counter() - t0, 3)
+        if remote is not None:  # placement ranks: how long this rank waited for reference answers while training
+            rr.facts[f"rank_{ctx.rank}_reference_wait_seconds"] = round(remote.wait_s - waited, 3)
         losses = rec.losses
         rr.facts["kl_logged"] = rec.kl_logged
         monitor = self.s.get("kl_monitor")
@@ -395,17 +427,20 @@ class InitRun:
         os._exit(1)
 
     def run(self) -> InitResult:
-        forward, trainer = ("forward proofs", self.prove_forward), ("trainer", self.build)
-        middle = (trainer, forward) if self.cfg.reference.placement == placements.LORA else (forward, trainer)
+        # every placement, lora too: the forward proofs free their working set before the trainer exists (bench/)
         for name, stage in (("setup", self.setup), ("tokenizer", self.tokenizer), ("load", self.load),
-                            ("static proofs", self.prove_static),
-                            *middle, ("smoke steps", self.smoke)):
+                            ("static proofs", self.prove_static), ("forward proofs", self.prove_forward),
+                            ("trainer", self.build), ("smoke steps", self.smoke)):
             ok = self.attempt(name, stage)
             if not self.ctx.all_ok(ok):
                 self.ctx.print0(f"[dpo-dist] stopping after stage '{name}': a check failed on some rank")
                 break
-        reports = self.ctx.gather_objects(self.rr)
+        remote = self.s.get("remote")
+        served = remote.reports(self.ctx) if remote is not None else []  # reference ranks' rows (placement ranks)
+        reports = self.ctx.gather_objects(self.rr) + served
         rep = build_report(reports, to_dict(self.cfg))
+        if remote is not None and not self.keep_serving:
+            remote.close(rep["passed"])
         return InitResult(rep, self.s.get("trainer"), self.s)
 
 

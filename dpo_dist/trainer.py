@@ -50,6 +50,11 @@ def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, 
         precompute_ref_log_probs=precompute,
     )
     kw["gradient_checkpointing"] = t.gradient_checkpointing  # explicit: TRL's DPOConfig defaults it to True
+    if cfg.reference.placement == "ranks" and cfg.reference.batch_requests and cfg.reference.pad_to_multiple_of:
+        # reference ranks batch only requests of equal length (see reference_ranks.group_requests): padding every
+        # micro-batch to a multiple makes equal lengths common. Policy and reference see the same padded inputs (but
+        # the run is no longer bitwise the unpadded one: padding moves bf16 results).
+        kw["pad_to_multiple_of"] = cfg.reference.pad_to_multiple_of
     kw.update(t.extra)
     if smoke_steps:
         # A rehearsal: N real steps, a loss logged at every step, nothing saved, and a learning rate large enough

@@ -49,7 +49,7 @@ def test_every_problem_reported_at_once(tmp_path):
         ("train:\n  max_prompt_length: 1024\n  max_length: 1024\n", "must be < 'train.max_length'"),
         ("train:\n  per_device_train_batch_size: 0\n", "'train.per_device_train_batch_size' must be >= 1"),
         ("train:\n  extra:\n    beta: 0.3\n", "'train.extra' must not set beta"),
-        ("reference:\n  placement: ranks\n", "is not available in this version"),
+        ("reference:\n  placement: ranks\n  ranks: 0\n", "'reference.pad_to_multiple_of' must be >= 1"),
         ("reference:\n  lora:\n    r: 0\n", "'reference.lora' needs r >= 1"),
         ("verify:\n  prompts: []\n", "at least one prompt"),
         ("model: [1, 2]\n", "model: expected a mapping"),
@@ -85,3 +85,12 @@ def test_missing_and_malformed_files(tmp_path):
         load(write(tmp_path, "train: [unclosed\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load(write(tmp_path, "- a\n- b\n"))
+
+
+def test_model_loader_choice(tmp_path):
+    assert load(None).model.loader == "auto"
+    assert load(write(tmp_path, "model:\n  loader: transformers\n")).model.loader == "transformers"
+    assert load(None, [parse_override("model.loader=fast")]).model.loader == "fast"
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, "model:\n  loader: mmap\n"))
+    assert any("'model.loader' must be one of" in m for m in e.value.problems), e.value.problems

@@ -155,7 +155,7 @@ def _yaml_prompt_len(tmp):
 
 
 def _yaml_ranks(tmp):
-    return ["--placement", "ranks"], "'reference.placement: ranks' is not available"
+    return ["--placement", "ranks"], "launch at least 2 processes or lower reference.ranks"
 
 
 def _out_not_writable(tmp):

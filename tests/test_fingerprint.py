@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import warnings
 from itertools import pairwise
 
 import pytest
 import torch
 
+from dpo_dist import fingerprint as F
 from dpo_dist.fingerprint import (
     MULT,
     SAFETENSORS_DTYPES,
@@ -185,3 +189,108 @@ def test_cuda_matches_cpu() -> None:
             fp = fingerprint_flat(t.cuda(), offset=offset, chunk=chunk)
             assert fp.device.type == "cuda"
             assert torch.equal(fp.cpu(), fingerprint_flat(t, offset=offset)), (dtype, offset)
+
+
+# -- the fused CPU kernel against the eager path -------------------------------------------------------------------
+# (the tests above go through whichever path fingerprint_flat picks: the kernel, or the eager path under
+# DPO_DIST_FINGERPRINT_KERNEL=0; these compare the two directly)
+
+ALL_DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.bool]
+
+
+def _kernel_or_skip():
+    fns = F._kernel()
+    if fns is None:
+        pytest.skip("the fused fingerprint kernel is unavailable here (no working C compiler)")
+    return fns
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """The kernel as it ships (-march=native), and built with the other code paths its source has where this
+    machine can run them: AVX2 (when -march=native gives AVX-512) and no SIMD at all (plain -O3)."""
+    shipped = _kernel_or_skip()
+    out = {"shipped": shipped}
+    cpu = F._cpu_identity()
+    variants = {"plain": ("-O3",)}
+    if " avx2" in cpu:
+        variants["avx2"] = ("-O3", "-mavx2")
+    directory = tmp_path_factory.mktemp("fingerprint_kernels")
+    for name, flags in variants.items():
+        out[name] = F._load_kernel(F._build_kernel(F._compiler(), flags, [directory]))
+    return out
+
+
+def _random_any(dtype: torch.dtype, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Random bit patterns (all of them: NaNs, negative zeros, all-ones) viewed as dtype."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (n * size,), generator=gen, dtype=torch.uint8)
+    if dtype == torch.bool:
+        return (raw & 1).view(torch.bool)
+    return raw.view(dtype)
+
+
+def test_kernel_available_where_a_compiler_is() -> None:
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine: the eager path is the expected one")
+    assert F._kernel() is not None, "a C compiler exists but the fingerprint kernel did not build"
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_fused_matches_eager(dtype: torch.dtype, kernels: dict[str, dict]) -> None:
+    gen = torch.Generator().manual_seed(11)
+    rng = random.Random(12)
+    # around the kernel's 2^16-element blocks, and random sizes
+    sizes = [0, 1, 2, 15, 17, 65535, 65536, 65537, 3 * 65536 + 5, *(rng.randrange(1, 300_000) for _ in range(3))]
+    offsets = [0, 1, 7, 65535, (1 << 32) - 1, 1 << 32, 123_456_789_012, (1 << 62) + 3]
+    for n in sizes:
+        t = _random_any(dtype, n, gen)
+        bits = t.view(F._UNSIGNED_VIEWS[t.element_size()])
+        for offset in rng.sample(offsets, 2):
+            for view in (bits, bits[1::3], bits[::2], bits[5:]):
+                want = F._fingerprint_cpu_eager(view, offset, F._CPU_STEP)
+                for name, fns in kernels.items():
+                    got = F._fingerprint_cpu_fused(fns, view, offset)
+                    assert torch.equal(got, want), (name, dtype, n, offset, view.stride(0))
+    # all bits set: the widest products, and (64-bit) the wrapping ones
+    size = torch.empty(0, dtype=dtype).element_size()
+    bits = torch.full((70_000 * size,), 255, dtype=torch.uint8).view(F._UNSIGNED_VIEWS[size])
+    want = F._fingerprint_cpu_eager(bits, 9, F._CPU_STEP)
+    assert all(torch.equal(F._fingerprint_cpu_fused(fns, bits, 9), want) for fns in kernels.values())
+
+
+def test_kernel_builds_into_a_fresh_cache(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    _kernel_or_skip()
+    monkeypatch.setattr(F, "_KERNEL", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert F._kernel() is not None
+    assert len(list(tmp_path.glob("dpo_dist_fingerprint/fingerprint_*.so"))) == 1
+    assert not list(tmp_path.glob("dpo_dist_fingerprint/.*"))  # no temporary files left behind
+    assert F._KERNEL["compile_s"] < 60
+
+
+def test_fallback_without_compiler_warns_once(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr(F, "_KERNEL", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.delenv("DPO_DIST_FINGERPRINT_KERNEL", raising=False)
+    t = random_tensor(torch.float16, 1000, torch.Generator().manual_seed(14))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fps = [fingerprint_flat(t, offset=5) for _ in range(3)]
+    assert [str(w.message).count("\n") for w in caught] == [0], [str(w.message) for w in caught]
+    assert "eager" in str(caught[0].message)
+    assert F._KERNEL["fns"] is None
+    assert all(as_unsigned(fp) == ref_fingerprint(t, 5) for fp in fps)
+
+
+def test_env_var_forces_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args, **kwargs):
+        raise AssertionError("the fused kernel ran despite DPO_DIST_FINGERPRINT_KERNEL=0")
+
+    monkeypatch.setenv("DPO_DIST_FINGERPRINT_KERNEL", "0")
+    monkeypatch.setattr(F, "_fingerprint_cpu_fused", boom)
+    monkeypatch.setattr(F, "_kernel", boom)
+    t = random_tensor(torch.bfloat16, 1000, torch.Generator().manual_seed(15))
+    assert as_unsigned(fingerprint_flat(t, offset=3)) == ref_fingerprint(t, 3)

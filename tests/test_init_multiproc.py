@@ -47,6 +47,7 @@ def test_readme_demo_job_zero3(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert_proofs_passed(report, stage=3)
     assert "quality gate PASSED" in log
+    assert report["facts"]["loader"] == "fast", report["facts"].get("loader_reason")  # model.loader auto, ZeRO-3
     # the policy is really partitioned: each rank holds about half of it, never a full copy
     full = sum(t.numel() * t.element_size() for t in load_file(str(DEFAULT_CHECKPOINT / "model.safetensors")).values())
     per_rank = [v for k, v in report["per_rank_facts"]["0"].items() if k.endswith("_policy_bytes")]

@@ -61,6 +61,32 @@ def test_inputs_untouched_and_masked_vocab() -> None:
     torch.testing.assert_close(kl.double(), reference_kl(policy[..., 5:], ref[..., 5:]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("vocab, chunk", [(32_000, 4096), (1000, 333), (50, 4096), (7, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_equals_naive_full_softmax_kl(vocab: int, chunk: int, dtype: torch.dtype) -> None:
+    """The buffered chunks give what the usual full-vocabulary computation gives, in the same fp32."""
+    gen = torch.Generator().manual_seed(vocab + chunk)
+    policy = (torch.randn(2, 4, vocab, generator=gen) * 4).to(dtype)
+    ref = (policy.float() + torch.randn(2, 4, vocab, generator=gen)).to(dtype)
+    a = F.log_softmax(policy.float(), dim=-1)
+    b = F.log_softmax(ref.float(), dim=-1)
+    naive = (a.exp() * (a - b)).sum(dim=-1)
+    kl = token_kl(policy, ref, chunk=chunk)
+    assert kl.dtype == torch.float32 and kl.shape == naive.shape
+    assert naive.mean() > 0.1  # non-trivial values
+    torch.testing.assert_close(kl, naive, atol=1e-4, rtol=1e-5)
+    assert token_kl(policy, policy.clone(), chunk=chunk).abs().max().item() == 0.0
+
+
+def test_any_leading_shape_and_no_autograd() -> None:
+    gen = torch.Generator().manual_seed(4)
+    policy = torch.randn(9, 100, generator=gen, requires_grad=True)  # [T, V], one sequence
+    ref = torch.randn(9, 100, generator=gen)
+    kl = token_kl(policy, ref, chunk=30)
+    assert kl.shape == (9,) and not kl.requires_grad
+    torch.testing.assert_close(kl.double(), reference_kl(policy.detach(), ref), atol=1e-5, rtol=0)
+
+
 def test_shape_mismatch_rejected() -> None:
     with pytest.raises(ValueError):
         token_kl(torch.zeros(1, 2, 3), torch.zeros(1, 2, 4))

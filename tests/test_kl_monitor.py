@@ -41,7 +41,33 @@ def test_adaptive_beta_rules():
     assert a.update(0.01, [5.0, 5.0], 5) == 0.2  # far below and the margin flat: down
     assert a.update(0.01, [5.0, 4.0], 6) == 0.1 and a.update(0.01, [4.0, 4.0], 7) == 0.05
     assert a.update(0.01, [4.0, 4.0], 8) == 0.05  # floor
-    assert [c["step"] for c in a.changes] == [1, 2, 5, 6, 7]
+    assert [c["step"] for c in a.changes if c["what"] == "beta"] == [1, 2, 5, 6, 7]
+
+
+def test_learning_rate_brake_holds_the_kl_budget():
+    """The brake's model: sqrt(KL) grows linearly with the learning rate spent. Unbraked, this drift crosses the limit
+    at step 6; braked, it approaches the warning level (0.08) and stays under it; it recovers when KL stops growing."""
+    a = AdaptiveBeta(0.1, limit=0.1, warn_fraction=0.8, beta_min=0.01, beta_max=2.0, lr_scale_min=0.01)
+    spent, kls = 0.0, []
+    for step in range(1, 11):
+        scale = a.lr_scale
+        spent += scale
+        kls.append((0.055 * spent) ** 2)
+        a.update(kls[-1], [], step, spent=scale * 1e-3, ahead=1e-3)  # units: learning rates of 1e-3 per step
+    assert (0.055 * 6) ** 2 > 0.1  # the unbraked drift
+    assert max(kls) < 0.08 and kls[-1] > 0.07  # braked: under the warning level, most of the budget used
+    assert a.lr_scale == 0.01 and all(c["to"] < c["from"] for c in a.changes if c["what"] == "lr_scale")
+    a.update(kls[-1], [], 11)  # KL stopped growing: the scale recovers, x1.5 per measurement, up to 1
+    assert a.lr_scale == pytest.approx(0.015)
+    for step in range(14, 30):
+        a.update(kls[-1] * 0.5, [], step)
+    assert a.lr_scale == 1.0
+    assert a.update(0.085, [], 30) and a.lr_scale == 0.01  # at the warning level: straight to the floor
+    b = AdaptiveBeta(0.1, 0.1, 0.8, 0.01, 2.0)
+    b.restore({"beta": a.beta, "history": [], **a.state()})  # what a checkpoint's beta state carries
+    assert (b.beta, b.lr_scale, b.prev_kl, b.changes) == (a.beta, a.lr_scale, a.prev_kl, a.changes)
+    off = AdaptiveBeta(0.1, 0.1, 0.8, 0.01, 2.0, lr_scale_min=1.0)  # kl.lr_scale_min=1: beta only
+    assert off.update(0.5, [], 1) == pytest.approx(0.225) and off.lr_scale == 1.0
 
 
 pytestmark_multi = pytest.mark.multiproc
@@ -73,17 +99,50 @@ def test_kl_is_measured_logged_and_warned(fixed_run):
     assert (out / "reference_manifest.json").is_file()
 
 
-@pytestmark_multi
-def test_adaptive_beta_rises_is_logged_and_saved(tmp_path):
-    out = tmp_path / "out"
-    res = launch_init(out, "--smoke-steps", "8", "--set", "kl.control=adaptive", "--set", "kl.warn_fraction=0.5",
-                      *HOT)
+@pytest.fixture(scope="module")
+def adaptive_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adaptive") / "out"
+    res = launch_init(out, "--smoke-steps", "8", "--set", "kl.control=adaptive", *HOT)
     assert res.returncode == 0, res.output[-5000:]
-    changes = res.report["facts"]["beta_changes"]
-    assert changes and all(c["to"] > c["from"] for c in changes)
-    saved = json.loads((out / "checkpoint-8" / BETA_STATE).read_text())
-    assert saved["beta"] == pytest.approx(changes[-1]["to"]) and saved["changes"] == changes
+    return out, res
+
+
+@pytestmark_multi
+def test_adaptive_control_keeps_kl_under_the_limit(fixed_run, adaptive_run):
+    """The acceptance: the same hot run (lr 2e-3, 8 steps, seeded), fixed beta vs kl.control=adaptive. Measured here:
+    fixed 0.030 -> 0.121 (past 0.1 at step 6); adaptive 0.030 -> 0.078 (brake x0.36 after step 1, then 0.54-1.0)."""
+    fixed = fixed_run[1].report["facts"]["kl_history"]
+    out, res = adaptive_run
+    facts = res.report["facts"]
+    hist = facts["kl_history"]
+    assert [h["step"] for h in hist] == list(range(1, 9))
+    assert hist[0]["kl"] == pytest.approx(fixed[0]["kl"], rel=1e-3)  # the same first step (nothing to brake yet)
+    assert max(h["kl"] for h in fixed) > 0.11  # fixed: past the limit
+    assert max(h["kl"] for h in hist) < 0.09  # adaptive: every measured KL under it, with a margin
+    # the brake acts on the optimizer: the rate read back from it is the schedule's (the fixed run's) x the scale
+    for prev, h, f in zip(hist, hist[1:], fixed[1:], strict=False):
+        assert h["lr"] == pytest.approx(f["lr"] * prev["lr_scale"], rel=1e-4)
+    assert min(h["lr_scale"] for h in hist) < 0.5
+    changes = facts["beta_changes"]
+    assert {c["what"] for c in changes} <= {"beta", "lr_scale"} and any(c["what"] == "lr_scale" for c in changes)
+    assert "'lr_scale': " in res.output and "'beta': " in res.output  # in TRL's log lines
+    saved = json.loads((out / "checkpoint-4" / BETA_STATE).read_text())
+    assert saved["lr_scale"] == hist[3]["lr_scale"] and saved["prev_kl"] == pytest.approx(hist[3]["kl"])
+    assert saved["changes"] == [c for c in changes if c["step"] <= 4]
     assert "adaptive" in check_row(res.report, "beta")["value"]
+
+
+@pytestmark_multi
+def test_adaptive_resume_continues_the_brake(adaptive_run, tmp_path):
+    out, first = adaptive_run
+    res = launch_init(out, "--smoke-steps", "8", "--set", "kl.control=adaptive", "--set",
+                      f"train.resume_from={out / 'checkpoint-4'}", *HOT)
+    assert res.returncode == 0, res.output[-5000:]
+    assert "restored" in check_row(res.report, "beta")["value"]
+    before, after = first.report["facts"]["kl_history"][4:], res.report["facts"]["kl_history"]
+    assert [h["step"] for h in after] == [5, 6, 7, 8]
+    for b, a in zip(before, after, strict=True):  # the scale and last KL came back: the same rates, the same KL
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-4) and a["kl"] == pytest.approx(b["kl"], abs=1e-4)
 
 
 @pytestmark_multi

@@ -387,8 +387,8 @@ def test_help_is_fast_and_planner_import_is_light():
     r = subprocess.run([sys.executable, "-m", "dpo_dist", "plan", "--help"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "--gpu-mem" in r.stdout and "--plot" in r.stdout
     assert time.perf_counter() - t0 < 5
-    r = subprocess.run([sys.executable, "-c", "import sys, dpo_dist.planner, dpo_dist.presets, dpo_dist.cli; "
-                        "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'matplotlib') "
+    r = subprocess.run([sys.executable, "-c", "import sys, dpo_dist.planner, dpo_dist.plan_cli, dpo_dist.presets, "
+                        "dpo_dist.cli; print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'matplotlib') "
                         "if m in sys.modules))"], capture_output=True, text=True, env=env)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
 

@@ -1,0 +1,42 @@
+"""A test hook for failure paths: make one rank fail, die, hang or corrupt a weight at the start of a stage, so the
+tests can show that every rank stops promptly and the report names the rank (tests/test_faults.py,
+tests/test_placements.py). Inert unless the environment variable is set."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+FAULT_ENV = "DPO_DIST_TEST_FAULT"
+
+
+def inject_fault(stage: str, rank: int, state: dict) -> None:
+    """Test hook: DPO_DIST_TEST_FAULT="<stage>:<rank>[:mode]" acts on that rank at the start of that stage.
+    Modes: raise (default: an error the stage reports), exit (the process dies at once, as a crashed or killed rank
+    would), hang (alive but silent), perturb (this rank's copy of one reference weight changes, as a bad copy
+    would), train_ref (the reference goes back to train mode, dropout active)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if len(parts) < 2 or parts[0] != stage or parts[1] not in (str(rank), "*"):
+        return
+    mode = parts[2] if len(parts) > 2 else "raise"
+    if mode == "exit":
+        print(f"[dpo-dist] rank {rank}: injected crash at stage '{stage}'", file=sys.stderr, flush=True)
+        os._exit(17)
+    if mode == "hang":  # alive but silent, as a stuck rank would be
+        print(f"[dpo-dist] rank {rank}: injected hang at stage '{stage}'", file=sys.stderr, flush=True)
+        time.sleep(3600)
+    if mode == "perturb":
+        name, p = list(state["reference"].named_parameters())[-2]
+        local = getattr(p, "ds_tensor", p).data.view(-1)
+        if local.numel():
+            local[0] += 1.0
+        print(f"[dpo-dist] rank {rank}: injected perturbation of {name}", file=sys.stderr, flush=True)
+        return
+    if mode == "train_ref":
+        state["reference"].train()
+        return
+    raise RuntimeError(f"injected fault at stage '{stage}' on rank {rank}")
