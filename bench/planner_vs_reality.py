@@ -155,7 +155,7 @@ def gpu_activation_check(model: str, micro_batch: int, max_length: int) -> list[
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dpo_dist import planner
+    from dpo_dist import plan_memory
     from dpo_dist.presets import model_stats, resolve_model
 
     src = resolve_model(model)
@@ -185,10 +185,10 @@ def gpu_activation_check(model: str, micro_batch: int, max_length: int) -> list[
         peak = torch.cuda.max_memory_allocated() - before
         net.zero_grad(set_to_none=True)
         del hidden
-        planned = tokens * planner.activation_bytes_per_token(stats, 2, ckpt)
+        planned = tokens * plan_memory.activation_bytes_per_token(stats, 2, ckpt)
         if ckpt:  # the recomputed layer exists only in backward
-            planned -= tokens * (planner.activation_bytes_per_token({**stats, "num_layers": 1}, 2, False)
-                                 - planner.activation_bytes_per_token({**stats, "num_layers": 0}, 2, False))
+            planned -= tokens * (plan_memory.activation_bytes_per_token({**stats, "num_layers": 1}, 2, False)
+                                 - plan_memory.activation_bytes_per_token({**stats, "num_layers": 0}, 2, False))
         out.append({"checkpointing": ckpt, "tokens": tokens, "planned_saved": planned, "measured_held": held,
                     "ratio": round(held / planned, 4), "fwd_bwd_peak_over_weights": peak,
                     "device": torch.cuda.get_device_name()})

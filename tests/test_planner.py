@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 
-from dpo_dist import planner
+from dpo_dist import plan_memory, planner
 from dpo_dist.planner import Cluster, GiB, RunSettings, check, plan, plan_all
 from dpo_dist.presets import LORA_TARGETS, PRESETS, model_stats, preset_name, resolve_model
 
@@ -242,10 +242,10 @@ def test_activation_formula_matches_saved_tensors_of_real_models(model_type, ext
     real = _saved_bytes(model_type, layers, shape, checkpointing=ckpt, **kw)
     stats = model_stats(dict(model_type=model_type, num_hidden_layers=layers, vocab_size=500,
                              tie_word_embeddings=False, **kw)).as_dict()
-    per_token = planner.activation_bytes_per_token(stats, 2, ckpt)
+    per_token = plan_memory.activation_bytes_per_token(stats, 2, ckpt)
     if ckpt:  # the recomputed layer exists only during backward: the forward saved layer inputs + the rest
-        one_layer = (planner.activation_bytes_per_token({**stats, "num_layers": 1}, 2, False)
-                     - planner.activation_bytes_per_token({**stats, "num_layers": 0}, 2, False))
+        one_layer = (plan_memory.activation_bytes_per_token({**stats, "num_layers": 1}, 2, False)
+                     - plan_memory.activation_bytes_per_token({**stats, "num_layers": 0}, 2, False))
         per_token -= one_layer
     predicted = per_token * shape[0] * shape[1]
     assert abs(predicted / real - 1) < 0.03, (predicted, real)
