@@ -35,8 +35,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,36 +64,11 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# -- processes: the test suite's helpers (a launch's whole process tree, torchrun's workers included) ------------
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import descendants, kill_tree  # noqa: E402
 
-
-# -- processes --------------------------------------------------------------------------------------------------
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def kill_tree(pid: int) -> None:
-    for p in [pid, *descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+from dpo_dist.distributed import free_port  # noqa: E402
 
 
 def run(argv: list[str], env_extra: dict, timeout: float, log_path: Path | None = None, sample=None,

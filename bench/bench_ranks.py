@@ -17,21 +17,16 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from dpo_dist.distributed import free_port
+
 HERE = Path(__file__).resolve().parent
 OUT = Path("/tmp/dpo-dist-bench/ranks")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one_run(p: int, batch: bool, steps: int, tag: str) -> dict:
@@ -53,10 +48,10 @@ def one_run(p: int, batch: bool, steps: int, tag: str) -> dict:
     served = per[str(p)][f"rank_{p}_served"]
     waits = [per[str(r)][f"rank_{r}_reference_wait_seconds"] for r in range(p)]
     n = len(rep["facts"]["smoke_losses"])
-    kind = served["by_kind"]  # training's reference forwards (TRL's fused log-probs), not the KL checks' logits
+    kind = served["by_kind"]["log_probs"]  # training's reference forwards (TRL's fused head), not the KL checks'
     return {"P": p, "batched": batch, "steps": n, "step_seconds": rep["facts"]["smoke_seconds"] / n,
-            "policy_wait_per_step": statistics.mean(waits) / n, "reference_forwards": kind["log_probs"],
-            "reference_rounds": kind["log_probs_rounds"], "reference_busy_per_step": kind["log_probs_seconds"] / n,
+            "policy_wait_per_step": statistics.mean(waits) / n, "reference_forwards": kind["forwards"],
+            "reference_rounds": kind["rounds"], "reference_busy_per_step": kind["seconds"] / n,
             "wall": round(time.time() - t0, 1)}
 
 

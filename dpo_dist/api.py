@@ -21,24 +21,20 @@ from .config import RunConfig, load
 def prepare(config: str | Path | RunConfig | None = None, overrides: list[tuple[list[str], Any]] | None = None,
             write_report: bool = True):
     """Load, prove and build, exactly as `dpo-dist init` does; returns an InitResult (report, trainer)."""
-    from .distributed import DistContext
+    from .roles import REFERENCE, join
     from .run import InitRun, finish
 
     cfg = config if isinstance(config, RunConfig) else load(config, overrides)
-    if cfg.reference.placement == "ranks":
-        import atexit
-
+    ctx = join(cfg)
+    if ctx.roles is not None and ctx.roles.role == REFERENCE:  # serves until every policy rank is done; never returns
         from .reference_ranks import serve
-        from .roles import REFERENCE, split_world
 
-        ctx, roles = split_world(cfg.reference.ranks, cfg.sharding.timeout_s)
-        if roles.role == REFERENCE:  # serves until every policy rank is done; never returns to the script
-            raise SystemExit(serve(cfg, ctx, roles))
-    else:
-        ctx = DistContext.from_env(cfg.sharding.timeout_s)
+        raise SystemExit(serve(cfg, ctx, ctx.roles))
     result = InitRun(cfg, ctx, keep_serving=True).run()
     remote = result.state.get("remote")
     if remote is not None:  # the reference ranks serve this process's training; they stop when it exits
+        import atexit
+
         atexit.register(remote.close, result.passed)
     if write_report:
         finish(result, ctx, cfg.train.output_dir)

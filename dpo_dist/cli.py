@@ -83,28 +83,23 @@ def cmd_init(args: argparse.Namespace) -> int:
             print(f"dpo-dist: {problem}", file=sys.stderr)
             return 2
     try:
-        from .distributed import DistContext, RendezvousError
+        from .distributed import RendezvousError
+        from .roles import REFERENCE, join
         from .run import InitRun, finish
 
-        roles = None
         try:
-            if cfg.reference.placement == "ranks":
-                from .roles import split_world
-
-                ctx, roles = split_world(cfg.reference.ranks, cfg.sharding.timeout_s)
-            else:
-                ctx = DistContext.from_env(cfg.sharding.timeout_s)
+            ctx = join(cfg)
         except RendezvousError as e:
             print(f"dpo-dist: {e}", file=sys.stderr)
             return 3
         except ValueError as e:
             print(f"dpo-dist: {e}", file=sys.stderr)
             return 2
-        if roles is not None and roles.role == "reference":
+        if ctx.roles is not None and ctx.roles.role == REFERENCE:
             from .reference_ranks import serve
 
             try:
-                return serve(cfg, ctx, roles, debug=args.debug)
+                return serve(cfg, ctx, ctx.roles, debug=args.debug)
             finally:
                 ctx.teardown()
         try:

@@ -27,6 +27,7 @@ class DistContext:
         self.world_size = world_size
         self.local_rank = local_rank
         self.device = device or torch.device("cpu")
+        self.roles = None  # placement ranks: this process's place in the split job (roles.Roles)
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -38,12 +39,7 @@ class DistContext:
         if "MASTER_ADDR" not in os.environ:
             # Run directly (`python -m dpo_dist init`, no launcher): a world of one on this host. DeepSpeed still needs
             # a process group (ZeRO-3 loading calls init_distributed, which would otherwise go looking for MPI).
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                               WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         import deepspeed
         from deepspeed.accelerator import get_accelerator
@@ -124,6 +120,15 @@ class DistContext:
                 torch.distributed.barrier()
             finally:
                 torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (the OS picks it), for a rendezvous of our own or a test's launch."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _device(local_rank: int) -> torch.device:

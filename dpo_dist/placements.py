@@ -421,7 +421,7 @@ def check_ranks_trainer(run, trainer) -> bool:
         ok &= rr.add("reference log-probs precomputed", {"ref_chosen_logps", "ref_rejected_logps"} <= cols,
                      "ref_chosen_logps, ref_rejected_logps in the train dataset",
                      "TRL did not add ref_chosen_logps/ref_rejected_logps to the dataset")
-    nbytes = reference_bytes(run)
+    nbytes = rr.facts[f"rank_{ctx.rank}_reference_bytes_training"]  # run.build measured it (reference_bytes)
     ok &= rr.add("no reference weights on policy ranks", nbytes == 0,
                  f"{nbytes} bytes of parameters outside the policy on this rank (measured)",
                  "a policy rank holds parameters that are not the policy's: something loaded a reference here")

@@ -110,9 +110,11 @@ class Server:
         self.cfg, self.ctx, self.roles, self.forward, self.model = cfg, ctx, roles, forward, model
         self.clients = roles.clients_of(roles.role_rank)
         self.last_fused: bool | None = None
-        self.rounds = self.forwards = 0
-        self.by_kind: dict[str, float] = {}  # log_probs (TRL's reference forwards) and logits (KL checks) apart
-        self.busy_s = 0.0
+        # per kind of answer, log_probs (TRL's reference forwards) or logits (the KL checks): rounds, forwards, time
+        self.by_kind: dict[str, dict[str, float]] = {}
+
+    def total(self, what: str) -> float:
+        return sum(c[what] for c in self.by_kind.values())
 
     def run_round(self, requests: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
         """One forward per group of equal-length requests (batch_requests) or per request; with K > 1 every
@@ -136,15 +138,13 @@ class Server:
             for j in range(count):
                 kwargs, spans = units[j] if j < len(units) else units[0]
                 out = getattr(self.forward(**{k: _to(v, self.ctx.device) for k, v in kwargs.items()}), key)
-                self.forwards += 1
-                self.by_kind[key] = self.by_kind.get(key, 0) + 1
                 if j < len(units):
                     for i, a, b in spans:
                         answers[i] = {key: out[a:b]}
-        self.busy_s += time.perf_counter() - t0
-        self.rounds += 1
-        self.by_kind[key + "_rounds"] = self.by_kind.get(key + "_rounds", 0) + 1
-        self.by_kind[key + "_seconds"] = self.by_kind.get(key + "_seconds", 0.0) + time.perf_counter() - t0
+        c = self.by_kind.setdefault(key, {"rounds": 0, "forwards": 0, "seconds": 0.0})
+        c["rounds"] += 1
+        c["forwards"] += count
+        c["seconds"] += time.perf_counter() - t0
         return answers
 
     def serve(self, report) -> bool:
@@ -200,8 +200,9 @@ def serve(cfg, ctx, roles: Roles, debug: bool = False) -> int:
                     f"{len(hello['fingerprints'])} tensors unchanged" if not moved else f"{len(moved)} changed, e.g. "
                     f"{moved[0]}", "the reference changed on the reference ranks: it must stay frozen")
         out.facts[f"rank_{roles.global_rank}_served"] = {
-            "policy_ranks": server.clients, "rounds": server.rounds, "forwards": server.forwards,
-            "busy_seconds": round(server.busy_s, 3), "by_kind": {k: round(v, 3) for k, v in server.by_kind.items()}}
+            "policy_ranks": server.clients, "rounds": server.total("rounds"), "forwards": server.total("forwards"),
+            "busy_seconds": round(server.total("seconds"), 3),
+            "by_kind": {k: {n: round(v, 3) for n, v in c.items()} for k, c in server.by_kind.items()}}
         return out
 
     try:
@@ -226,6 +227,7 @@ class RemoteReference(torch.nn.Module):
         self.roles, self.device = roles, device
         self.server = roles.server_of(roles.global_rank)
         self._hello: dict[str, Any] | None = None
+        self._closed = False
         self.calls = 0
         self.wait_s = 0.0  # time spent waiting for answers: what the reference ranks cost a policy step
 
@@ -257,7 +259,7 @@ class RemoteReference(torch.nn.Module):
     def close(self, passed: bool) -> None:
         """This policy rank is done with the reference; its reference rank exits with `passed` as its verdict once
         all of its policy ranks said so. Idempotent."""
-        if not getattr(self, "_closed", False):
+        if not self._closed:
             self._closed = True
             self.hello()
             self.roles.send({"kind": "done", "passed": bool(passed)}, self.server)
@@ -271,7 +273,7 @@ def stray_parameter_bytes(keep: list[torch.nn.Module]) -> int:
     for obj in gc.get_objects():
         if isinstance(obj, torch.nn.Parameter) and id(obj) not in owned:
             ds_tensor = getattr(obj, "ds_tensor", None)
-            total += obj.numel() * obj.element_size() if obj.numel() else 0
+            total += obj.numel() * obj.element_size()
             total += ds_tensor.numel() * ds_tensor.element_size() if ds_tensor is not None else 0
     return total
 

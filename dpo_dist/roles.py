@@ -166,9 +166,18 @@ def split_world(k: int, timeout_s: int) -> tuple[Any, Roles]:
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timeout,
                                auto_mpi_discovery=False)  # adopts the group made above
     ctx = DistContext(role_rank, role_world, local_rank, _device(local_rank))
-    roles = Roles(role, rank, world, p, k, bridge, timeout)
-    ctx.roles = roles
-    return ctx, roles
+    ctx.roles = Roles(role, rank, world, p, k, bridge, timeout)
+    return ctx, ctx.roles
+
+
+def join(cfg) -> Any:
+    """The DistContext of this process: its role's world for `reference.placement: ranks` (ctx.roles set), else the
+    launched world. What `dpo-dist init` and `dpo_dist.api.prepare` both start with."""
+    from .distributed import DistContext
+
+    if cfg.reference.placement == "ranks":
+        return split_world(cfg.reference.ranks, cfg.sharding.timeout_s)[0]
+    return DistContext.from_env(cfg.sharding.timeout_s)
 
 
 def _device(local_rank: int):

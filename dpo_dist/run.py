@@ -59,11 +59,10 @@ class InitRun:
         self.cfg, self.ctx, self.debug, self.keep_serving = cfg, ctx, debug, keep_serving
         self.rr = RankReport(ctx.rank)
         self.s: dict[str, Any] = {}  # what the stages hand each other
-        roles = getattr(ctx, "roles", None)
-        if roles is not None:  # placement ranks: this policy rank's line to its reference rank, from the start
+        if ctx.roles is not None:  # placement ranks: this policy rank's line to its reference rank, from the start
             from .reference_ranks import RemoteReference
 
-            self.s["remote"] = RemoteReference(roles, ctx.device)
+            self.s["remote"] = RemoteReference(ctx.roles, ctx.device)
 
     # -- stages -------------------------------------------------------------------------------------------------
     def setup(self) -> bool:
@@ -91,7 +90,7 @@ class InitRun:
         self.s["args"] = build_dpo_config(cfg, ds, smoke, precompute=placement in placements.USES_TRL_PRECOMPUTE)
         self.rr.facts.update(sharding=label, zero_stage=stage, placement=placement, world_size=self.ctx.world_size,
                              output_dir=str(Path(cfg.train.output_dir)), smoke_steps=smoke)
-        roles = getattr(self.ctx, "roles", None)
+        roles = self.ctx.roles
         world = f"world {self.ctx.world_size}" if roles is None else \
             f"{roles.policy_ranks} policy + {roles.reference_ranks} reference rank(s) of {roles.world} processes"
         return self.rr.add("configuration", True, f"ZeRO-{stage} ({label}), reference {placement}, {world}")
@@ -323,7 +322,7 @@ class InitRun:
         args = trainer.args
         rr.facts["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
             ctx.world_size
-        roles = getattr(ctx, "roles", None)
+        roles = ctx.roles
         if roles is not None:
             rr.facts.update(policy_ranks=roles.policy_ranks, reference_ranks=roles.reference_ranks,
                             launched_processes=roles.world)
@@ -334,9 +333,9 @@ class InitRun:
                    f"K={roles.reference_ranks} reference rank(s) do not train)",
                    "the trainer counted reference ranks in its world: report this as a dpo-dist bug")
         self.attach_kl_monitor(trainer)
-        ok = placements.check_trainer(self, trainer)
-        nbytes = placements.reference_bytes(self)
+        nbytes = placements.reference_bytes(self)  # measured once; check_trainer reads it from the facts
         rr.facts[f"rank_{ctx.rank}_reference_bytes_training"] = nbytes
+        ok = placements.check_trainer(self, trainer)
         placements.check_reference_report(rr, cfg.reference.placement, nbytes, rr.facts)
         return ok
 

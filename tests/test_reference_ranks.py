@@ -46,7 +46,7 @@ def test_answers_are_bitwise_the_single_request_forward(model, batch, fused):
         for req, ans in zip(requests, answers, strict=True):
             alone = getattr(model(**req["kwargs"]), key)
             assert ans[key].shape == alone.shape and torch.equal(ans[key], alone)
-    assert server.forwards == (2 if batch else 3)  # the two 48-token requests shared a forward
+    assert server.total("forwards") == (2 if batch else 3)  # the two 48-token requests shared a forward
 
 
 def test_groups_only_equal_lengths_and_keep_each_requests_rows():

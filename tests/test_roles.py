@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dpo_dist.distributed import free_port
 from dpo_dist.roles import POLICY, REFERENCE, BridgeError, Roles, check_counts
 
 pytestmark = pytest.mark.multiproc
@@ -56,11 +57,7 @@ def _worker(rank: int, port: int, scenario: str, q) -> None:
 
 
 def _run(scenario: str) -> list:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(rank, port, scenario, q)) for rank in range(2)]
