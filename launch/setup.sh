@@ -22,7 +22,7 @@ fi
 # compiler); build it once here so runs and tests do not pay it. GPU machines skip this.
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   DS_ACCELERATOR=cpu "$PY" - <<'PY' >/dev/null 2>&1 || echo "setup: note: could not pre-build DeepSpeed's CPU comm op"
-from deepspeed.ops.op_builder.cpu import ShmCommBuilder
-ShmCommBuilder().load()
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+ShareMemCommBuilder().load()
 PY
 fi
