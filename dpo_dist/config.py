@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -265,20 +266,72 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         if not ok:
             problems.append(f"'{where}' must be {_describe(tp)}, got {value!r}")
             continue
+        bad = _non_finite(coerced, where)
+        if bad:  # nan passes every `x <= 0` test and inf every `x > 0`: refuse both before any range check
+            problems.append(f"'{bad[0]}' must be a finite number, got {bad[1]}")
+            continue
         kwargs[key] = coerced
     return cls(**kwargs)
 
 
+def _non_finite(value: Any, where: str) -> tuple[str, float] | None:
+    """The first nan/inf float in a value (nested in train.extra's mappings and lists too), with its dotted path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        bad = _non_finite(v, f"{where}.{k}")
+        if bad:
+            return bad
+    return None
+
+
+# Every float field's allowed interval: (low, low included, high, high included); None = unbounded on that side.
+FLOAT_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "train.beta": (0.0, False, None, False),
+    "train.learning_rate": (0.0, False, None, False),
+    "verify.kl_max": (0.0, False, 1.0, False),
+    "verify.smoke_learning_rate": (0.0, False, None, False),
+    "verify.loss_tolerance": (0.0, False, None, False),
+    "verify.cross_device_loss_tolerance": (0.0, False, None, False),
+    "kl.limit": (0.0, False, None, False),
+    "kl.warn_fraction": (0.0, False, 1.0, True),
+    "kl.beta_min": (0.0, False, None, False),
+    "kl.beta_max": (0.0, False, None, False),
+    "kl.lr_scale_min": (0.0, True, 1.0, True),
+    "reference.lora.dropout": (0.0, True, 1.0, False),
+}
+
+
+def _interval(lo: float | None, lo_in: bool, hi: float | None, hi_in: bool) -> str:
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo:g}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _float_range_problems(cfg: RunConfig) -> list[str]:
+    out = []
+    for dotted, (lo, lo_in, hi, hi_in) in FLOAT_RANGES.items():
+        node: Any = cfg
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        if not isinstance(node, float):  # a beta preset name
+            continue
+        low_ok = lo is None or (node >= lo if lo_in else node > lo)
+        high_ok = hi is None or (node <= hi if hi_in else node < hi)
+        if not (low_ok and high_ok):
+            extra = f" or one of {', '.join(BETA_PRESETS)}" if dotted == "train.beta" else ""
+            out.append(f"'{dotted}' must be {_interval(lo, lo_in, hi, hi_in)}{extra}, got {node:g}")
+    return out
+
+
 def _check_values(cfg: RunConfig, problems: list[str]) -> None:
     t, v, k = cfg.train, cfg.verify, cfg.kl
-    if isinstance(t.beta, float) and t.beta <= 0:
-        problems.append(f"'train.beta' must be > 0 or one of {', '.join(BETA_PRESETS)}, got {t.beta}")
-    if not 0 < k.limit or not 0 < k.warn_fraction <= 1 or k.every_steps < 1 or not 0 < k.beta_min < k.beta_max \
-            or not 0 <= k.lr_scale_min <= 1:
-        problems.append("'kl' needs limit > 0, 0 < warn_fraction <= 1, every_steps >= 1, 0 < beta_min < beta_max, "
-                        "0 <= lr_scale_min <= 1")
-    if t.learning_rate <= 0:
-        problems.append(f"'train.learning_rate' must be > 0, got {t.learning_rate}")
+    problems.extend(_float_range_problems(cfg))
+    if k.every_steps < 1:
+        problems.append(f"'kl.every_steps' must be >= 1, got {k.every_steps}")
+    if k.beta_min >= k.beta_max:
+        problems.append(f"'kl.beta_min' ({k.beta_min:g}) must be < 'kl.beta_max' ({k.beta_max:g})")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                  "max_length", "max_prompt_length", "logging_steps", "save_steps"):
         if getattr(t, name) < 1:
@@ -288,13 +341,11 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
             f"'train.max_prompt_length' ({t.max_prompt_length}) must be < 'train.max_length' ({t.max_length}): "
             "no room would be left for the completion"
         )
-    if not (0 < v.kl_max < 1):
-        problems.append(f"'verify.kl_max' must be in (0, 1), got {v.kl_max}")
     if v.kl_chunk < 1 or v.max_new_tokens < 1 or v.smoke_steps < 0:
         problems.append("'verify.kl_chunk' and 'verify.max_new_tokens' must be >= 1, 'verify.smoke_steps' >= 0")
     lo = cfg.reference.lora
-    if lo.r < 1 or lo.alpha <= 0 or not 0 <= lo.dropout < 1 or not lo.target_modules:
-        problems.append("'reference.lora' needs r >= 1, alpha > 0, 0 <= dropout < 1 and at least one target module")
+    if lo.r < 1 or lo.alpha <= 0 or not lo.target_modules:
+        problems.append("'reference.lora' needs r >= 1, alpha > 0 and at least one target module")
     if not v.prompts:
         problems.append("'verify.prompts' must hold at least one prompt")
     if cfg.sharding.timeout_s < 10:
@@ -329,7 +380,64 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError([f"override '{item}' must look like section.key=value"], "command line")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError([f"override '{item}': the value is not valid YAML ({_yaml_cause(e)}): close the "
+                           "bracket or brace, or quote a value meant as text"], "command line") from None
+    return key.strip().split("."), value
+
+
+def _yaml_cause(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None)
+    return problem if problem else str(e).splitlines()[0]
+
+
+def _duplicates(node: yaml.Node, prefix: str, out: list[str]) -> None:
+    """Keys given twice in one mapping, with both lines: PyYAML keeps the later value silently (two `train:` sections
+    would drop the first one's settings)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` overrides on purpose
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                out.append(f"duplicate key '{prefix}{key}' (lines {seen[key]} and {line}): keep one, the later one "
+                           "would silently win")
+            else:
+                seen[key] = line
+            _duplicates(value_node, f"{prefix}{key}.", out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicates(item, f"{prefix}{i}.", out)
+
+
+def read_yaml(p: Path, source: str) -> Any:
+    """Parse a YAML file strictly: UTF-8 text, valid YAML, no key given twice in one mapping."""
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError([f"not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}): save the file as UTF-8"],
+                          source) from None
+    except OSError as e:
+        raise ConfigError([f"cannot read it ({e.strerror or e}): check its permissions"], source) from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        dups: list[str] = []
+        _duplicates(node, "", dups)
+        if dups:
+            raise ConfigError(dups, source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError([f"not valid YAML: {str(e).splitlines()[0]}"], source) from None
+    finally:
+        loader.dispose()
 
 
 def merge_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
@@ -354,10 +462,7 @@ def load(path: str | Path | None, overrides: list[tuple[list[str], Any]] | None 
         source = str(p)
         if not p.is_file():
             raise ConfigError([f"config file '{p}' does not exist: pass an existing YAML file with --config"], source)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"not valid YAML: {str(e).splitlines()[0]}"], source) from None
+        data = read_yaml(p, source) or {}
         if not isinstance(data, dict):
             raise ConfigError(["the top level must be a mapping of sections (model, reference, ...)"], source)
     if overrides:

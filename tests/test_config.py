@@ -94,3 +94,120 @@ def test_model_loader_choice(tmp_path):
     with pytest.raises(ConfigError) as e:
         load(write(tmp_path, "model:\n  loader: mmap\n"))
     assert any("'model.loader' must be one of" in m for m in e.value.problems), e.value.problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# floats: finite and in range, every problem listed (issue 13.3)
+
+def _float_fields(cls, prefix=""):
+    """Every float-typed field of the config tree (a float | Literal union counts), as dotted names."""
+    import dataclasses
+    import typing
+
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _float_fields(tp, f"{prefix}{f.name}.")
+        elif tp is float or float in typing.get_args(tp):
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_every_float_field_has_a_range():
+    from dpo_dist.config import FLOAT_RANGES
+
+    assert sorted(_float_fields(RunConfig)) == sorted(FLOAT_RANGES)
+
+
+@pytest.mark.parametrize("field", _float_fields(RunConfig))
+@pytest.mark.parametrize("raw", ["nan", ".nan", "inf", "-.inf", "-Infinity"])
+def test_non_finite_floats_are_refused_everywhere(field, raw):
+    with pytest.raises(ConfigError) as e:
+        load(None, [parse_override(f"{field}={raw}")])
+    assert any(f"'{field}' must be a finite number" in m for m in e.value.problems), e.value.problems
+
+
+def test_non_finite_inside_train_extra_is_refused():
+    with pytest.raises(ConfigError) as e:
+        load(None, [parse_override("train.extra={max_grad_norm: .nan}")])
+    assert e.value.problems == ["'train.extra.max_grad_norm' must be a finite number, got nan"]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.beta=-0", "'train.beta' must be > 0"),
+        ("train.beta=-0.0", "'train.beta' must be > 0"),
+        ("train.learning_rate=-0.0", "'train.learning_rate' must be > 0"),
+        ("verify.kl_max=1", "'verify.kl_max' must be in (0, 1)"),
+        ("verify.loss_tolerance=0", "'verify.loss_tolerance' must be > 0"),
+        ("verify.cross_device_loss_tolerance=-1e-3", "'verify.cross_device_loss_tolerance' must be > 0"),
+        ("verify.smoke_learning_rate=0", "'verify.smoke_learning_rate' must be > 0"),
+        ("kl.limit=-0.0", "'kl.limit' must be > 0"),
+        ("kl.warn_fraction=1.5", "'kl.warn_fraction' must be in (0, 1]"),
+        ("kl.lr_scale_min=-0.5", "'kl.lr_scale_min' must be in [0, 1]"),
+        ("kl.lr_scale_min=2", "'kl.lr_scale_min' must be in [0, 1]"),
+        ("kl.beta_min=5", "'kl.beta_min' (5) must be < 'kl.beta_max' (2)"),
+        ("reference.lora.dropout=1", "'reference.lora.dropout' must be in [0, 1)"),
+        ("reference.lora.dropout=-0.1", "'reference.lora.dropout' must be in [0, 1)"),
+    ],
+)
+def test_out_of_range_floats_are_named(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load(None, [parse_override(override)])
+    assert any(needle in m for m in e.value.problems), e.value.problems
+
+
+def test_every_bad_float_is_listed_at_once(tmp_path):
+    p = write(tmp_path, "train:\n  beta: .nan\n  learning_rate: -1\nkl:\n  warn_fraction: 0\n"
+                        "reference:\n  lora:\n    dropout: .inf\n")
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert len(e.value.problems) == 2, e.value.problems  # the type pass: both non-finite floats
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, "train:\n  learning_rate: -1\nkl:\n  warn_fraction: 0\n  limit: 0\n"))
+    assert len(e.value.problems) == 3, e.value.problems  # the range pass: all three
+
+
+def test_edge_values_that_are_allowed():
+    cfg = load(None, [parse_override(o) for o in ("kl.lr_scale_min=0", "kl.lr_scale_min=1", "kl.warn_fraction=1",
+                                                  "reference.lora.dropout=0", "train.beta=aggressive")])
+    assert cfg.kl.lr_scale_min == 1.0 and cfg.kl.warn_fraction == 1.0 and cfg.train.beta == "aggressive"
+
+
+def test_override_that_is_not_yaml_is_one_problem():
+    with pytest.raises(ConfigError) as e:
+        parse_override("train.beta=[1")
+    assert len(e.value.problems) == 1 and "override 'train.beta=[1'" in e.value.problems[0]
+    assert "not valid YAML" in e.value.problems[0] and "\n" not in e.value.one_line()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# strict YAML: duplicate keys and non-UTF-8 bytes (issue 13.6, 13.4)
+
+def test_duplicate_sections_and_keys_are_refused_with_both_lines(tmp_path):
+    p = write(tmp_path, "train:\n  beta: 0.2\nmodel:\n  path: x\ntrain:\n  learning_rate: 1e-5\n"
+                        "  learning_rate: 2e-5\n")
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert e.value.problems == [
+        "duplicate key 'train' (lines 1 and 5): keep one, the later one would silently win",
+        "duplicate key 'train.learning_rate' (lines 6 and 7): keep one, the later one would silently win",
+    ]
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    p = write(tmp_path, "base: &b\n  beta: 0.2\ntrain:\n  <<: *b\n  learning_rate: 1e-5\n")
+    with pytest.raises(ConfigError) as e:  # 'base' is not a section, but the merge itself is no duplicate
+        load(p)
+    assert not any("duplicate" in m for m in e.value.problems)
+    assert load(write(tmp_path, "train: &t\n  beta: 0.2\nkl:\n  limit: 0.2\n")).train.beta == 0.2
+
+
+def test_non_utf8_yaml_is_named(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_bytes(b"train:\n  beta: 0.2 # caf\xe9\n")
+    with pytest.raises(ConfigError) as e:
+        load(p)
+    assert e.value.problems == ["not UTF-8 text (byte 0xe9 on line 2): save the file as UTF-8"]
