@@ -61,27 +61,56 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorEntry]:
         raise CheckpointError(f"{path} has a corrupt safetensors header: re-copy the file")
     base = 8 + n
     out: dict[str, TensorEntry] = {}
+    spans: list[tuple[int, int, str]] = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(meta, dict) or "data_offsets" not in meta or "shape" not in meta:
-            raise CheckpointError(f"{path} has a corrupt safetensors header (entry {name}): re-copy the file")
-        dtype = SAFETENSORS_DTYPES.get(meta.get("dtype", ""))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
-        begin, end = meta["data_offsets"]
-        numel = 1
-        for s in meta["shape"]:
-            numel *= s
-        if not 0 <= begin <= end or end - begin != numel * torch.empty((), dtype=dtype).element_size():
-            raise CheckpointError(f"{path} has a corrupt safetensors header (offsets of {name}): re-copy the file")
+        begin, end, dtype, shape = _entry(path, name, meta)
         if base + end > size:
             raise CheckpointError(
                 f"{path} is truncated: tensor {name} ends at byte {base + end} but the file has {size} bytes; "
                 "re-copy or re-save the checkpoint"
             )
-        out[name] = TensorEntry(name, path, dtype, tuple(meta["shape"]), base + begin, end - begin)
+        spans.append((begin, end, name))
+        out[name] = TensorEntry(name, path, dtype, shape, base + begin, end - begin)
+    reach, holder = 0, ""  # the furthest end so far and its tensor: any later start before it is an overlap
+    for begin, end, name in sorted(spans):
+        if begin < reach and end > begin:  # an empty tensor may sit at any offset
+            raise CheckpointError(f"{path} has a corrupt safetensors header (tensors {holder} and {name} overlap): "
+                                  "re-copy the file")
+        if end > reach:
+            reach, holder = end, name
     return out
+
+
+def _whole(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _entry(path: str, name: str, meta: object) -> tuple[int, int, torch.dtype, tuple[int, ...]]:
+    """(begin, end, dtype, shape) of one header entry, every field checked: a hand-edited or corrupt header must
+    end in a named line, not a TypeError deep in the loader."""
+    def corrupt(what: str) -> CheckpointError:
+        return CheckpointError(f"{path} has a corrupt safetensors header (tensor {name}: {what}): re-copy the file")
+
+    if not isinstance(meta, dict) or "data_offsets" not in meta or "shape" not in meta:
+        raise corrupt("no data_offsets or shape")
+    dtype = SAFETENSORS_DTYPES.get(meta.get("dtype", "")) if isinstance(meta.get("dtype"), str) else None
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+    shape, offsets = meta["shape"], meta["data_offsets"]
+    if not isinstance(shape, list) or not all(_whole(s) for s in shape):
+        raise corrupt(f"shape must be a list of whole numbers >= 0, got {shape!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets):
+        raise corrupt(f"data_offsets must be two whole numbers >= 0, got {offsets!r}")
+    begin, end = offsets
+    numel = 1
+    for s in shape:
+        numel *= s
+    want = numel * torch.empty((), dtype=dtype).element_size()
+    if begin > end or end - begin != want:
+        raise corrupt(f"data_offsets {offsets} hold {end - begin} bytes, dtype x shape needs {want}")
+    return begin, end, dtype, tuple(shape)
 
 
 def weight_files(ckpt: str | Path, allow_pickle: bool = False) -> list[Path]:
@@ -91,8 +120,11 @@ def weight_files(ckpt: str | Path, allow_pickle: bool = False) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
             raise CheckpointError(f"{index} is not a valid safetensors index: re-save the checkpoint") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+            raise CheckpointError(f"{index} is not a valid safetensors index (weight_map must map tensor names to "
+                                  "file names): re-save the checkpoint")
         files = sorted({d / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -124,9 +156,31 @@ def preflight(ckpt: str | Path, allow_pickle: bool = False) -> dict:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}): re-save it") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_path} must hold a JSON object: re-save the checkpoint")
+    entries: dict[str, TensorEntry] = {}
     for f in weight_files(d, allow_pickle):
-        read_safetensors_header(f)  # 8 bytes + the JSON header: catches truncated/corrupt files before loading
+        entries.update(read_safetensors_header(f))  # 8 bytes + the JSON header: truncated/corrupt files, early
+    check_vocab_rows(cfg_path, config, entries)
     return config
+
+
+# Tensor names (suffixes) of token embeddings and LM heads in transformers' causal LMs: one row per vocabulary entry.
+VOCAB_ROW_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
+                      "lm_head.weight", "embed_out.weight")
+
+
+def check_vocab_rows(cfg_path: Path, config: dict, entries: dict[str, TensorEntry]) -> None:
+    """config.json's vocab_size must equal the rows of the embedding and LM head in the files: from_pretrained refuses
+    either mismatch only after every rank has started loading (or, with ignore_mismatched_sizes, re-initialises)."""
+    vocab = config.get("vocab_size")
+    if vocab is None and isinstance(config.get("text_config"), dict):
+        vocab = config["text_config"].get("vocab_size")
+    if not isinstance(vocab, int) or isinstance(vocab, bool):
+        return
+    for name, e in sorted(entries.items()):
+        if name.endswith(VOCAB_ROW_SUFFIXES) and len(e.shape) == 2 and e.shape[0] != vocab:
+            raise CheckpointError(f"{cfg_path} says vocab_size {vocab} but {name} in {Path(e.file).name} has "
+                                  f"{e.shape[0]} rows: set vocab_size to {e.shape[0]}, or re-save the checkpoint with "
+                                  "save_pretrained after resizing the embeddings")
 
 
 def tensor_index(ckpt: str | Path) -> dict[str, TensorEntry]:

@@ -124,7 +124,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
     spec = LaunchSpec(sharding=args.sharding, num_processes=args.num_processes, num_machines=args.num_machines,
                       machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
                       main_process_port=args.port, cpu=args.cpu, init_args=tuple(init_args))
-    argv, env = build_launch(spec)
+    try:
+        argv, env = build_launch(spec)
+    except ValueError as e:
+        print(f"dpo-dist: {e}", file=sys.stderr)
+        return 2
     shown = " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(argv)
     if args.dry_run:
         print(shown)

@@ -38,12 +38,17 @@ class LaunchSpec:
 
 def build_launch(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     """The `accelerate launch ... -m dpo_dist init ...` argv and the extra environment it needs."""
-    if spec.num_processes < 1 or spec.num_machines < 1:
-        raise ValueError("num_processes and num_machines must be >= 1")
+    if spec.num_processes < 1:
+        raise ValueError(f"{spec.num_processes} processes per machine (--num-processes): launch at least 1")
+    if spec.num_machines < 1:
+        raise ValueError(f"{spec.num_machines} machines (--num-machines): launch on at least 1")
     if not 0 <= spec.machine_rank < spec.num_machines:
-        raise ValueError(f"machine_rank {spec.machine_rank} is outside 0..{spec.num_machines - 1}")
+        raise ValueError(f"machine rank {spec.machine_rank} is outside 0..{spec.num_machines - 1} (--machine-rank): "
+                         "number the machines from 0")
+    if not 0 < spec.main_process_port < 65536:
+        raise ValueError(f"port {spec.main_process_port} is not a TCP port (--port): choose one in 1..65535")
     if spec.num_machines > 1 and not spec.main_process_ip:
-        raise ValueError("a multi-machine launch needs main_process_ip (the first node's address)")
+        raise ValueError("a multi-machine launch needs the first node's address (--main-process-ip): pass it")
     argv = [
         spec.python, "-m", "accelerate.commands.launch",
         "--config_file", str(launch_config_path(spec.sharding)),

@@ -94,7 +94,30 @@ def _inputs(args: argparse.Namespace) -> tuple[dict, str, Any, Cluster, RunSetti
     return src.config, src.source, src.checkpoint, cluster, base
 
 
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """Ranges argparse cannot express; checked before any model is built, so a typo costs nothing."""
+    import math
+    from pathlib import Path
+
+    if not (math.isfinite(args.headroom) and 0 <= args.headroom < 1):
+        return (f"--headroom {args.headroom:g} is outside [0, 1) (--headroom): give the fraction of each memory "
+                "kept free, e.g. 0.1")
+    for flag, value, low in (("--top", args.top, 0), ("--lora-rank", args.lora_rank, 1),
+                             ("--max-live-parameters", args.max_live_parameters, 1)):
+        if value < low:
+            return f"{flag} {value} is below {low} ({flag}): give a whole number >= {low}"
+    if args.plot:
+        folder = Path(args.plot).expanduser().resolve().parent
+        if not folder.is_dir():
+            return f"no directory {folder} for the plot (--plot {args.plot}): create it or choose another path"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = _argument_problem(args)
+    if problem:
+        print(f"dpo-dist plan: {problem}", file=sys.stderr)
+        return 2
     try:
         config, source, ckpt, cluster, base = _inputs(args)
         only: dict[str, Any] = {}
@@ -119,7 +142,12 @@ def run(args: argparse.Namespace) -> int:
         requested = check(config, cluster, base, headroom=args.headroom,
                           shard_bytes=ckpt.largest_file_bytes if ckpt else None)
     if args.plot:
-        plot(ps, args.plot)
+        try:
+            plot(ps, args.plot)
+        except OSError as e:
+            print(f"dpo-dist plan: could not write the plot ({args.plot}: {e.strerror or e}): choose a writable "
+                  "path for --plot", file=sys.stderr)
+            return 2
     if args.json:
         data = ps.to_dict()
         if requested is not None:

@@ -29,11 +29,33 @@ def check_checkpoint(path: Path, cfg: RunConfig, role: str) -> None:
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise PreflightError(f"{role}: no tokenizer in {path} (expected one of {', '.join(TOKENIZER_FILES)}): save "
                              "the SFT tokenizer with tokenizer.save_pretrained into the checkpoint directory")
-    from .models import needs_remote_code
+    problem = model_type_problem(conf, path, cfg.model.trust_remote_code)
+    if problem:
+        raise PreflightError(f"{role}: {problem}")
 
-    if needs_remote_code(conf) and not cfg.model.trust_remote_code:
-        raise PreflightError(f"{role}: model_type {conf.get('model_type')!r} in {path} is not built into transformers "
-                             "and needs remote code: set model.trust_remote_code: true only if you trust its source")
+
+def model_type_problem(conf: dict, path: Path, trust_remote_code: bool) -> str | None:
+    """A model type transformers lacks is custom code (config.json's auto_map names it) or a typo: only the first is
+    helped by trust_remote_code, so the second gets a did-you-mean from transformers' own list of types."""
+    import difflib
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = conf.get("model_type")
+    if model_type in CONFIG_MAPPING:
+        return None
+    if isinstance(conf.get("auto_map"), dict):
+        if trust_remote_code:
+            return None
+        return (f"model_type {model_type!r} in {path} is not built into transformers and needs remote code "
+                "(config.json auto_map): set model.trust_remote_code: true only if you trust its source")
+    where = path / "config.json"
+    if model_type is None:
+        return f"no model_type ({where}): set it to the model's type, e.g. 'llama', or re-save with save_pretrained"
+    close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return (f"model_type {model_type!r} is not a model type transformers knows ({where}): {hint}correct model_type "
+            "in config.json (a custom model would also need its code named in auto_map)")
 
 
 def check_output_dir(cfg: RunConfig) -> Path:
