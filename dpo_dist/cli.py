@@ -64,6 +64,16 @@ def cmd_init(args: argparse.Namespace) -> int:
         if problem:
             print(f"dpo-dist: {problem}", file=sys.stderr)
             return 2
+    from .run_lock import release
+
+    try:
+        return _init_owned(args, cfg, cluster_args)
+    finally:
+        release(cfg.train.output_dir)  # the process usually ends here anyway; in-process callers get the dir back
+
+
+def _init_owned(args: argparse.Namespace, cfg, cluster_args) -> int:
+    """Preflight (rank 0 takes the output dir there), the memory plan, then the run."""
     from .preflight import PreflightError, run_preflight
 
     try:
@@ -129,12 +139,39 @@ def cmd_launch(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"dpo-dist: {e}", file=sys.stderr)
         return 2
-    shown = " ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(argv)
+    from .run_lock import RUN_ID_ENV, OutputDirBusy, acquire, run_id
+
     if args.dry_run:
-        print(shown)
+        print(" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(argv))
         return 0
-    print(f"[dpo-dist] {shown}", flush=True)
+    env[RUN_ID_ENV] = run_id()  # one id for every rank this launcher starts (rank 0's wins across launchers)
+    out = _launch_output_dir(init_args) if spec.num_machines == 1 else None  # multi-node: rank 0 takes it
+    if out is not None and out.is_dir():
+        try:
+            acquire(out)  # held while the ranks run; rank 0 sees this run's id in it and goes on
+        except OutputDirBusy as e:
+            print(f"dpo-dist: {e}", file=sys.stderr)
+            return 2
+        except OSError:  # not writable: init's preflight says so
+            pass
+    print(f"[dpo-dist] {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(argv)}", flush=True)
     return subprocess.call(argv, env={**os.environ, **env})
+
+
+def _launch_output_dir(init_args: list[str]):
+    """The output dir the launched `init` will use, or None if its arguments or config are bad (init says why)."""
+    import contextlib
+    import io
+    from pathlib import Path
+
+    from .config import ConfigError, load
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = build_parser().parse_args(["init", *init_args])
+        return Path(load(args.config, _overrides(args)).train.output_dir)
+    except (SystemExit, ConfigError):
+        return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,11 @@ class RendezvousError(RuntimeError):
 class DistContext:
     """World facts plus the few collectives the verification needs; all no-ops for a single process."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, device: torch.device | None = None):
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, device: torch.device | None = None,
+                 run_id: str | None = None):
+        from .run_lock import run_id as this_run
+
+        self.run_id = run_id or this_run()  # what the report and the manifest carry (rank 0's, see from_env)
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
@@ -61,7 +65,7 @@ class DistContext:
                 raise RendezvousError(
                     f"rank {rank} of {world}: rendezvous at {where} failed within {timeout_s} s ({cause}): check that "
                     "every node started its ranks and can reach that address, or raise sharding.timeout_s") from None
-        return cls(rank, world, local_rank, _device(local_rank))
+        return cls(rank, world, local_rank, _device(local_rank), agree_run_id())
 
     # -- facts --------------------------------------------------------------------------------------------------
     @property
@@ -120,6 +124,17 @@ class DistContext:
                 torch.distributed.barrier()
             finally:
                 torch.distributed.destroy_process_group()
+
+
+def agree_run_id() -> str:
+    """Rank 0's run id, adopted by every rank (ranks of separate launchers, one per node, start with their own)."""
+    from .run_lock import RUN_ID_ENV, run_id
+
+    box = [run_id()]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(box, src=0)
+    os.environ[RUN_ID_ENV] = box[0]
+    return box[0]
 
 
 def free_port() -> int:

@@ -17,10 +17,10 @@ MANIFEST = "reference_manifest.json"
 
 
 def write_manifest(output_dir: str | Path, *, checkpoint: str, placement: str, tokenizer: str,
-                   fingerprints: dict[str, str], config: dict[str, Any]) -> Path:
+                   fingerprints: dict[str, str], config: dict[str, Any], run_id: str | None = None) -> Path:
     path = Path(output_dir) / MANIFEST
-    write_json_atomic(path, {"checkpoint": checkpoint, "placement": placement, "tokenizer": tokenizer,
-                             "reference_fingerprints": fingerprints, "config": config})
+    write_json_atomic(path, {"run_id": run_id, "checkpoint": checkpoint, "placement": placement,
+                             "tokenizer": tokenizer, "reference_fingerprints": fingerprints, "config": config})
     return path
 
 

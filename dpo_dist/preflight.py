@@ -13,6 +13,7 @@ from .config import RunConfig
 from .data import DataError, read_rows, validate
 from .manifest import MANIFEST
 from .resources import resolve_data_path, resolve_ds_config, resolve_model_path
+from .run_lock import OutputDirBusy, acquire
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -59,7 +60,11 @@ def model_type_problem(conf: dict, path: Path, trust_remote_code: bool) -> str |
 
 
 def check_output_dir(cfg: RunConfig) -> Path:
+    """Writable, owned by this run (rank 0 takes the lock, held until the process ends: run_lock), and holding no
+    other run's report unless --overwrite/resume. The lock comes first: a live run's report is not "stale"."""
     out = Path(cfg.train.output_dir)
+    if out.is_dir():
+        _lock(out)
     if (out / "report.json").exists() and not (cfg.overwrite or cfg.train.resume_from):
         raise PreflightError(f"output dir {out} already holds a report from another run: pass --overwrite to replace "
                              "it, or choose another --output-dir")
@@ -70,7 +75,19 @@ def check_output_dir(cfg: RunConfig) -> Path:
     except OSError as e:
         raise PreflightError(f"output dir {out} is not writable ({e.strerror}): choose a writable --output-dir") \
             from None
+    _lock(out)
     return out
+
+
+def _lock(out: Path) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    try:
+        acquire(out)
+    except OutputDirBusy as e:
+        raise PreflightError(str(e)) from None
+    except OSError:  # not writable: the check above names it
+        pass
 
 
 def run_preflight(cfg: RunConfig) -> None:

@@ -89,7 +89,8 @@ class InitRun:
         self.s.update(ds_label=label, ds=ds, stage=stage, smoke_steps=smoke)
         self.s["args"] = build_dpo_config(cfg, ds, smoke, precompute=placement in placements.USES_TRL_PRECOMPUTE)
         self.rr.facts.update(sharding=label, zero_stage=stage, placement=placement, world_size=self.ctx.world_size,
-                             output_dir=str(Path(cfg.train.output_dir)), smoke_steps=smoke)
+                             output_dir=str(Path(cfg.train.output_dir)), smoke_steps=smoke,
+                             rank_run_id=self.ctx.run_id)
         roles = self.ctx.roles
         world = f"world {self.ctx.world_size}" if roles is None else \
             f"{roles.policy_ranks} policy + {roles.reference_ranks} reference rank(s) of {roles.world} processes"
@@ -248,7 +249,8 @@ class InitRun:
         if self.ctx.is_main:
             path = manifest.write_manifest(cfg.train.output_dir, checkpoint=str(self.s["ref_path"]),
                                            placement=cfg.reference.placement, tokenizer=tok_key,
-                                           fingerprints=self.s["fp_reference"], config=to_dict(cfg))
+                                           fingerprints=self.s["fp_reference"], config=to_dict(cfg),
+                                           run_id=self.ctx.run_id)
             rr.facts["manifest"] = str(path)
         return True
 
@@ -448,6 +450,7 @@ def finish(result: InitResult, ctx: DistContext, output_dir: str) -> int:
     same exit code. A report that cannot be written (disk full, say) fails the run and leaves no partial file."""
     code = 0 if result.passed else 1
     if ctx.is_main:
+        result.report["run_id"] = ctx.run_id  # the id the manifest and the output dir's lock carry too
         print(render_table(result.report["checks"]), flush=True)
         path = Path(output_dir) / "report.json"
         try:
