@@ -97,7 +97,10 @@ class PrecomputedDPOTrainer(DPOTrainer):
 
         cache_file = dataset._get_cache_file_path(Hasher.hash((dataset._fingerprint, self._reference_digest)))
         self.cache_hits[name] = os.path.exists(cache_file)
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        from .disk_writes import no_leftovers  # a full disk: the cache's path named, no truncated temp file left
+
+        with no_leftovers(os.path.dirname(cache_file), cache_file, f"caching reference log-probs for {name}"):
+            return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _prepare_inputs(self, inputs):
         # Under DeepSpeed, transformers' Trainer casts every floating input to the engine dtype: the precomputed

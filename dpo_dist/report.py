@@ -78,9 +78,13 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # "[Errno 28] No space left on device" names no file: say which
+            from .disk_writes import named
+
+            raise named(e, path) from e
         raise
 
 

@@ -411,12 +411,19 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(text, end="")
         return 0
-    log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output folder
-    script.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text("# resolved by `dpo-dist slurm`: the run config every rank of the job reads\n"
-                           + yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    script.write_text(text)
-    script.chmod(0o755)
+    from .disk_writes import write_text_atomic
+
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output folder
+        script.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(config_file, "# resolved by `dpo-dist slurm`: the run config every rank of the job reads\n"
+                          + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_text_atomic(script, text, 0o755)
+    except OSError as e:
+        where = e.filename or log_dir
+        print(f"dpo-dist: could not write the job files ({where}: {e.strerror or e}): free space or choose another "
+              "--output-dir / --script / --log-dir", file=sys.stderr)
+        return 2
     print(f"[dpo-dist] wrote {script} (config {config_file}); logs: {log_dir}/{args.job_name}-<jobid>.out",
           flush=True)
     if not (args.submit or args.wait):
