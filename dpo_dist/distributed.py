@@ -48,6 +48,7 @@ class DistContext:
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
+        timeout_new_groups(timeout_s)
         acc = get_accelerator()
         if acc.device_name() != "cpu":
             acc.set_device(local_rank)
@@ -65,7 +66,11 @@ class DistContext:
                 raise RendezvousError(
                     f"rank {rank} of {world}: rendezvous at {where} failed within {timeout_s} s ({cause}): check that "
                     "every node started its ranks and can reach that address, or raise sharding.timeout_s") from None
-        return cls(rank, world, local_rank, _device(local_rank), agree_run_id())
+        ctx = cls(rank, world, local_rank, _device(local_rank), agree_run_id())
+        from .liveness import start
+
+        start(rank, world, timeout_s)  # so a collective timeout can name the rank that went silent
+        return ctx
 
     # -- facts --------------------------------------------------------------------------------------------------
     @property
@@ -124,6 +129,16 @@ class DistContext:
                 torch.distributed.barrier()
             finally:
                 torch.distributed.destroy_process_group()
+
+
+def timeout_new_groups(timeout_s: int) -> None:
+    """Every process group created from here on (DeepSpeed's engines clone the world group for data parallelism)
+    times out after sharding.timeout_s as the world group does: torch gives a new group its module default, 30 min,
+    not the world group's timeout, so a stopped rank held its peers for half an hour inside deepspeed.initialize."""
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timedelta(seconds=timeout_s)  # read at each new_group (_get_default_timeout)
+    distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
 
 
 def agree_run_id() -> str:

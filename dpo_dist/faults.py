@@ -5,6 +5,7 @@ tests/test_placements.py). Inert unless the environment variable is set."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -14,8 +15,9 @@ FAULT_ENV = "DPO_DIST_TEST_FAULT"
 def inject_fault(stage: str, rank: int, state: dict) -> None:
     """Test hook: DPO_DIST_TEST_FAULT="<stage>:<rank>[:mode]" acts on that rank at the start of that stage.
     Modes: raise (default: an error the stage reports), exit (the process dies at once, as a crashed or killed rank
-    would), hang (alive but silent), perturb (this rank's copy of one reference weight changes, as a bad copy
-    would), train_ref (the reference goes back to train mode, dropout active)."""
+    would), hang (alive but silent), stop (SIGSTOP: the whole process frozen, as on a hung node), perturb (this
+    rank's copy of one reference weight changes, as a bad copy would), train_ref (the reference goes back to train
+    mode, dropout active)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -26,6 +28,10 @@ def inject_fault(stage: str, rank: int, state: dict) -> None:
     if mode == "exit":
         print(f"[dpo-dist] rank {rank}: injected crash at stage '{stage}'", file=sys.stderr, flush=True)
         os._exit(17)
+    if mode == "stop":  # the whole process stopped (SIGSTOP, a frozen node): no thread of it runs any more
+        print(f"[dpo-dist] rank {rank}: injected stop at stage '{stage}'", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
     if mode == "hang":  # alive but silent, as a stuck rank would be
         print(f"[dpo-dist] rank {rank}: injected hang at stage '{stage}'", file=sys.stderr, flush=True)
         time.sleep(3600)

@@ -126,7 +126,7 @@ def check_counts(world: int, k: int) -> str | None:
 def split_world(k: int, timeout_s: int) -> tuple[Any, Roles]:
     """Give this process its role's world (as the default process group) and the bridge; return (DistContext of the
     role's world, Roles). Must run before accelerate, DeepSpeed or transformers initialize anything distributed."""
-    from .distributed import DistContext, RendezvousError
+    from .distributed import DistContext, RendezvousError, timeout_new_groups
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -163,6 +163,7 @@ def split_world(k: int, timeout_s: int) -> tuple[Any, Roles]:
                                                 world, IDLE_WAIT)
     import deepspeed
 
+    timeout_new_groups(timeout_s)
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), timeout=timeout,
                                auto_mpi_discovery=False)  # adopts the group made above
     ctx = DistContext(role_rank, role_world, local_rank, _device(local_rank))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import manifest, models, placements, probes, weights
+from . import liveness, manifest, models, placements, probes, weights
 from .checkpoint import CheckpointError
 from .config import RunConfig, to_dict
 from .data import DataError, prepare
@@ -403,13 +403,16 @@ class InitRun:
     # -- driver -------------------------------------------------------------------------------------------------
     def attempt(self, name: str, fn) -> bool:
         try:
+            liveness.mark(name)
             inject_fault(name, self.ctx.rank, self.s)
             return bool(fn())
         except Exception as e:
             if self.debug:
                 traceback.print_exc()
             text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            if isinstance(e, KNOWN_ERRORS):
+            if liveness.is_timeout(e):  # name the silent rank, not the error a clean-up raised on top
+                value = hint = liveness.explain(self.cfg.sharding.timeout_s)
+            elif isinstance(e, KNOWN_ERRORS):
                 value, hint = text or type(e).__name__, text or type(e).__name__
             else:  # unexpected: keep the cause on one line, the traceback with --debug
                 value, hint = f"{type(e).__name__}: {text}", "unexpected error: rerun with --debug for the traceback"
@@ -433,7 +436,13 @@ class InitRun:
                             ("static proofs", self.prove_static), ("forward proofs", self.prove_forward),
                             ("trainer", self.build), ("smoke steps", self.smoke)):
             ok = self.attempt(name, stage)
-            if not self.ctx.all_ok(ok):
+            try:
+                agreed = self.ctx.all_ok(ok)
+            except Exception as e:  # a rank that never reaches the decision: a timeout naming it, not a traceback
+                if not liveness.is_timeout(e):
+                    raise
+                self.abandon(name, liveness.explain(self.cfg.sharding.timeout_s))
+            if not agreed:
                 self.ctx.print0(f"[dpo-dist] stopping after stage '{name}': a check failed on some rank")
                 break
         remote = self.s.get("remote")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, free_port
 
 from dpo_dist.cli import main
@@ -96,3 +97,16 @@ def test_ranks_of_separate_launchers_adopt_rank_0s_run_id():
                 p.kill()
     lines = sorted(ln for o in outs for ln in o.splitlines() if ln.startswith("RUN_ID"))
     assert lines == ["RUN_ID 0 node0-id node0-id", "RUN_ID 1 node0-id node0-id"], outs
+
+
+@pytest.mark.multiproc
+def test_report_manifest_and_every_rank_carry_one_run_id(tmp_path):
+    from conftest import launch_init
+
+    out = tmp_path / "out"
+    res = launch_init(out, "--set", "verify.generation=false", timeout=300)
+    assert res.returncode == 0, res.output[-4000:]
+    rid = res.report["run_id"]
+    assert rid and json.loads((out / "reference_manifest.json").read_text())["run_id"] == rid
+    assert {f["rank_run_id"] for f in res.report["per_rank_facts"].values()} == {rid}
+    assert json.loads((out / LOCK_NAME).read_text())["run_id"] == rid  # the launcher that held the dir: this run
