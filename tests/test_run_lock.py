@@ -78,6 +78,7 @@ ctx.teardown()
 """
 
 
+@pytest.mark.multiproc
 def test_ranks_of_separate_launchers_adopt_rank_0s_run_id():
     """Two ranks that start with different ids (one launcher per node) end with rank 0's, over a real gloo group."""
     port = str(free_port())
@@ -104,9 +105,27 @@ def test_report_manifest_and_every_rank_carry_one_run_id(tmp_path):
     from conftest import launch_init
 
     out = tmp_path / "out"
-    res = launch_init(out, "--set", "verify.generation=false", timeout=300)
+    out.mkdir()
+    (out / "report.json").write_text('{"passed": false}')  # an earlier run's: replaced with --overwrite
+    # the dir exists, so `dpo-dist launch` holds the lock while its ranks run, and rank 0 accepts it as its own
+    res = launch_init(out, "--set", "verify.generation=false", "--overwrite", timeout=300)
     assert res.returncode == 0, res.output[-4000:]
     rid = res.report["run_id"]
     assert rid and json.loads((out / "reference_manifest.json").read_text())["run_id"] == rid
     assert {f["rank_run_id"] for f in res.report["per_rank_facts"].values()} == {rid}
     assert json.loads((out / LOCK_NAME).read_text())["run_id"] == rid  # the launcher that held the dir: this run
+
+
+def test_the_same_run_id_in_an_unrelated_process_does_not_share_the_dir(tmp_path, capsys, monkeypatch):
+    """Only the launcher that started this rank (an ancestor process) may hold the dir for it: a leaked or copied
+    DPO_DIST_RUN_ID does not let a second run in."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv(RUN_ID_ENV, "run-C")
+    out = tmp_path / "out"
+    other = hold(out, "run-C")
+    try:
+        code = main(["init", "--output-dir", str(out)])
+    finally:
+        other.kill()
+        other.wait()
+    assert code == 2 and "is in use by another run (run run-C" in capsys.readouterr().err
