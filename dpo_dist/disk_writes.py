@@ -25,14 +25,15 @@ def named(e: OSError, path: str | Path, doing: str = "") -> OSError:
 @contextlib.contextmanager
 def no_leftovers(directory: str | Path, path: str | Path, doing: str) -> Iterator[None]:
     """Run a block that writes `path` in `directory` (through a temporary file and a rename, as `datasets` does): if
-    it fails, remove the files that appeared in the directory meanwhile and raise the error naming `path`."""
+    it fails, remove the temporary files (`tmp*`) that appeared in the directory meanwhile and raise the error naming
+    `path`."""
     folder = Path(directory)
     before = set(os.listdir(folder)) if folder.is_dir() else set()
     try:
         yield
     except OSError as e:
         for name in set(os.listdir(folder)) - before if folder.is_dir() else ():
-            if name != Path(path).name:
+            if name.startswith("tmp") and name != Path(path).name:  # datasets' NamedTemporaryFile names, no other
                 with contextlib.suppress(OSError):
                     (folder / name).unlink()
         raise named(e, path, doing) from e
