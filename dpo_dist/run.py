@@ -436,6 +436,7 @@ class InitRun:
                             ("static proofs", self.prove_static), ("forward proofs", self.prove_forward),
                             ("trainer", self.build), ("smoke steps", self.smoke)):
             ok = self.attempt(name, stage)
+            liveness.mark(f"{name}: done")  # a peer still in the stage itself is then told apart from this rank
             try:
                 agreed = self.ctx.all_ok(ok)
             except Exception as e:  # a rank that never reaches the decision: a timeout naming it, not a traceback
