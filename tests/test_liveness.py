@@ -89,3 +89,15 @@ def test_new_process_groups_get_the_configured_timeout(monkeypatch):
     assert distributed_c10d._get_default_timeout(Backend.GLOO) == timedelta(minutes=30)
     timeout_new_groups(17)
     assert distributed_c10d._get_default_timeout(Backend.GLOO) == timedelta(seconds=17)
+
+
+@pytest.mark.multiproc
+def test_a_rank_stuck_in_a_stage_is_named_as_alive_there(tmp_path, monkeypatch):
+    """Rank 1 hangs (alive, beating) inside the tokenizer stage; rank 0 finished it and times out in the shared
+    decision after sharding.timeout_s, naming rank 1 and the stage it is stuck in."""
+    monkeypatch.setenv("DPO_DIST_TEST_FAULT", "tokenizer:1:hang")
+    res = launch_init(tmp_path / "out", "--set", "sharding.timeout_s=10", timeout=300)
+    assert res.returncode != 0 and res.report is None
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("dpo-dist: rank 0 failed"))
+    assert "rank 1 did not answer within sharding.timeout_s (10 s) (rank 1: alive but still in stage 'tokenizer')" \
+        in line, line
