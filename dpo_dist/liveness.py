@@ -96,7 +96,12 @@ def mark(stage: str) -> None:
 
 
 def is_timeout(e: BaseException) -> bool:
-    """A collective that ran past the process group's timeout, anywhere in the exception's chain."""
+    """A collective that ran past the process group's timeout, anywhere in the exception's chain, while this rank
+    beats (placement ranks' bridge errors, which name their peer already, are left as they are: no beats there)."""
+    return _current is not None and _timeout_in_chain(e)
+
+
+def _timeout_in_chain(e: BaseException) -> bool:
     seen: set[int] = set()
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:

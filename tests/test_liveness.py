@@ -25,10 +25,13 @@ def _timeout_under_cleanup() -> RuntimeError:
         return e
 
 
-def test_a_timeout_is_found_under_the_error_raised_on_top_of_it():
+def test_a_timeout_is_found_under_the_error_raised_on_top_of_it(monkeypatch):
+    monkeypatch.setattr(liveness, "_current", object())  # this rank beats
     assert liveness.is_timeout(_timeout_under_cleanup())
     assert not liveness.is_timeout(RuntimeError("{'status': 'INFLIGHT'} expected to be released"))
     assert not liveness.is_timeout(ValueError("bad value"))
+    monkeypatch.setattr(liveness, "_current", None)  # no beats (placement ranks): errors keep their own words
+    assert not liveness.is_timeout(_timeout_under_cleanup())
 
 
 def test_stopped_and_stuck_ranks_are_told_apart_over_a_real_store():
