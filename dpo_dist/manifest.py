@@ -17,10 +17,12 @@ MANIFEST = "reference_manifest.json"
 
 
 def write_manifest(output_dir: str | Path, *, checkpoint: str, placement: str, tokenizer: str,
-                   fingerprints: dict[str, str], config: dict[str, Any]) -> Path:
+                   fingerprints: dict[str, str], config: dict[str, Any],
+                   lineage: dict[str, str] | None = None) -> Path:
+    """lineage: the run identity (dpo_dist.lineage) that every trainer checkpoint of this run is marked with."""
     path = Path(output_dir) / MANIFEST
     write_json_atomic(path, {"checkpoint": checkpoint, "placement": placement, "tokenizer": tokenizer,
-                             "reference_fingerprints": fingerprints, "config": config})
+                             "reference_fingerprints": fingerprints, "config": config, "lineage": lineage})
     return path
 
 

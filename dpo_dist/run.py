@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import manifest, models, placements, probes, weights
+from . import lineage, manifest, models, placements, probes, weights
 from .checkpoint import CheckpointError
 from .config import RunConfig, to_dict
 from .data import DataError, prepare
@@ -269,16 +269,24 @@ class InitRun:
         cfg, rr = self.cfg, self.rr
         tok_key = placements.tokenizer_key(self.s["tok"])
         if cfg.train.resume_from:
-            diffs = manifest.compare(manifest.read_manifest(cfg.train.output_dir), self.s["fp_reference"], tok_key)
-            return rr.add("reference == init manifest", not diffs,
-                          f"{len(self.s['fp_reference'])} tensors and the tokenizer as at init" if not diffs else
-                          f"{len(diffs)} differ, first: {diffs[0]}",
-                          f"the reference is not the one this run started with (first difference: "
-                          f"{diffs[0] if diffs else ''}): resume with the original model.path/reference.path")
+            saved = manifest.read_manifest(cfg.train.output_dir)
+            diffs = manifest.compare(saved, self.s["fp_reference"], tok_key)
+            ok = rr.add("reference == init manifest", not diffs,
+                        f"{len(self.s['fp_reference'])} tensors and the tokenizer as at init" if not diffs else
+                        f"{len(diffs)} differ, first: {diffs[0]}",
+                        f"the reference is not the one this run started with (first difference: "
+                        f"{diffs[0] if diffs else ''}): resume with the original model.path/reference.path")
+            self.s["lineage"] = saved.get("lineage")  # new checkpoints of the resumed run carry the same identity
+            problems = lineage.check_checkpoint(cfg.train.resume_from, self.s["lineage"], self.s["fp_policy"])
+            return ok & rr.add("resume checkpoint belongs to this run", not problems,
+                               f"{lineage.MARKER} names this run (run id {self.s['lineage']['run_id'][:12]})"
+                               if not problems else problems[0], problems[0] if problems else "")
+        self.s["lineage"] = lineage.new_identity(self.s["fp_reference"], self.s["fp_policy"])
         if self.ctx.is_main:
             path = manifest.write_manifest(cfg.train.output_dir, checkpoint=str(self.s["ref_path"]),
                                            placement=cfg.reference.placement, tokenizer=tok_key,
-                                           fingerprints=self.s["fp_reference"], config=to_dict(cfg))
+                                           fingerprints=self.s["fp_reference"], config=to_dict(cfg),
+                                           lineage=self.s["lineage"])
             rr.facts["manifest"] = str(path)
         return True
 
@@ -374,6 +382,7 @@ class InitRun:
 
         self.s["kl_monitor"] = attach(trainer, self.cfg, self.ctx, self.rr, self.s["tok"],
                                       lambda prompts: placements.kl_reference(self, trainer, prompts))
+        lineage.attach(trainer, self.s.get("lineage"), self.ctx)  # checkpoints carry this run's identity
 
     def smoke(self) -> bool:
         n = self.s["smoke_steps"]
@@ -409,8 +418,10 @@ class InitRun:
         if cross:
             tol = self.cfg.verify.cross_device_loss_tolerance
         if self.cfg.train.resume_from:  # a resumed policy is trained: its first loss is not ln 2
-            return rr.add("resumed training ran", bool(losses), f"{len(losses)} steps after resuming, losses "
-                          f"{[round(x, 4) for x in losses]}", "no step ran after resuming: check max_steps")
+            ran = rr.add("resumed training ran", bool(losses), f"{len(losses)} steps after resuming, losses "
+                         f"{[round(x, 4) for x in losses]}", "no step ran after resuming: check max_steps")
+            return ran & rr.add("resumed loss continues the run",
+                                **lineage.check_resumed_loss(self.cfg.train.resume_from, losses))
         ok = rr.add("step-0 DPO loss = ln 2", bool(losses) and abs(losses[0] - LN2) < tol,
                     f"{losses[0]:.6f} (ln 2 = {LN2:.6f}, tolerance {tol:g}"
                     + (": reference on CPU, policy on the accelerator)" if cross else ")") if losses else
