@@ -83,3 +83,78 @@ def test_resumed_loss_with_one_logged_loss_says_it_was_not_checked(tmp_path):
     ident = lineage.new_identity(FP_REF, FP_POL)
     row = lineage.check_resumed_loss(checkpoint(tmp_path, ident, [0.6931]), [13.7])
     assert row["ok"] and row["value"].startswith("not checked: 1 logged loss")
+
+
+# -- for real: `dpo-dist init` runs (a world of one each), trainer checkpoints, resumes ------------------------------
+def init(out, *args, model=None):
+    import sys
+
+    from conftest import run_cmd
+
+    argv = [sys.executable, "-m", "dpo_dist", "init", "--output-dir", str(out), "--set", "verify.generation=false",
+            "--set", "verify.smoke_learning_rate=2e-3", "--set", "train.extra.save_strategy=steps",
+            "--set", "train.save_steps=2", *args]
+    if model is not None:
+        argv += ["--model", str(model)]
+    code, log = run_cmd(argv, {"PYTHONUNBUFFERED": "1"}, 600)
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    return code, log, report
+
+
+def random_same_shape(dst):
+    """Another model of exactly the embedded checkpoint's shape (random weights), with its tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpo_dist.resources import DEFAULT_CHECKPOINT
+
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(DEFAULT_CHECKPOINT)).to(torch.bfloat16) \
+        .save_pretrained(str(dst))
+    for f in DEFAULT_CHECKPOINT.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+@pytest.mark.multiproc
+def test_resume_from_this_run_passes_and_from_another_model_fails(tmp_path):
+    import shutil
+
+    from conftest import check_row
+
+    run = tmp_path / "run"
+    code, log, first = init(run, "--smoke-steps", "4")
+    assert code == 0, log[-4000:]
+    ident = json.loads((run / "reference_manifest.json").read_text())["lineage"]
+    for step in (2, 4):
+        marker = json.loads((run / f"checkpoint-{step}" / lineage.MARKER).read_text())
+        assert marker == {**ident, "step": step}
+    # 1. this run's checkpoint: belongs, and the resumed losses continue it (within the logged spread)
+    code, log, rep = init(run, "--smoke-steps", "4", "--set", f"train.resume_from={run / 'checkpoint-2'}")
+    assert code == 0, log[-4000:]
+    assert check_row(rep, "resume checkpoint belongs to this run")["ok"]
+    row = check_row(rep, "resumed loss continues the run")
+    assert row["ok"] and "tolerance" in row["value"], row
+    assert rep["facts"]["smoke_losses"] == pytest.approx(first["facts"]["smoke_losses"][2:], abs=1e-4)
+    # 2. a checkpoint trained from another model of the same shape, by another dpo-dist run: refused before training
+    other = tmp_path / "other"
+    code, log, _ = init(other, "--smoke-steps", "2", model=random_same_shape(tmp_path / "random"))
+    assert code == 0, log[-4000:]
+    code, log, rep = init(run, "--smoke-steps", "4", "--set", f"train.resume_from={other / 'checkpoint-2'}")
+    assert code == 1
+    row = check_row(rep, "resume checkpoint belongs to this run")
+    assert not row["ok"] and "saved by another run" in row["value"]
+    assert "resumed training ran" not in [r["check"] for r in rep["checks"]]  # stopped before training
+    # 3. the same foreign checkpoint with this run's marker copied in: the loss gives it away
+    forged = tmp_path / "forged" / "checkpoint-2"
+    shutil.copytree(other / "checkpoint-2", forged)
+    shutil.copy(run / "checkpoint-2" / lineage.MARKER, forged / lineage.MARKER)
+    code, log, rep = init(run, "--smoke-steps", "4", "--set", f"train.resume_from={forged}")
+    assert code == 1, log[-4000:]
+    assert check_row(rep, "resume checkpoint belongs to this run")["ok"]
+    row = check_row(rep, "resumed loss continues the run")
+    assert not row["ok"] and "tolerance" in row["value"], row
+    print("resumed loss rows:", row["value"])

@@ -9,7 +9,6 @@ import shutil
 import sys
 
 import pytest
-import torch
 from conftest import check_row, run_cmd
 from safetensors.torch import load_file, save_file
 
