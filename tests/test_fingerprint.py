@@ -350,3 +350,17 @@ def test_model_fingerprints_name_the_nonfinite_tensor() -> None:
     found: dict[str, int] = {}
     weights.model_fingerprints(model, DistContext(0, 1), nonfinite=found)
     assert found == {"1.weight": 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_nonfinite_count_matches_cpu() -> None:
+    gen = torch.Generator().manual_seed(22)
+    for dtype in F.EXPONENT_MASKS:
+        t = (torch.randn(30_011, generator=gen, dtype=torch.float64) * 100).to(dtype)
+        t[[0, 4096, 30_010]] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=torch.float64).to(dtype)
+        for offset, chunk in [(0, 1 << 22), (999_999, 1000)]:
+            got = F.fingerprint_scan(t.cuda(), offset=offset, chunk=chunk)
+            assert got.device.type == "cuda"
+            assert torch.equal(got.cpu(), F.fingerprint_scan(t, offset=offset)), (dtype, offset)
+            assert int(got[2]) == 3
