@@ -319,8 +319,8 @@ class InitRun:
                     rr.facts["sample_generation"] = texts[:2]
                     rr.facts["perplexity"] = probes.perplexity_check(p, tok, cfg.verify.prompts[0],
                                                                       cfg.verify.reference_text, ctx, rr)
-                rr.facts["tokenizer_order"] = probes.tokenizer_order_check(p, tok, list(cfg.verify.prompts),
-                                                                            cfg.verify.reference_text, ctx, rr)
+                    rr.facts["tokenizer_order"] = probes.tokenizer_order_check(p, tok, list(cfg.verify.prompts),
+                                                                                cfg.verify.reference_text, ctx, rr)
                 ctx.print0("[dpo-dist] initial KL(policy || reference) ...")
                 kl = probes.initial_kl(p, r, tok, list(cfg.verify.prompts), cfg.verify.kl_chunk, ctx)
         finally:

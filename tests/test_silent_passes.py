@@ -41,3 +41,21 @@ def test_fewer_layers_and_a_nan_weight_fail_the_static_proofs(tmp_path):
     assert report["facts"]["nonfinite_policy"] == {"model.embed_tokens.weight": 1}
     assert "weights: policy == reference" in [r["check"] for r in report["checks"]]  # the rest of the stage ran
     assert "check 'weights finite: policy' failed" in log or "check 'checkpoint files" in log
+
+
+def test_swapped_token_ids_fail_the_forward_proofs(tmp_path):
+    """Issue 13.5 end to end: token ids swapped in tokenizer.json passed ("perplexity below uniform"). Here 10 pairs of
+    ids the prompts use and the reference answer does not: the answer's perplexity stays far below uniform (1.7 vs
+    512 measured), the order check sees the prompts read as a scramble."""
+    from test_tokenizer_match import swapped
+
+    ckpt = swapped(DEFAULT_CHECKPOINT, tmp_path / "swapped", 10, seed=0, spare_answer=True)
+    out = tmp_path / "out"
+    code, log = run_cmd([sys.executable, "-m", "dpo_dist", "init", "--model", str(ckpt), "--output-dir", str(out),
+                         "--smoke-steps", "0"], {"PYTHONUNBUFFERED": "1"}, 600)
+    assert code == 1, log[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    row = check_row(report, "tokenizer matches the weights")
+    assert not row["ok"] and "shuffled" in row["value"] and "tokenizer" in row["hint"]
+    assert check_row(report, "perplexity below uniform")["ok"]  # the old bar, passed by the swapped tokenizer
+    assert report["facts"]["tokenizer_order"]["ratio"] > 0.5

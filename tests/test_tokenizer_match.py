@@ -32,14 +32,18 @@ def load(path):
             AutoTokenizer.from_pretrained(str(path))
 
 
-def swapped(src, dst, pairs: int, seed: int):
+def swapped(src, dst, pairs: int, seed: int, spare_answer: bool = False):
     """A copy whose tokenizer.json swaps `pairs` pairs of token ids, drawn from the ids the verify texts use (the
-    swaps a text can reveal; a swap of ids the texts never use changes nothing any text-based check can see)."""
+    swaps a text can reveal; a swap of ids the texts never use changes nothing any text-based check can see).
+    spare_answer: only ids the reference answer does not use, so the old perplexity-of-the-answer bar still passes."""
     shutil.copytree(src, dst)
     _, tok = load(src)
     texts = [probes.render_prompt(tok, DEFAULT_PROMPTS[0]) + DEFAULT_REFERENCE_TEXT] + \
         [probes.render_prompt(tok, p) for p in DEFAULT_PROMPTS]
-    used = sorted({i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]} - set(tok.all_special_ids))
+    used = {i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]} - set(tok.all_special_ids)
+    if spare_answer:
+        used -= set(tok(DEFAULT_REFERENCE_TEXT, add_special_tokens=False)["input_ids"])
+    used = sorted(used)
     ids = random.Random(seed).sample(used, 2 * pairs)
     tj = json.loads((dst / "tokenizer.json").read_text())
     vocab = tj["model"]["vocab"]
@@ -69,5 +73,8 @@ def test_matched_passes_and_twenty_swapped_pairs_fail(which, tmp_path, request):
     bad_row, bad = order_row(src, swapped(src, tmp_path / "swapped", 20, seed=0))
     assert not bad_row.ok, bad_row.value
     assert "tokenizer" in bad_row.hint
+    spare_row, spare = order_row(src, swapped(src, tmp_path / "spare", 10, seed=0, spare_answer=True))
+    assert not spare_row.ok, spare_row.value
+    print(f"{which}: 10 swapped pairs outside the answer: ratio {spare['ratio']:.3f}")
     print(f"{which}: matched ratio {ok['ratio']:.3f} ({ok['in_order']:.3f} vs {ok['shuffled']:.3f}), 20 swapped "
           f"pairs ratio {bad['ratio']:.3f} ({bad['in_order']:.3f} vs {bad['shuffled']:.3f})")
