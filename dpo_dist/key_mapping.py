@@ -28,6 +28,7 @@ class FileAccount:
     converted: dict[str, str] = field(default_factory=dict)  # file key -> model name: values transformed on load
     converted_targets: set[str] = field(default_factory=set)  # model names a converter fills (not bitwise)
     ignored: list[str] = field(default_factory=list)  # file keys the model class drops on load by its own patterns
+    initialized: list[str] = field(default_factory=list)  # model buffers (or ignorable keys) the model computes itself
     tied: dict[str, str] = field(default_factory=dict)  # model name without a file key -> the tied name that has one
     unexplained_file: list[str] = field(default_factory=list)  # file keys that feed nothing
     unexplained_model: list[str] = field(default_factory=list)  # model tensors nothing feeds
@@ -124,11 +125,15 @@ def account(model, file_keys: Iterable[str]) -> FileAccount:
     by_tensor: dict[int, list[str]] = {}
     for name, ident in names.items():
         by_tensor.setdefault(ident, []).append(name)
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    may_miss = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
     for name, ident in names.items():
         if name in acc.file_key_of or name in acc.converted_targets:
             continue
         if ident in fed:  # tied to a name the files do hold
             acc.tied[name] = next(n for n in by_tensor[ident] if n in acc.file_key_of or n in acc.converted_targets)
+        elif name not in params or any(p.search(name) for p in may_miss):
+            acc.initialized.append(name)  # a persistent buffer, or a key the class says may be missing: not a weight
         else:
             acc.unexplained_model.append(name)
     return acc
