@@ -249,7 +249,8 @@ class InitRun:
                     "num_hidden_layers, vocab_size and the other sizes in config.json, or re-save the checkpoint "
                     "with save_pretrained")
         rr.facts["file_account"] = {"renamed": acct.renamed, "tied": acct.tied, "converted": acct.converted,
-                                    "ignored": acct.ignored, "unexplained_file": acct.unexplained_file,
+                                    "ignored": acct.ignored, "initialized": acct.initialized,
+                                    "unexplained_file": acct.unexplained_file,
                                     "unexplained_model": acct.unexplained_model}
         bad_f = [n for n in weights.compare(fp_pol, fp_file) if n not in missing and n not in proof.converted]
         conv = f"; {len(proof.converted)} converted by transformers on load, not compared bitwise" \
