@@ -215,6 +215,21 @@ def plan_load(path: str | Path, dtype: str | torch.dtype, trust_remote_code: boo
     return LoadPlan(path, want, config, model_class, entries, buffers, aliases, ignored)
 
 
+def account_files(path: str | Path, trust_remote_code: bool = False):
+    """Where every tensor of the checkpoint's files goes and where every model tensor comes from
+    (`key_mapping.FileAccount`), for a model built from config.json on the meta device: no memory, no collective,
+    about a second. For a preflight: a config.json that does not describe the files (fewer layers than they hold)
+    shows as unexplained tensors before anything is launched or loaded."""
+    path = Path(path)
+    index = tensor_index(path)
+    config = _load_config(path, trust_remote_code)
+    model_class = _model_class(config, trust_remote_code)
+    with _build_contexts(model_class, torch.bfloat16):
+        meta = _instantiate(model_class, config)
+    meta.tie_weights()
+    return account(meta, index)
+
+
 def broadcast_free_init_supported() -> bool:
     import deepspeed
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from dpo_dist import weights
 from dpo_dist.checkpoint import INDEX_NAME, tensor_index
 from dpo_dist.distributed import DistContext
-from dpo_dist.fastload import FastLoadRefused, plan_load
+from dpo_dist.fastload import FastLoadRefused, account_files, plan_load
 from dpo_dist.resources import DEFAULT_CHECKPOINT
 
 CTX = DistContext(0, 1)
@@ -183,6 +183,9 @@ def test_config_with_fewer_layers_than_the_files(tmp_path):
     assert not proof.account.unexplained_model
     with pytest.raises(FastLoadRefused, match=f"model.layers.{last}"):
         plan_load(d, "bfloat16")
+    before_loading = account_files(d)  # what a preflight can call: config.json and the headers, a meta model
+    assert before_loading.unexplained_file == proof.account.unexplained_file
+    assert account_files(DEFAULT_CHECKPOINT).complete
 
 
 def test_config_with_more_layers_than_the_files(tmp_path):
