@@ -20,6 +20,10 @@ element by d changes F by (w_i * d, d) and swapping two different elements chang
 Several simultaneous changes can cancel (F is linear in the b_i): this is an integrity check against bugs (wrong
 shard, stale buffer, lossy cast), not a cryptographic hash. All arithmetic is int64 with wraparound; no floats.
 
+The same pass counts non-finite elements (`fingerprint_scan`: a third int64, additive like F): an element of a float
+dtype whose exponent bits are all set is inf or NaN, so a finiteness scan of every weight costs one compare and add
+per element in cache (+6% bf16, +11% fp32 measured on the kernel), not a second read of the weights.
+
 On CPU, F is computed by a small C kernel (one pass reading each element once, w_i in wrapping 32-bit arithmetic,
 unsigned 64-bit accumulators), compiled with the system C compiler at a process's first CPU fingerprint unless the
 build is cached on disk under torch's extension directory (0.1-0.8 s measured when it is not). Without a compiler, or

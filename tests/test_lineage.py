@@ -142,6 +142,7 @@ def test_resume_from_this_run_passes_and_from_another_model_fails(tmp_path):
     assert check_row(rep, "resume checkpoint belongs to this run")["ok"]
     row = check_row(rep, "resumed loss continues the run")
     assert row["ok"] and "tolerance" in row["value"], row
+    print("resumed loss row, this run:", row["value"])
     assert rep["facts"]["smoke_losses"] == pytest.approx(first["facts"]["smoke_losses"][2:], abs=1e-4)
     # 2. a checkpoint trained from another model of the same shape, by another dpo-dist run: refused before training
     other = tmp_path / "other"
@@ -153,13 +154,14 @@ def test_resume_from_this_run_passes_and_from_another_model_fails(tmp_path):
     row = check_row(rep, "resume checkpoint belongs to this run")
     assert not row["ok"] and "saved by another run" in row["value"]
     assert "resumed training ran" not in [r["check"] for r in rep["checks"]]  # stopped before training
-    # 3. the same foreign checkpoint with this run's marker copied in: the loss gives it away
+    # 3. the same foreign weights with this run's marker and trainer state copied in: the loss gives it away
     forged = tmp_path / "forged" / "checkpoint-2"
     shutil.copytree(other / "checkpoint-2", forged)
-    shutil.copy(run / "checkpoint-2" / lineage.MARKER, forged / lineage.MARKER)
+    for name in (lineage.MARKER, "trainer_state.json"):
+        shutil.copy(run / "checkpoint-2" / name, forged / name)
     code, log, rep = init(run, "--smoke-steps", "4", "--set", f"train.resume_from={forged}")
     assert code == 1, log[-4000:]
     assert check_row(rep, "resume checkpoint belongs to this run")["ok"]
     row = check_row(rep, "resumed loss continues the run")
     assert not row["ok"] and "tolerance" in row["value"], row
-    print("resumed loss rows:", row["value"])
+    print("resumed loss row, forged:", row["value"])
