@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import lineage, manifest, models, placements, probes, weights
+from . import lineage, manifest, models, placements, probes, weight_checks, weights
 from .checkpoint import CheckpointError
 from .config import RunConfig, to_dict
 from .data import DataError, prepare
@@ -195,7 +195,7 @@ class InitRun:
         fp_pol = weights.model_fingerprints(pol, ctx, "fingerprint policy", nonfinite)
         self.s["fp_policy"] = fp_pol
         rr.facts["fingerprints"] = {"policy": fp_pol}
-        ok = self.check_finite(nonfinite, "policy")
+        ok = weight_checks.check_finite(rr, nonfinite, "policy")
         if self.cfg.reference.placement == placements.RANKS:
             from .reference_ranks import static_checks
 
@@ -220,50 +220,12 @@ class InitRun:
                          "the policy has no trainable parameter")
             self.s["fp_reference"] = fp_pol
         if self.cfg.verify.fingerprint_files:
-            ok &= self.prove_files(pol, fp_pol)
+            ok &= weight_checks.prove_files(rr, ctx, self.s["pol_path"], pol, fp_pol)
             if self.s["ref_path"] != self.s["pol_path"] and ref is not None:
                 proof = weights.file_proof(self.s["ref_path"], ref, ctx)
                 rr.facts["fingerprints"]["reference_files"] = proof.fingerprints
         rr.facts["fingerprint_seconds"] = round(time.perf_counter() - t0, 3)
         return ok & self.check_manifest()
-
-    def check_finite(self, nonfinite: dict[str, int], what: str) -> bool:
-        """Every weight element finite: counted in the fingerprint pass (no extra read), all-reduced."""
-        first = next(iter(nonfinite), "")
-        self.rr.facts[f"nonfinite_{what}"] = nonfinite
-        return self.rr.add(f"weights finite: {what}", not nonfinite,
-                           "no inf/NaN element in any tensor" if not nonfinite else
-                           f"{sum(nonfinite.values())} inf/NaN element(s) in {len(nonfinite)} tensor(s), first: "
-                           f"{first} ({nonfinite.get(first)})",
-                           f"the {what} holds inf/NaN weights (first: {first}): the checkpoint is corrupt or was "
-                           "saved after a diverged step; re-copy it or use an earlier checkpoint")
-
-    def prove_files(self, pol, fp_pol: dict[str, str]) -> bool:
-        """The policy equals the checkpoint files bitwise, tensor by tensor under transformers' own key mapping, and
-        the files hold nothing the model left out (a config.json with fewer layers than the files) and vice versa."""
-        ctx, rr = self.ctx, self.rr
-        proof = weights.file_proof(self.s["pol_path"], pol, ctx, "fingerprint files")
-        acct, fp_file, missing = proof.account, proof.fingerprints, proof.missing
-        ok = rr.add("checkpoint files == model tensors (both ways)", acct.complete, acct.describe(),
-                    f"config.json does not describe the files in {self.s['pol_path']} ({acct.describe()}): check "
-                    "num_hidden_layers, vocab_size and the other sizes in config.json, or re-save the checkpoint "
-                    "with save_pretrained")
-        rr.facts["file_account"] = {"renamed": acct.renamed, "tied": acct.tied, "converted": acct.converted,
-                                    "ignored": acct.ignored, "initialized": acct.initialized,
-                                    "unexplained_file": acct.unexplained_file,
-                                    "unexplained_model": acct.unexplained_model}
-        bad_f = [n for n in weights.compare(fp_pol, fp_file) if n not in missing and n not in proof.converted]
-        conv = f"; {len(proof.converted)} converted by transformers on load, not compared bitwise" \
-            if proof.converted else ""
-        ok &= rr.add("weights: policy == checkpoint files", not bad_f and not missing,
-                     f"{len(fp_file)} tensors match the safetensors files{conv}" if not (bad_f or missing) else
-                     f"differ: {bad_f[:1]} missing in files: {missing[:1]}",
-                     "the loaded policy is not what the files hold: investigate loading (dtype conversion) or a "
-                     "corrupted copy")
-        if proof.nonfinite:
-            ok &= self.check_finite(proof.nonfinite, "checkpoint files")
-        rr.facts["fingerprints"]["files"] = fp_file
-        return ok
 
     def check_manifest(self) -> bool:
         """Init writes what the reference is; a resume re-verifies the reference against that, not the policy."""
