@@ -32,8 +32,9 @@ Measured (bench/bench_init.py, 443M-parameter bf16 Llama, 2 CPU ranks, policy + 
 The result, for dpo-dist's purposes, is what `AutoModelForCausalLM.from_pretrained` gives under ZeRO-3: same
 parameter names, shapes, dtypes and ZeRO attributes, partitions bitwise equal to the file (tests/test_fastload.py
 checks the fingerprints against the files and the from_pretrained path, and equal logits and training losses through
-DeepSpeed engines). It bypasses transformers' weight conversions (renamed keys, dtype casts, quantization), which is
-why anything that would need them is refused rather than guessed.
+DeepSpeed engines). File keys are renamed by transformers' own mapping (dpo_dist.key_mapping: legacy names and
+prefixes, exactly as from_pretrained renames them); what transformers converts (fused or split values), dtype casts
+and quantization are refused rather than guessed.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from typing import Any
 import torch
 
 from .checkpoint import TensorEntry, tensor_index
+from .key_mapping import account
 
 # The deepspeed release whose `Init._zero_init_param` NoBroadcastInit replaces (a test pins its source).
 PINNED_DEEPSPEED = "0.19.8"
@@ -162,15 +164,19 @@ def plan_load(path: str | Path, dtype: str | torch.dtype, trust_remote_code: boo
     for name, p in meta.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(name)
         params[id(p)] = p
+    # file keys as from_pretrained renames them (transformers' own mapping: legacy names, prefixes)
+    acct = account(meta, index)
     entries, aliases, problems, used = {}, {}, [], set()
     for key, all_names in names.items():
         p = params[key]
         canonical = all_names[0]
         if len(all_names) > 1:
             aliases[canonical] = all_names
-        in_file = [n for n in all_names if n in index]
+        in_file = [acct.file_key_of[n] for n in all_names if n in acct.file_key_of]
         if not in_file:
-            problems.append(f"{canonical} not in the checkpoint")
+            converted = any(n in acct.converted_targets for n in all_names)
+            problems.append(f"{canonical} is converted by transformers on load (values transformed)" if converted
+                            else f"{canonical} not in the checkpoint")
             continue
         e = index[in_file[0]]
         used.update(in_file)
@@ -186,7 +192,7 @@ def plan_load(path: str | Path, dtype: str | torch.dtype, trust_remote_code: boo
     for name in meta.state_dict():
         if name in param_names:
             continue
-        e = index.get(name)  # a persistent buffer: loaded whole on every rank (buffers are not partitioned)
+        e = index.get(acct.file_key_of.get(name, name))  # a persistent buffer: loaded whole on every rank
         buf = meta.get_buffer(name)
         if e is None:
             problems.append(f"persistent buffer {name} not in the checkpoint")
@@ -195,17 +201,33 @@ def plan_load(path: str | Path, dtype: str | torch.dtype, trust_remote_code: boo
                             "the model")
         else:
             buffers[name] = e
-            used.add(name)
+            used.add(e.name)
     extra = sorted(set(index) - used)
-    ignored = [n for n in extra if n in param_names]  # aliases of tied parameters: transformers ignores them too
-    extra = [n for n in extra if n not in param_names]
+    # aliases of tied parameters, and keys the model class drops by its own patterns: transformers ignores them too
+    ignored = [n for n in extra if acct.file_key_of.get(acct.renamed.get(n, n)) == n or n in acct.ignored]
+    extra = [n for n in extra if n not in ignored]
     if extra:
-        problems.append(f"{len(extra)} checkpoint tensor(s) the model does not have, e.g. {extra[0]} (renamed keys "
-                        "need transformers' conversions)")
+        problems.append(f"{len(extra)} checkpoint tensor(s) the model does not have or transformers converts, e.g. "
+                        f"{extra[0]}")
     if problems:
         raise FastLoadRefused(f"{path}: cannot read partitions directly: " + "; ".join(problems[:3])
                               + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""))
     return LoadPlan(path, want, config, model_class, entries, buffers, aliases, ignored)
+
+
+def account_files(path: str | Path, trust_remote_code: bool = False):
+    """Where every tensor of the checkpoint's files goes and where every model tensor comes from
+    (`key_mapping.FileAccount`), for a model built from config.json on the meta device: no memory, no collective,
+    about a second. For a preflight: a config.json that does not describe the files (fewer layers than they hold)
+    shows as unexplained tensors before anything is launched or loaded."""
+    path = Path(path)
+    index = tensor_index(path)
+    config = _load_config(path, trust_remote_code)
+    model_class = _model_class(config, trust_remote_code)
+    with _build_contexts(model_class, torch.bfloat16):
+        meta = _instantiate(model_class, config)
+    meta.tie_weights()
+    return account(meta, index)
 
 
 def broadcast_free_init_supported() -> bool:

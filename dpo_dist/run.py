@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import liveness, manifest, models, placements, probes, weights
+from . import lineage, liveness, manifest, models, placements, probes, weight_checks, weights
 from .checkpoint import CheckpointError
 from .config import RunConfig, to_dict
 from .data import DataError, prepare
@@ -192,10 +192,11 @@ class InitRun:
         ctx, rr, pol, ref = self.ctx, self.rr, self.s["policy"], self.s["reference"]
         ctx.print0("[dpo-dist] fingerprinting weights (each rank its own shard) ...")
         t0 = time.perf_counter()
-        fp_pol = weights.model_fingerprints(pol, ctx, "fingerprint policy")
+        nonfinite: dict[str, int] = {}
+        fp_pol = weights.model_fingerprints(pol, ctx, "fingerprint policy", nonfinite)
         self.s["fp_policy"] = fp_pol
         rr.facts["fingerprints"] = {"policy": fp_pol}
-        ok = True
+        ok = weight_checks.check_finite(rr, nonfinite, "policy")
         if self.cfg.reference.placement == placements.RANKS:
             from .reference_ranks import static_checks
 
@@ -220,18 +221,10 @@ class InitRun:
                          "the policy has no trainable parameter")
             self.s["fp_reference"] = fp_pol
         if self.cfg.verify.fingerprint_files:
-            fp_file, missing = weights.file_fingerprints(self.s["pol_path"], weights.param_meta(pol), ctx,
-                                                        "fingerprint files")
-            bad_f = [n for n in weights.compare(fp_pol, fp_file) if n not in missing]
-            ok &= rr.add("weights: policy == checkpoint files", not bad_f and not missing,
-                         f"{len(fp_file)} tensors match the safetensors files" if not (bad_f or missing) else
-                         f"differ: {bad_f[:1]} missing in files: {missing[:1]}",
-                         "the loaded policy is not what the files hold: investigate loading (renamed or tied keys, "
-                         "dtype conversion) or a corrupted copy")
-            rr.facts["fingerprints"]["files"] = fp_file
+            ok &= weight_checks.prove_files(rr, ctx, self.s["pol_path"], pol, fp_pol)
             if self.s["ref_path"] != self.s["pol_path"] and ref is not None:
-                fp_rfile, _ = weights.file_fingerprints(self.s["ref_path"], weights.param_meta(ref), ctx)
-                rr.facts["fingerprints"]["reference_files"] = fp_rfile
+                proof = weights.file_proof(self.s["ref_path"], ref, ctx)
+                rr.facts["fingerprints"]["reference_files"] = proof.fingerprints
         rr.facts["fingerprint_seconds"] = round(time.perf_counter() - t0, 3)
         return ok & self.check_manifest()
 
@@ -240,17 +233,24 @@ class InitRun:
         cfg, rr = self.cfg, self.rr
         tok_key = placements.tokenizer_key(self.s["tok"])
         if cfg.train.resume_from:
-            diffs = manifest.compare(manifest.read_manifest(cfg.train.output_dir), self.s["fp_reference"], tok_key)
-            return rr.add("reference == init manifest", not diffs,
-                          f"{len(self.s['fp_reference'])} tensors and the tokenizer as at init" if not diffs else
-                          f"{len(diffs)} differ, first: {diffs[0]}",
-                          f"the reference is not the one this run started with (first difference: "
-                          f"{diffs[0] if diffs else ''}): resume with the original model.path/reference.path")
+            saved = manifest.read_manifest(cfg.train.output_dir)
+            diffs = manifest.compare(saved, self.s["fp_reference"], tok_key)
+            ok = rr.add("reference == init manifest", not diffs,
+                        f"{len(self.s['fp_reference'])} tensors and the tokenizer as at init" if not diffs else
+                        f"{len(diffs)} differ, first: {diffs[0]}",
+                        f"the reference is not the one this run started with (first difference: "
+                        f"{diffs[0] if diffs else ''}): resume with the original model.path/reference.path")
+            self.s["lineage"] = saved.get("lineage")  # new checkpoints of the resumed run carry the same identity
+            problems = lineage.check_checkpoint(cfg.train.resume_from, self.s["lineage"], self.s["fp_policy"])
+            return ok & rr.add("resume checkpoint belongs to this run", not problems,
+                               f"{lineage.MARKER} names this run (run id {self.s['lineage']['run_id'][:12]})"
+                               if not problems else problems[0], problems[0] if problems else "")
+        self.s["lineage"] = lineage.new_identity(self.s["fp_reference"], self.s["fp_policy"], self.ctx.run_id)
         if self.ctx.is_main:
             path = manifest.write_manifest(cfg.train.output_dir, checkpoint=str(self.s["ref_path"]),
                                            placement=cfg.reference.placement, tokenizer=tok_key,
                                            fingerprints=self.s["fp_reference"], config=to_dict(cfg),
-                                           run_id=self.ctx.run_id)
+                                           lineage=self.s["lineage"], run_id=self.ctx.run_id)
             rr.facts["manifest"] = str(path)
         return True
 
@@ -283,6 +283,8 @@ class InitRun:
                     rr.facts["sample_generation"] = texts[:2]
                     rr.facts["perplexity"] = probes.perplexity_check(p, tok, cfg.verify.prompts[0],
                                                                       cfg.verify.reference_text, ctx, rr)
+                    rr.facts["tokenizer_order"] = probes.tokenizer_order_check(p, tok, list(cfg.verify.prompts),
+                                                                                cfg.verify.reference_text, ctx, rr)
                 ctx.print0("[dpo-dist] initial KL(policy || reference) ...")
                 kl = probes.initial_kl(p, r, tok, list(cfg.verify.prompts), cfg.verify.kl_chunk, ctx)
         finally:
@@ -346,6 +348,7 @@ class InitRun:
 
         self.s["kl_monitor"] = attach(trainer, self.cfg, self.ctx, self.rr, self.s["tok"],
                                       lambda prompts: placements.kl_reference(self, trainer, prompts))
+        lineage.attach(trainer, self.s.get("lineage"), self.ctx)  # checkpoints carry this run's identity
 
     def smoke(self) -> bool:
         n = self.s["smoke_steps"]
@@ -381,8 +384,10 @@ class InitRun:
         if cross:
             tol = self.cfg.verify.cross_device_loss_tolerance
         if self.cfg.train.resume_from:  # a resumed policy is trained: its first loss is not ln 2
-            return rr.add("resumed training ran", bool(losses), f"{len(losses)} steps after resuming, losses "
-                          f"{[round(x, 4) for x in losses]}", "no step ran after resuming: check max_steps")
+            ran = rr.add("resumed training ran", bool(losses), f"{len(losses)} steps after resuming, losses "
+                         f"{[round(x, 4) for x in losses]}", "no step ran after resuming: check max_steps")
+            return ran & rr.add("resumed loss continues the run",
+                                **lineage.check_resumed_loss(self.cfg.train.resume_from, losses))
         ok = rr.add("step-0 DPO loss = ln 2", bool(losses) and abs(losses[0] - LN2) < tol,
                     f"{losses[0]:.6f} (ln 2 = {LN2:.6f}, tolerance {tol:g}"
                     + (": reference on CPU, policy on the accelerator)" if cross else ")") if losses else

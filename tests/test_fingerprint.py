@@ -294,3 +294,73 @@ def test_env_var_forces_eager(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(F, "_kernel", boom)
     t = random_tensor(torch.bfloat16, 1000, torch.Generator().manual_seed(15))
     assert as_unsigned(fingerprint_flat(t, offset=3)) == ref_fingerprint(t, 3)
+
+
+# -- the finiteness scan riding on the fingerprint pass (issue 13.2) -------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_nonfinite_count_every_path(dtype: torch.dtype, kernels: dict[str, dict]) -> None:
+    """One inf or NaN among finite values is counted, by the kernel (every SIMD variant) and the eager path alike, in
+    contiguous and strided views, and the fingerprint part is unchanged by the scan."""
+    gen = torch.Generator().manual_seed(21)
+    em = F.EXPONENT_MASKS[dtype]
+    for n, bad_at in ((1, [0]), (17, [16]), (65537, [65536]), (200_003, [3, 100_000, 200_002])):
+        t = (torch.randn(n, generator=gen, dtype=torch.float64) * 100).to(dtype)
+        for k, i in enumerate(bad_at):
+            t[i] = (float("nan"), float("inf"), float("-inf"))[k % 3]
+        bits = t.view(F._UNSIGNED_VIEWS[t.element_size()])
+        for view, want_count in ((bits, len(bad_at)), (bits[1:], sum(i >= 1 for i in bad_at))):
+            eager = F._fingerprint_cpu_eager(view, 5, F._CPU_STEP, em)
+            assert int(eager[2]) == want_count, (dtype, n)
+            assert torch.equal(eager[:2], F._fingerprint_cpu_eager(view, 5, F._CPU_STEP)[:2])
+            for name, fns in kernels.items():
+                assert torch.equal(F._fingerprint_cpu_fused(fns, view, 5, em), eager), (name, dtype, n)
+        assert int(F.fingerprint_scan(t)[2]) == len(bad_at)
+        assert torch.equal(F.fingerprint_scan(t)[:2], fingerprint_flat(t))
+        assert int(fingerprint_bytes(t.view(torch.uint8).numpy().tobytes(), dtype, 0, scan=True)[2]) == len(bad_at)
+
+
+def test_nonfinite_scan_ignores_integers_and_finite_extremes() -> None:
+    for dtype in (torch.int16, torch.int32, torch.int64, torch.uint8):
+        t = torch.full((1000,), -1, dtype=torch.int64).to(dtype)  # all bits set: non-finite if it were a float
+        assert int(F.fingerprint_scan(t)[2]) == 0
+    for dtype in F.EXPONENT_MASKS:
+        info = torch.finfo(dtype)
+        t = torch.tensor([info.max, -info.max, info.tiny, 0.0, -0.0], dtype=dtype)
+        assert int(F.fingerprint_scan(t)[2]) == 0
+
+
+def test_nonfinite_additive_over_shards() -> None:
+    t = torch.randn(10_001).to(torch.bfloat16)
+    t[[3, 5000, 10_000]] = float("nan")
+    shards = [shard_range(t.numel(), r, 3) for r in range(3)]
+    parts = [F.fingerprint_scan(t[s:s + c], s) for s, c in shards]
+    assert torch.equal(wrap_sum(parts), F.fingerprint_scan(t))
+
+
+def test_model_fingerprints_name_the_nonfinite_tensor() -> None:
+    from dpo_dist import weights
+    from dpo_dist.distributed import DistContext
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
+    clean: dict[str, int] = {}
+    weights.model_fingerprints(model, DistContext(0, 1), nonfinite=clean)
+    assert clean == {}
+    with torch.no_grad():
+        model[1].weight[2, 3] = float("inf")
+    found: dict[str, int] = {}
+    weights.model_fingerprints(model, DistContext(0, 1), nonfinite=found)
+    assert found == {"1.weight": 1}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_nonfinite_count_matches_cpu() -> None:
+    gen = torch.Generator().manual_seed(22)
+    for dtype in F.EXPONENT_MASKS:
+        t = (torch.randn(30_011, generator=gen, dtype=torch.float64) * 100).to(dtype)
+        t[[0, 4096, 30_010]] = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=torch.float64).to(dtype)
+        for offset, chunk in [(0, 1 << 22), (999_999, 1000)]:
+            got = F.fingerprint_scan(t.cuda(), offset=offset, chunk=chunk)
+            assert got.device.type == "cuda"
+            assert torch.equal(got.cpu(), F.fingerprint_scan(t, offset=offset)), (dtype, offset)
+            assert int(got[2]) == 3
