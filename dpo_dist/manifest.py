@@ -22,8 +22,8 @@ def write_manifest(output_dir: str | Path, *, checkpoint: str, placement: str, t
     """lineage: the run identity (dpo_dist.lineage) that every trainer checkpoint of this run is marked with; run_id:
     the id of the init that wrote it (also in report.json and the output dir's lock)."""
     path = Path(output_dir) / MANIFEST
-    write_json_atomic(path, {"run_id": run_id, "checkpoint": checkpoint, "placement": placement, "tokenizer": tokenizer,
-                             "reference_fingerprints": fingerprints, "config": config, "lineage": lineage})
+    write_json_atomic(path, {"run_id": run_id, "checkpoint": checkpoint, "placement": placement,
+                             "tokenizer": tokenizer, "reference_fingerprints": fingerprints, "config": config, "lineage": lineage})
     return path
 
 
