@@ -23,7 +23,8 @@ def write_manifest(output_dir: str | Path, *, checkpoint: str, placement: str, t
     the id of the init that wrote it (also in report.json and the output dir's lock)."""
     path = Path(output_dir) / MANIFEST
     write_json_atomic(path, {"run_id": run_id, "checkpoint": checkpoint, "placement": placement,
-                             "tokenizer": tokenizer, "reference_fingerprints": fingerprints, "config": config, "lineage": lineage})
+                             "tokenizer": tokenizer, "reference_fingerprints": fingerprints, "config": config,
+                             "lineage": lineage})
     return path
 
 
