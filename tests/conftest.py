@@ -96,3 +96,19 @@ def check_row(report: dict, name: str) -> dict:
     rows = [r for r in report["checks"] if r["check"] == name]
     assert rows, f"no check named {name!r} in {[r['check'] for r in report['checks']]}"
     return rows[0]
+
+
+@pytest.fixture(scope="session")
+def deep_checkpoint() -> Path:
+    """A 24-layer Llama trained briefly on the embedded data (tests/deep_checkpoint.py), built once per cache."""
+    from deep_checkpoint import cached
+
+    return cached()
+
+
+@pytest.fixture(scope="session")
+def deep_checkpoint_other(deep_checkpoint) -> Path:
+    """The deep checkpoint trained a few steps more: same config and tokenizer, other weights."""
+    from deep_checkpoint import cached
+
+    return cached("other", extra_steps=5)
