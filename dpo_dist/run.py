@@ -292,10 +292,16 @@ class InitRun:
         rr.facts["initial_kl"] = kl
         rr.facts["initial_kl_policy_self"] = self_kl
         tol = tolerances.kl_tolerance(cfg, cross, self_kl)
+        tolerances.warn_user_set(tol, ctx)
         what = "adapters on vs off" if lora else "policy vs reference"
         in_train = models.training_modules(ref) if ref is not None else []
+        ref_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in ref.parameters()}) if ref is not None \
+            else []
+        pol_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in pol.parameters()})
         hint = (f"the reference is in train mode ({len(in_train)} modules, e.g. {in_train[0]}): dropout is active, "
                 "call reference.eval()" if in_train else
+                f"the reference runs in {'/'.join(ref_dtypes)}, the policy in {'/'.join(pol_dtypes)}: load both in "
+                "model.dtype" if ref_dtypes and ref_dtypes != pol_dtypes else
                 "policy and reference disagree at step 0: check dropout (reference.eval()), dtypes of both models, "
                 "and that both came from the same checkpoint")
         return rr.add("initial KL < limit", abs(kl["mean"]) <= tol.value,

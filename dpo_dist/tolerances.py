@@ -57,7 +57,7 @@ def loss_bound(noise: list[float], beta: float) -> float:
     return sum(beta * abs(n) / 2 + (beta * n) ** 2 / 8 for n in noise) / len(noise)
 
 
-def loss_tolerance(cfg, placement: str, cross_device: bool, pairs: int, noise: dict[str, Any] | None) -> Tolerance:
+def loss_tolerance(cfg, cross_device: bool, pairs: int, noise: dict[str, Any] | None) -> Tolerance:
     """The step-0 loss tolerance for this run and where it comes from."""
     user = user_setting(cfg, "loss_tolerance")
     if user is not None:
@@ -92,8 +92,14 @@ def kl_tolerance(cfg, cross_device: bool, self_kl: dict[str, float] | None) -> T
 
 def describe(value: float, target: float, tol: Tolerance) -> str:
     """The value text of a numeric row: the value, the gap, the tolerance and where it came from."""
-    return (f"{value:.6f} (target {target:.6f}, |diff| {abs(value - target):.3g} <= tolerance {tol.value:.3g}: "
-            f"{tol.source})")
+    return (f"{value:.6f} (target {target:.6f}, |diff| {abs(value - target):.3g}, tolerance {tol.value:.3g}"
+            f"{' set by the user' if tol.user else ''}: {tol.source})")
+
+
+def warn_user_set(tol: Tolerance, ctx) -> None:
+    if tol.user:
+        ctx.warn(f"{tol.source.removeprefix('user: ')} = {tol.value:g} set by the user: this check uses it instead of "
+                 "the tolerance the run derives")
 
 
 # -- precomputed: the batching the precompute pass used, and the policy's log-probs under both ----------------------
@@ -214,7 +220,8 @@ def step0_rows(run, trainer, losses: list[float]) -> bool:
                      "for the same rows in the same batches: the reference differs (weights, dtype, dropout, "
                      "checkpoint), or the cache is stale (delete reference.cache_dir)", 0.0,
                      "bitwise: same rows, same batching, same weights")
-    tol = loss_tolerance(cfg, cfg.reference.placement, run.cross_device(), pairs, noise)
+    tol = loss_tolerance(cfg, run.cross_device(), pairs, noise)
+    warn_user_set(tol, ctx)
     if not losses:
         return rr.add("step-0 DPO loss = ln 2", False, "no loss logged", "no training step logged a loss: check "
                       "max_steps and logging_steps") and ok
