@@ -291,22 +291,7 @@ class InitRun:
             pol.train()
         rr.facts["initial_kl"] = kl
         rr.facts["initial_kl_policy_self"] = self_kl
-        tol = tolerances.kl_tolerance(cfg, cross, self_kl)
-        tolerances.warn_user_set(tol, ctx)
-        what = "adapters on vs off" if lora else "policy vs reference"
-        in_train = models.training_modules(ref) if ref is not None else []
-        ref_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in ref.parameters()}) if ref is not None \
-            else []
-        pol_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in pol.parameters()})
-        hint = (f"the reference is in train mode ({len(in_train)} modules, e.g. {in_train[0]}): dropout is active, "
-                "call reference.eval()" if in_train else
-                f"the reference runs in {'/'.join(ref_dtypes)}, the policy in {'/'.join(pol_dtypes)}: load both in "
-                "model.dtype" if ref_dtypes and ref_dtypes != pol_dtypes else
-                "policy and reference disagree at step 0: check dropout (reference.eval()), dtypes of both models, "
-                "and that both came from the same checkpoint")
-        return rr.add("initial KL < limit", abs(kl["mean"]) <= tol.value,
-                      f"{what}: mean {kl['mean']:.3e}/token, max seq {kl['max_seq_mean']:.3e} over {kl['tokens']} "
-                      f"tokens (tolerance {tol.value:.3g}: {tol.source})", hint, tol.value, tol.source)
+        return tolerances.kl_row(self, kl, self_kl, cross, pol, ref, lora)
 
     def cross_device(self) -> bool:
         """cpu placement on an accelerator: the reference's forwards run on other hardware than the policy's."""

@@ -90,6 +90,28 @@ def kl_tolerance(cfg, cross_device: bool, self_kl: dict[str, float] | None) -> T
                      f"({noise:.3g}/token, same prompts run twice)")
 
 
+def kl_row(run, kl: dict, self_kl: dict | None, cross: bool, pol, ref, lora: bool) -> bool:
+    """The initial KL row: the KL within the tolerance this run derived, the cause named when it is not."""
+    from .models import training_modules
+
+    tol = kl_tolerance(run.cfg, cross, self_kl)
+    warn_user_set(tol, run.ctx)
+    what = "adapters on vs off" if lora else "policy vs reference"
+    in_train = training_modules(ref) if ref is not None else []
+    ref_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in ref.parameters()}) if ref is not None else []
+    pol_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in pol.parameters()})
+    hint = (f"the reference is in train mode ({len(in_train)} modules, e.g. {in_train[0]}): dropout is active, "
+            "call reference.eval()" if in_train else
+            f"the reference runs in {'/'.join(ref_dtypes)}, the policy in {'/'.join(pol_dtypes)}: load both in "
+            "model.dtype" if ref_dtypes and ref_dtypes != pol_dtypes else
+            "policy and reference disagree at step 0: check dropout (reference.eval()), dtypes of both models, "
+            "and that both came from the same checkpoint")
+    return run.rr.add("initial KL < limit", abs(kl["mean"]) <= tol.value,
+                      f"{what}: mean {kl['mean']:.3e}/token, max seq {kl['max_seq_mean']:.3e} over {kl['tokens']} "
+                      f"tokens (tolerance {tol.value:.3g}{' set by the user' if tol.user else ''}: {tol.source})",
+                      hint, tol.value, tol.source)
+
+
 def describe(value: float, target: float, tol: Tolerance) -> str:
     """The value text of a numeric row: the value, the gap, the tolerance and where it came from."""
     return (f"{value:.6f} (target {target:.6f}, |diff| {abs(value - target):.3g}, tolerance {tol.value:.3g}"
