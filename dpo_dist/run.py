@@ -387,7 +387,8 @@ class InitRun:
             moved = weights.compare(ref_before, weights.model_fingerprints(ref_module, ctx))
             ok &= rr.add("no reference parameter moved", not moved, f"{len(ref_before)} reference tensors unchanged"
                          if not moved else f"{len(moved)} changed, e.g. {moved[0]}",
-                         "the reference changed during training: it must be frozen and outside the optimizer")
+                         "the reference changed during training: it must be frozen and outside the optimizer",
+                         0.0, tolerances.BITWISE_FINGERPRINTS)
         return ok
 
     # -- driver -------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ FP32_UNIT_ROUNDOFF = 2.0**-24
 # the initial KL's reference run is a third run of the computation the policy's self-noise sampled twice: a margin for
 # the spread of one noisy sample against another (0 stays 0: deterministic kernels give a bitwise check)
 SELF_NOISE_MARGIN = 4.0
+BITWISE_FINGERPRINTS = "bitwise: weight fingerprints before and after the step"
 
 
 @dataclass(frozen=True)
