@@ -16,8 +16,9 @@ def inject_fault(stage: str, rank: int, state: dict) -> None:
     """Test hook: DPO_DIST_TEST_FAULT="<stage>:<rank>[:mode]" acts on that rank at the start of that stage.
     Modes: raise (default: an error the stage reports), exit (the process dies at once, as a crashed or killed rank
     would), hang (alive but silent), stop (SIGSTOP: the whole process frozen, as on a hung node), perturb (this
-    rank's copy of one reference weight changes, as a bad copy would), train_ref (the reference goes back to train
-    mode, dropout active)."""
+    rank's copy of one reference weight changes, as a bad copy would), ulp (that weight's first element one
+    floating-point step off), fp32 (the reference cast to float32), train_ref (the reference goes back to train mode,
+    dropout active)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -41,6 +42,19 @@ def inject_fault(stage: str, rank: int, state: dict) -> None:
         if local.numel():
             local[0] += 1.0
         print(f"[dpo-dist] rank {rank}: injected perturbation of {name}", file=sys.stderr, flush=True)
+        return
+    if mode == "ulp":  # one element of that weight one floating-point step off: the subtlest bad copy
+        import torch
+
+        name, p = list(state["reference"].named_parameters())[-2]
+        ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+        for t in {id(x): x for x in (p.data, getattr(p, "ds_tensor", p))}.values():  # a ZeRO-3 persistent
+            if t.numel():  # parameter's forward copy and its shard both
+                t.data.view(-1)[:1].view(ints[t.element_size()]).add_(1)
+        print(f"[dpo-dist] rank {rank}: injected one-ulp change of {name}", file=sys.stderr, flush=True)
+        return
+    if mode == "fp32":  # the reference runs in another dtype (an unsharded reference: cpu placement)
+        state["reference"].float()
         return
     if mode == "train_ref":
         state["reference"].train()

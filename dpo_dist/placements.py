@@ -77,11 +77,16 @@ def disk_dataset(rows: list[dict[str, str]], root: Path, ctx):
 
 def precompute_keys(run, train_rows, eval_rows) -> tuple[Path, str, dict[str, str]]:
     """Where precomputed log-probs are cached, and under which keys: the reference's weights fingerprint, and a hash
-    of the rows, the tokenizer and the length limits (same inputs, same key, in any output dir)."""
+    of the rows, the tokenizer, the length limits and the precompute batching (batch size, processes, padding
+    multiple: bf16 log-probs move with padding, and the step-0 check compares them bitwise with the policy's under
+    that batching). Same inputs, same key, in any output dir."""
     cfg = run.cfg
     root = Path(cfg.reference.cache_dir or Path(cfg.train.output_dir) / "ref_logps")
     digest = weights_digest(run.s["fp_reference"])
-    limits = (tokenizer_key(run.s["tok"]), cfg.train.max_length, cfg.train.max_prompt_length)
+    args = run.s["args"]
+    batching = (args.precompute_ref_batch_size or args.per_device_train_batch_size, args.pad_to_multiple_of,
+                run.ctx.roles.policy_ranks if run.ctx.roles is not None else run.ctx.world_size)
+    limits = (tokenizer_key(run.s["tok"]), cfg.train.max_length, cfg.train.max_prompt_length, *batching)
     keys = {"train": data_key(train_rows, *limits), "eval": data_key(eval_rows or [], *limits)}
     run.rr.facts["precompute_key"] = {"reference_weights": digest, "train_data": keys["train"]}
     return root, digest, keys

@@ -84,6 +84,9 @@ class PrecomputedDPOTrainer(DPOTrainer):
         self._reference_digest = reference_digest
         self._data_keys = data_keys
         self.cache_hits: dict[str, bool] = {}
+        self.precompute_batch_size: int | None = None
+        self.step0_noise: list[dict] = []  # per micro-batch of the first step: see tolerances.measure_batching_noise
+        self._rows_by_value: dict[tuple[float, float], list[int]] | None = None
         super().__init__(*args, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
@@ -97,10 +100,33 @@ class PrecomputedDPOTrainer(DPOTrainer):
 
         cache_file = dataset._get_cache_file_path(Hasher.hash((dataset._fingerprint, self._reference_digest)))
         self.cache_hits[name] = os.path.exists(cache_file)
+        if name == "train":
+            self.precompute_batch_size = batch_size
         from .disk_writes import no_leftovers  # a full disk: the cache's path named, no truncated temp file left
 
         with no_leftovers(os.path.dirname(cache_file), cache_file, f"caching reference log-probs for {name}"):
             return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def rows_by_cached_value(self) -> dict[tuple[float, float], list[int]]:
+        """Dataset rows by their cached (chosen, rejected) reference log-probs: finds a micro-batch's rows."""
+        if self._rows_by_value is None:
+            self._rows_by_value = {}
+            cols = zip(self.train_dataset["ref_chosen_logps"], self.train_dataset["ref_rejected_logps"], strict=True)
+            for j, key in enumerate(cols):
+                self._rows_by_value.setdefault((float(key[0]), float(key[1])), []).append(j)
+        return self._rows_by_value
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The first step's micro-batches: measure the policy's batching noise on the very rows trained (the reference
+        # was freed; the policy is bitwise it at step 0). Every rank runs the same number of extra forwards.
+        if self.state.global_step == 0 and self.model.training and self.precompute_batch_size:
+            from .tolerances import PrecomputeBatching, measure_batching_noise
+
+            acc = self.accelerator
+            batching = PrecomputeBatching(len(self.train_dataset), self.precompute_batch_size, acc.num_processes,
+                                          acc.even_batches, acc.split_batches)
+            self.step0_noise.append(measure_batching_noise(self, model, inputs, batching, self.train_dataset))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _prepare_inputs(self, inputs):
         # Under DeepSpeed, transformers' Trainer casts every floating input to the engine dtype: the precomputed

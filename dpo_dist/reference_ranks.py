@@ -30,6 +30,7 @@ import torch
 from . import models, weights
 from .report import RankReport
 from .roles import IDLE_WAIT, BridgeError, Roles, die
+from .tolerances import BITWISE_FINGERPRINTS
 
 
 # -- reference side ---------------------------------------------------------------------------------------------------
@@ -198,7 +199,8 @@ def serve(cfg, ctx, roles: Roles, debug: bool = False) -> int:
             moved = weights.compare(hello["fingerprints"], weights.model_fingerprints(model, ctx))
             out.add("no reference parameter moved (reference ranks)", not moved,
                     f"{len(hello['fingerprints'])} tensors unchanged" if not moved else f"{len(moved)} changed, e.g. "
-                    f"{moved[0]}", "the reference changed on the reference ranks: it must stay frozen")
+                    f"{moved[0]}", "the reference changed on the reference ranks: it must stay frozen",
+                    0.0, BITWISE_FINGERPRINTS)
         out.facts[f"rank_{roles.global_rank}_served"] = {
             "policy_ranks": server.clients, "rounds": server.total("rounds"), "forwards": server.total("forwards"),
             "busy_seconds": round(server.total("seconds"), 3),

@@ -20,6 +20,16 @@ class Check:
     ok: bool
     value: str = ""
     hint: str = ""  # what to do when it fails (empty when it passed)
+    # numeric checks only: the bound the value was held to, and where it came from (measured noise, float rounding,
+    # bitwise, or a user's verify.* setting); None for other checks, and then absent from the JSON
+    tolerance: float | None = None
+    tolerance_source: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in NUMERIC_KEYS or v is not None}
+
+
+NUMERIC_KEYS = ("tolerance", "tolerance_source")
 
 
 @dataclass
@@ -30,24 +40,32 @@ class RankReport:
     checks: list[Check] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
 
-    def add(self, name: str, ok: bool, value: Any = "", hint: str = "") -> bool:
-        self.checks.append(Check(name, bool(ok), str(value), "" if ok else hint))
+    def add(self, name: str, ok: bool, value: Any = "", hint: str = "", tolerance: float | None = None,
+            tolerance_source: str | None = None) -> bool:
+        self.checks.append(Check(name, bool(ok), str(value), "" if ok else hint, tolerance, tolerance_source))
         return bool(ok)
 
 
 def merge(rank_reports: list[RankReport]) -> list[dict[str, Any]]:
-    """One row per check: passed on all ranks, the failing ranks, rank 0's value, the first failing rank's hint."""
+    """One row per check: passed on all ranks, the failing ranks, rank 0's value, the first failing rank's hint (and,
+    for numeric checks, the tolerance and its source from the rank whose value is shown)."""
     rows: dict[str, dict[str, Any]] = {}
     for rr in rank_reports:
         for c in rr.checks:
-            row = rows.setdefault(c.name, {"check": c.name, "ok": True, "failed_ranks": [], "value": c.value,
-                                           "hint": ""})
+            row = rows.get(c.name)
+            if row is None:
+                row = rows[c.name] = {"check": c.name, "ok": True, "failed_ranks": [], "value": c.value, "hint": ""}
+                row.update({k: getattr(c, k) for k in NUMERIC_KEYS if getattr(c, k) is not None})
             if not c.ok:
                 row["ok"] = False
                 row["failed_ranks"].append(rr.rank)
                 if not row["hint"]:
                     row["hint"] = c.hint
                     row["value"] = c.value
+                    for k in NUMERIC_KEYS:
+                        row.pop(k, None)
+                        if getattr(c, k) is not None:
+                            row[k] = getattr(c, k)
     return list(rows.values())
 
 
@@ -102,4 +120,4 @@ def build_report(rank_reports: list[RankReport], config: dict[str, Any]) -> dict
 
 
 def to_dict(rr: RankReport) -> dict[str, Any]:
-    return asdict(rr)
+    return {"rank": rr.rank, "checks": [c.as_dict() for c in rr.checks], "facts": rr.facts}

@@ -26,9 +26,13 @@ except Exception:  # pragma: no cover
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_slow = pytest.mark.skip(reason="slow: select with -m slow")
+    slow_selected = "slow" in (config.getoption("-m") or "")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not slow_selected:
+            item.add_marker(skip_slow)
 
 
 @dataclass

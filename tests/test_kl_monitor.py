@@ -28,7 +28,7 @@ def test_beta_presets(value, beta):
 def test_bad_beta_and_kl_settings_are_refused():
     with pytest.raises(ConfigError, match="train.beta"):
         load(None, [parse_override("train.beta=bold")])
-    with pytest.raises(ConfigError, match="'kl.beta_min' \(3\) must be < 'kl.beta_max'"):
+    with pytest.raises(ConfigError, match=r"'kl.beta_min' \(3\) must be < 'kl.beta_max'"):
         load(None, [parse_override("kl.beta_min=3"), parse_override("kl.beta_max=2")])
 
 
