@@ -76,7 +76,8 @@ def open_file(path: Path, role: str):
         raise DataError(f"data.{role} {path} has extension {suffix or '(none)'!r}, not one dpo-dist reads: use "
                         f"{', '.join(BUILDERS)} (or a `datasets` directory)")
     if path.stat().st_size == 0:
-        raise DataError(f"data.{role} {path} is empty: it needs rows with chosen and rejected (and a prompt)")
+        raise DataError(f"the dataset is empty (data.{role} {path}): it needs rows with chosen and rejected (and a "
+                        "prompt)")
     if suffix in TEXT_SUFFIXES:
         check_utf8(path, role)
     try:
@@ -89,6 +90,9 @@ def open_file(path: Path, role: str):
         # datasets converts the file to Arrow once in its cache (a file lock lets concurrent ranks share that work)
         return load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:
+        if "corresponds to no data" in str(e):  # datasets' words for a readable file without rows
+            raise DataError(f"the dataset is empty (data.{role} {path}): it needs rows with chosen and rejected "
+                            "(and a prompt)") from None
         raise DataError(f"data.{role} {path} cannot be read as {suffix} ({read_error(path, e)}): fix the file or "
                         "give it the extension of its real format") from None
 
