@@ -99,8 +99,8 @@ def column_kind(ds, name: str, where: str) -> str:
     if type(feat).__name__ == "Json":  # datasets' type for a column mixing strings and lists
         raise row_error(where, None, f"column {name} mixes strings and message lists across rows",
                         "use one format per dataset: all strings, or all lists of {role, content} messages")
-    raise row_error(where, None, f"column {name} has type {typ}",
-                    "it must be a string, or a list of {role, content} messages")
+    raise row_error(where, None, f"{name} must be non-empty strings or lists of messages, not {typ}",
+                    "make it a string, or a list of {role, content} messages")
 
 
 def odd_messages(ds, name: str, where: str) -> DataError:
@@ -123,7 +123,7 @@ def detect_format(ds, where: str) -> DataFormat:
     cols = list(ds.column_names)
     missing = [k for k in ("chosen", "rejected") if k not in cols]
     if missing:
-        raise row_error(where, None, f"no column {' or '.join(missing)} (columns: {', '.join(cols) or 'none'})",
+        raise row_error(where, None, f"the data lacks {' and '.join(missing)} (columns: {', '.join(cols) or 'none'})",
                         "preference data needs chosen and rejected, and a prompt or whole dialogues in both")
     kinds = {k: column_kind(ds, k, where) for k in FIELDS if k in cols}
     if kinds["chosen"] != kinds["rejected"]:
@@ -234,7 +234,8 @@ def validate(ds, where: str, role: str = "train") -> tuple[DataFormat, int]:
     """Check every row; return the format and how many rows have chosen == rejected. Raises DataError naming the
     first bad row."""
     if len(ds) == 0:
-        raise row_error(where, None, "the dataset is empty", "it needs rows with chosen and rejected (and a prompt)")
+        raise row_error(where, None, f"the {role} dataset is empty", "it needs rows with chosen and rejected (and a "
+                        "prompt)")
     fmt = detect_format(ds, where)
     identical = 0
     for base, batch in chunks(ds, fmt.columns):
@@ -277,25 +278,55 @@ def split_matters(ds) -> bool:
 # ------------------------------------------------------------------------------------------------ for TRL
 
 
-def prepare(spec: str, role: str, split: str, tok, max_prompt_length: int) -> PreparedData:
+def prepare(spec: str, role: str, split: str, tok, max_prompt_length: int, local_main: bool = True) -> PreparedData:
     """The dataset TRL's DPOTrainer gets: the columns it reads (a string `prompt` beside whole dialogues is dropped,
     so TRL extracts the prompt from the dialogues, as its maybe_extract_prompt does), and standard prompts cut to
-    max_prompt_length tokens (their end kept). Cached by datasets next to the source's Arrow files."""
+    max_prompt_length tokens (their end kept). Cached by datasets next to the source's Arrow files: the cut runs on
+    the node's local main process (`local_main`) while the other ranks wait for its file, then read the cache."""
     ds, fmt, identical, _ = load_split(spec, role, split)
     ds = ds.select_columns(fmt.columns)
     cut = 0
     if fmt.explicit and not fmt.conversational:
-        ds = ds.map(truncate_batch, batched=True, batch_size=4096, fn_kwargs={"tok": tok, "limit": max_prompt_length})
-        cut = int(pc.sum(ds.with_format("arrow")["prompt_cut"]).as_py() or 0)
-        ds = ds.remove_columns("prompt_cut")
+        bound = tokens_within_bytes(ds, tok)
+        longest = pc.max(pc.binary_length(ds.with_format("arrow")["prompt"])).as_py() or 0
+        if not bound or longest + 1 > max_prompt_length:
+            def cut_prompts(ds=ds):
+                return ds.map(truncate_batch, batched=True, batch_size=4096,
+                              fn_kwargs={"tok": tok, "limit": max_prompt_length, "bound": bound})
+
+            if ds.cache_files:  # file-backed: cut once per node
+                from .placements import tokenizer_key
+                from .tokenize_once import marker, once_per_node
+
+                once_per_node(marker(ds, f"cut{max_prompt_length}", tokenizer_key(tok)), cut_prompts, local_main,
+                              f"cutting the {role} prompts to max_prompt_length")
+            ds = cut_prompts()  # the local main: its cached result; the others: the cache it wrote
+            cut = int(pc.sum(ds.with_format("arrow")["prompt_cut"]).as_py() or 0)
+            ds = ds.remove_columns("prompt_cut")
     return PreparedData(ds, fmt, cut, identical)
 
 
-def truncate_batch(batch: dict, tok, limit: int) -> dict:
-    prompts = batch["prompt"]
+def tokens_within_bytes(ds, tok, sample: int = 512) -> bool:
+    """Whether prompts tokenize to at most (UTF-8 bytes + 1) tokens, checked on a sample: every token of a byte-level
+    BPE, WordPiece or SentencePiece vocabulary covers at least one byte (+1: a prepended word marker). When it holds,
+    only prompts longer than max_prompt_length - 1 bytes need tokenizing, so a million short prompts cost an Arrow
+    length computation, not a million tokenizer calls; when it does not (an expanding normalizer), all are
+    tokenized."""
+    from .chat_template import sample_indices
+
+    prompts = ds.select(sample_indices(len(ds), sample)).to_dict()["prompt"]
     counts = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
-    out = [keep_end(tok, p, limit) if n > limit else p for p, n in zip(prompts, counts, strict=True)]
-    return {"prompt": out, "prompt_cut": [n > limit for n in counts]}
+    return all(n <= len(p.encode()) + 1 for p, n in zip(prompts, counts, strict=True))
+
+
+def truncate_batch(batch: dict, tok, limit: int, bound: bool) -> dict:
+    prompts = batch["prompt"]
+    need = [i for i, p in enumerate(prompts) if not bound or len(p.encode()) + 1 > limit]
+    counts = dict(zip(need, (len(ids) for ids in tok([prompts[i] for i in need], add_special_tokens=False)
+                             ["input_ids"]) if need else [], strict=True))
+    cut = [counts.get(i, 0) > limit for i in range(len(prompts))]
+    return {"prompt": [keep_end(tok, p, limit) if c else p for p, c in zip(prompts, cut, strict=True)],
+            "prompt_cut": cut}
 
 
 def n_tokens(tok, text: str) -> int:

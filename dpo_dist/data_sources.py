@@ -41,7 +41,7 @@ def open_source(spec: str, role: str, split: str):
     if path.exists():
         return open_dir(path, role, split) if path.is_dir() else open_file(path, role)
     if looks_like_path(spec):
-        raise DataError(f"data.{role} {path} does not exist: check the path (a .jsonl, .json, .parquet, .csv or "
+        raise DataError(f"data.{role} {path} does not exist: check data.{role} (a .jsonl, .json, .parquet, .csv or "
                         ".arrow file, a `datasets` directory, or a dataset name in the local Hugging Face cache)")
     return open_cached_name(spec, role, split)
 
@@ -76,8 +76,8 @@ def open_file(path: Path, role: str):
         raise DataError(f"data.{role} {path} has extension {suffix or '(none)'!r}, not one dpo-dist reads: use "
                         f"{', '.join(BUILDERS)} (or a `datasets` directory)")
     if path.stat().st_size == 0:
-        raise DataError(f"the dataset is empty (data.{role} {path}): it needs rows with chosen and rejected (and a "
-                        "prompt)")
+        raise DataError(f"the {role} dataset is empty (data.{role} {path}): it needs rows with chosen and "
+                        "rejected (and a prompt)")
     if suffix in TEXT_SUFFIXES:
         check_utf8(path, role)
     try:
@@ -91,8 +91,8 @@ def open_file(path: Path, role: str):
         return load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:
         if "corresponds to no data" in str(e):  # datasets' words for a readable file without rows
-            raise DataError(f"the dataset is empty (data.{role} {path}): it needs rows with chosen and rejected "
-                            "(and a prompt)") from None
+            raise DataError(f"the {role} dataset is empty (data.{role} {path}): it needs rows with chosen and "
+                            "rejected (and a prompt)") from None
         raise DataError(f"data.{role} {path} cannot be read as {suffix} ({read_error(path, e)}): fix the file or "
                         "give it the extension of its real format") from None
 

@@ -302,13 +302,16 @@ class InitRun:
         from . import chat_template
 
         cfg, rr, tok, data = self.cfg, self.rr, self.s["tok"], self.cfg.data
-        train = prepare(data.train, "train", data.train_split, tok, cfg.train.max_prompt_length)
-        evald = prepare(data.eval, "eval", data.eval_split, tok, cfg.train.max_prompt_length) if data.eval else None
+        first = self.ctx.local_rank == 0
+        train = prepare(data.train, "train", data.train_split, tok, cfg.train.max_prompt_length, first)
+        evald = prepare(data.eval, "eval", data.eval_split, tok, cfg.train.max_prompt_length, first) \
+            if data.eval else None
         self.s["data"] = {"train": train, "eval": evald}
         cut = train.truncated_prompts + (evald.truncated_prompts if evald else 0)
         rr.add("datasets valid", True, f"train {train.rows} rows ({train.fmt.describe()})"
                + (f", eval {evald.rows} ({evald.fmt.describe()})" if evald else "")
-               + f"; {cut} standard prompts truncated to {cfg.train.max_prompt_length} tokens (kept their end)")
+               + f"; {cut} prompts truncated to {cfg.train.max_prompt_length} tokens (standard prompts; kept their "
+               "end)")
         rr.facts["truncated_prompts"] = cut
         rr.facts["identical_pairs"] = train.identical_pairs
         rr.facts["data_format"] = {"train": train.fmt.describe(), "eval": evald.fmt.describe() if evald else None}
@@ -328,8 +331,24 @@ class InitRun:
                           f"{args.gradient_accumulation_steps} x {ctx.world_size}: lower them or add data")
         ctx.print0("[dpo-dist] building DPOTrainer ...")
         evald = self.s["data"]["eval"]
-        trainer = placements.build_trainer(self, train.dataset, evald.dataset if evald else None)
+        datasets = {"train": train.dataset, "eval": evald.dataset if evald else None}
+        # placements that copy the data to their own cache dir first (disk_dataset) tokenize there, inside TRL
+        once = cfg.reference.placement != placements.PRECOMPUTED and not (
+            cfg.reference.placement == placements.RANKS and cfg.reference.serve == "precompute")
+        pre = {}
+        if once:
+            from .tokenize_once import tokenize_once
+
+            pre = tokenize_once(datasets, self.s["tok"], self.s["args"], placements.tokenizer_key(self.s["tok"]),
+                                ctx.local_rank == 0, ctx.print0)
+        trainer = placements.build_trainer(self, datasets["train"], datasets["eval"])
         self.s["trainer"] = trainer
+        if pre.get("train"):  # the trainer's tokenized rows are the files tokenized before it existed
+            reused = trainer.train_dataset.cache_files[:1] == [{"filename": pre["train"]}]
+            rr.facts["tokenized_once"] = rr.facts[f"rank_{ctx.rank}_tokenized_once"] = reused
+            if not reused:
+                ctx.warn("TRL tokenized the train dataset again inside the trainer (its cache fingerprint differs "
+                         "from dpo-dist's pre-run): correct, but the other ranks waited in TRL's barrier")
         ok_rows = chat_template.check_tokenized(rr, trainer, self.s["data"], cfg)
         args = trainer.args
         rr.facts["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \

@@ -7,13 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_data import CONV, CONV_IMPLICIT, ROWS, TINY_SFT, write
 from transformers import AutoTokenizer
 
 from dpo_dist import chat_template
 from dpo_dist.config import from_dict
 from dpo_dist.data import prepare
 from dpo_dist.report import RankReport
-from tests.test_data import CONV, CONV_IMPLICIT, ROWS, TINY_SFT, write
 
 GOOD = (TINY_SFT / "chat_template.jinja").read_text()
 LOOP = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"

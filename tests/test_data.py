@@ -265,7 +265,7 @@ def test_empty_train_dataset(tmp_path, capsys):
 
     Dataset.from_dict({"prompt": [], "chosen": [], "rejected": []}).to_parquet(str(tmp_path / "none.parquet"))
     err = init_fails(tmp_path, capsys, f"data.train={tmp_path / 'none.parquet'}")
-    assert "the dataset is empty" in err
+    assert "the train dataset is empty" in err
 
 
 def test_message_lacking_role(tmp_path, capsys):
@@ -335,7 +335,7 @@ def test_null_field_in_a_datasets_directory(tmp_path):
 
 
 def test_missing_column(tmp_path):
-    with pytest.raises(DataError, match="no column rejected"):
+    with pytest.raises(DataError, match="the data lacks rejected"):
         load_split(str(write(tmp_path, [{"prompt": "p", "chosen": "c"}], "parquet")), "train", "train")
 
 
