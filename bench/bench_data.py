@@ -10,7 +10,9 @@ max_prompt_length, under
   template       dpo_dist.chat_template.check on the prepared dataset (sampled rows through TRL's helpers);
   prepare        dpo_dist.data.prepare (standard data: every prompt tokenized once to find the ones over
                  max_prompt_length; a datasets map, cached: the second run reads the cache).
-Each figure: wall seconds and the growth of the process's peak RSS (VmHWM) over its size after imports.
+  convert        (JSONL only) the first open: datasets converts the file to Arrow in its cache, once per node.
+Each figure: wall seconds, the growth of the process's peak RSS (VmHWM: includes the memory-mapped data pages it
+touched, which the kernel shares and can drop) and of its anonymous (heap) memory, over the size before the step.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 WORK = Path("/tmp/dpo-dist-bench/data")
 
 
-def hwm_mib() -> float:
+def status_mib(field: str = "VmHWM") -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def hwm_mib() -> float:
+    return status_mib("VmHWM")
 
 
 def make(rows: int) -> dict[str, Path]:
@@ -75,22 +81,32 @@ def measure(what: str, path: str) -> dict:
 
     tok = AutoTokenizer.from_pretrained(str(ROOT / "dpo_dist" / "default" / "tiny-sft"))
     cfg = from_dict({})
-    load_split(path, "train", "train")  # the Arrow conversion of a text file happens once, before (as in preflight)
-    base = hwm_mib()
+    from dpo_dist.data_sources import open_source
+
+    if what == "convert":  # a text file's first open: datasets converts it to Arrow in its cache (once per node)
+        for built in Path(os.environ["HF_DATASETS_CACHE"]).glob("*/default-*"):
+            import shutil
+
+            shutil.rmtree(built)
+    else:
+        open_source(path, "train", "train")  # the conversion happened before (in preflight)
+    base, anon = hwm_mib(), status_mib("RssAnon")
     t0 = time.perf_counter()
-    if what == "open+validate":
+    if what == "convert":
+        rows = len(open_source(path, "train", "train"))
+    elif what == "open+validate":
         ds, fmt, _, _ = load_split(path, "train", "train")
         rows = len(ds)
     elif what.startswith("prepare"):
         rows = prepare(path, "train", "train", tok, cfg.train.max_prompt_length).rows
     else:
         data = prepare(path, "train", "train", tok, cfg.train.max_prompt_length)
-        base, t0 = hwm_mib(), time.perf_counter()
+        base, anon, t0 = hwm_mib(), status_mib("RssAnon"), time.perf_counter()
         rr = RankReport(0)
         assert chat_template.check(rr, tok, {"train": data}, cfg), [c for c in rr.checks if not c.ok]
         rows = data.rows
     return {"seconds": round(time.perf_counter() - t0, 2), "peak_rss_growth_mib": round(hwm_mib() - base, 1),
-            "rows": rows}
+            "anon_rss_growth_mib": round(status_mib("RssAnon") - anon, 1), "rows": rows}
 
 
 def main() -> None:
@@ -108,8 +124,8 @@ def main() -> None:
     for label, path in files.items():
         for cached in (WORK / "hf-cache").rglob("cache-*.arrow"):  # datasets' map results from an earlier run
             cached.unlink()
-        for what in ("open+validate", "prepare (first)", "prepare (cached)", "template"):
-            if what.startswith("prepare") and "standard" not in label:
+        for what in ("convert", "open+validate", "prepare (first)", "prepare (cached)", "template"):
+            if (what.startswith("prepare") or what == "convert") and "standard" not in label:
                 continue  # conversational prompts are not cut: prepare only selects columns
             res = subprocess.run(["taskset", "-c", "0", sys.executable, __file__, "--child", what, str(path)],
                                  env=env, capture_output=True, text=True)

@@ -172,10 +172,11 @@ def check_tokenized(rr, trainer, prepared: dict, cfg) -> bool:
         ds = sets.get(role)
         if data is None or ds is None or "prompt_ids" not in ds.column_names:
             continue
-        table = ds.with_format("arrow")[:]
-        prompt = pc.list_value_length(table["prompt_ids"]).to_numpy()
-        chosen = pc.list_value_length(table["chosen_ids"]).to_numpy()
-        rejected = pc.list_value_length(table["rejected_ids"]).to_numpy()
+        # the memory-mapped table itself, not ds[:]: TRL's filter leaves an indices mapping, through which a slice
+        # would copy every token id into memory. Its rows are those before TRL dropped any (counted below).
+        table = ds.data.table
+        prompt, chosen, rejected = (np.asarray(pc.list_value_length(table[k]).to_numpy(zero_copy_only=False))
+                                    for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
         max_len = cfg.train.max_length
         cut = int(((prompt + chosen > max_len) | (prompt + rejected > max_len)).sum())
         dropped = data.rows - len(ds)

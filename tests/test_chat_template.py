@@ -114,3 +114,27 @@ def test_sample_is_seeded_and_keeps_row_zero():
     assert picked == chat_template.sample_indices(1_000_000)
     assert picked[0] == 0 and len(picked) == chat_template.SAMPLE_ROWS and picked == sorted(set(picked))
     assert chat_template.sample_indices(5) == [0, 1, 2, 3, 4]
+
+
+def test_rows_trl_drops_fail_the_gate(tmp_path):
+    """After TRL's own preparation (its _prepare_dataset, run as dpo-dist's tokenize-once does), every row's
+    lengths are read from the tokenized dataset, and the row TRL dropped (prompt alone >= max_length) fails."""
+    from types import SimpleNamespace
+
+    from trl import DPOConfig
+
+    from dpo_dist.tokenize_once import trl_prepare
+
+    tok = tokenizer(GOOD)
+    rows = [CONV[0], {**CONV[1], "prompt": [{"role": "user", "content": "word " * 40}]}, CONV[2]]
+    data = prepare(str(write(tmp_path, rows, "parquet")), "train", "train", tok, 20)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), max_length=30, use_cpu=True, report_to="none")
+    tokenized = trl_prepare(data.dataset, tok, args, "train")
+    assert len(tokenized) == 2  # TRL dropped the long row
+    rr = RankReport(0)
+    ok = chat_template.check_tokenized(rr, SimpleNamespace(train_dataset=tokenized, eval_dataset=None),
+                                       {"train": data}, from_dict({"train": {"max_length": 30,
+                                                                             "max_prompt_length": 20}}))
+    row = rr.checks[0]
+    assert not ok and row.name == "train: no completion truncated away" and "1 dropped" in row.value
+    assert rr.facts["lengths"]["train"]["dropped_by_trl"] == 1
