@@ -99,7 +99,13 @@ def check_one(rr, tok, role: str, data, cfg) -> bool:
     bos, eos = tok.bos_token_id, tok.eos_token_id
     first = None
     for i, row in zip(idx, rows, strict=True):
-        r = trl_rows(row, tok)
+        try:
+            r = trl_rows(row, tok)
+        except Exception as e:  # a template that raises (an unsupported role, say): this row cannot be trained on
+            text = " ".join(str(e).split())[:200]
+            return rr.add(name + "template renders the rows", False, f"row {i}: {type(e).__name__}: {text}",
+                          "the chat template (or tokenizer) fails on this row: fix the row, or use the SFT "
+                          "model's template that knows its roles")
         p = r["prompt_ids"]
         if first is None:
             first = r

@@ -39,7 +39,11 @@ def open_source(spec: str, role: str, split: str):
     quiet_datasets()
     path = resolve_data_path(spec, role)
     if path.exists():
-        return open_dir(path, role, split) if path.is_dir() else open_file(path, role)
+        try:
+            return open_dir(path, role, split) if path.is_dir() else open_file(path, role)
+        except OSError as e:  # permissions, a vanished file: datasets' own errors are wrapped below
+            raise DataError(f"data.{role} {path} cannot be read ({e.strerror or e}): check it exists and is "
+                            "readable by this user on every node") from None
     if looks_like_path(spec):
         raise DataError(f"data.{role} {path} does not exist: check data.{role} (a .jsonl, .json, .parquet, .csv or "
                         ".arrow file, a `datasets` directory, or a dataset name in the local Hugging Face cache)")

@@ -138,3 +138,12 @@ def test_rows_trl_drops_fail_the_gate(tmp_path):
     row = rr.checks[0]
     assert not ok and row.name == "train: no completion truncated away" and "1 dropped" in row.value
     assert rr.facts["lengths"]["train"]["dropped_by_trl"] == 1
+
+
+def test_template_that_raises_names_the_row(tmp_path):
+    tool_turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "calling"},
+                 {"role": "tool", "content": "42"}]
+    rows = [CONV[0], CONV[1], {**CONV[2], "prompt": tool_turn}]
+    ok, got = run_stage(tmp_path, rows)  # the embedded template raises on roles other than system/user/assistant
+    row = got["template renders the rows"]
+    assert not ok and row.value.startswith("row 2: ") and "Only system, user and assistant" in row.value
