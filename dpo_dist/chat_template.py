@@ -136,9 +136,13 @@ def check_one(rr, tok, role: str, data, cfg) -> bool:
     ok = rr.add(name + "prompt is a token prefix", not bad_prefix,
                 f"{n} sampled rows: prompt tokens are a prefix of prompt+chosen and prompt+rejected"
                 if not bad_prefix else bad_prefix[0],
-                "the template renders the prompt alone differently from the prompt followed by an answer, so TRL "
-                "cuts the prompt where they diverge and trains on a context the model never sees: use a "
-                "prefix-preserving chat template (the generation prompt must equal the start of the assistant turn)")
+                ("the template renders the prompt alone differently from the prompt followed by an answer, so TRL "
+                 "cuts the prompt where they diverge and trains on a context the model never sees: use a "
+                 "prefix-preserving chat template (the generation prompt must equal the start of the assistant "
+                 "turn)") if data.fmt.conversational else
+                ("tokens merge across the prompt/completion boundary (with an implicit prompt, TRL's extract_prompt "
+                 "ends it where chosen and rejected first differ, often inside a word), so TRL cuts the prompt "
+                 "there: end prompts on a token boundary (a newline), or give an explicit prompt column"))
     ok &= rr.add(name + "no doubled BOS/EOS", not (bad_bos or bad_eos),
                  f"{n} sampled rows: one BOS at the start, one EOS at the end" if not (bad_bos or bad_eos) else
                  "; ".join(bad_bos + bad_eos),

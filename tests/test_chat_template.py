@@ -147,3 +147,13 @@ def test_template_that_raises_names_the_row(tmp_path):
     ok, got = run_stage(tmp_path, rows)  # the embedded template raises on roles other than system/user/assistant
     row = got["template renders the rows"]
     assert not ok and row.value.startswith("row 2: ") and "Only system, user and assistant" in row.value
+
+
+def test_standard_implicit_prompt_split_inside_a_word(tmp_path):
+    """TRL's extract_prompt ends a string prompt where chosen and rejected first differ, here inside a word: the
+    prompt's last token then merges with the completion's first, which the prefix check names."""
+    rows = [{"chosen": "Question: capital of Japan? Answer: The capital is Tokyo.",
+             "rejected": "Question: capital of Japan? Answer: Tokyo Tokyo Tokyo"}]  # shared: "... Answer: T"
+    ok, got = run_stage(tmp_path, rows)
+    row = got["prompt is a token prefix"]
+    assert not ok and row.value.startswith("row 0 chosen: token ") and "token boundary" in row.hint

@@ -37,8 +37,9 @@ def ultrafeedback(rows):
 
 
 def standard_implicit(rows):
-    return [{"chosen": f"Question: {r['prompt']} Answer:{r['chosen']}",
-             "rejected": f"Question: {r['prompt']} Answer:{r['rejected']}"} for r in rows]
+    # the shared start ends on a token boundary (a newline): see test_chat_template's mid-word case
+    return [{"chosen": f"Question: {r['prompt']}\nGood answer:{r['chosen']}",
+             "rejected": f"Question: {r['prompt']}\nBad answer:{r['rejected']}"} for r in rows]
 
 
 def scenario(name, tmp_path, monkeypatch) -> tuple[list[str], dict[str, str]]:
