@@ -37,6 +37,9 @@ def open_source(spec: str, role: str, split: str):
     """The `split` of data.<role> (`spec`) as a Dataset. Single-split sources (files, a saved Dataset) ignore
     `split`: they are the split."""
     quiet_datasets()
+    if not str(spec).strip():
+        raise DataError(f"data.{role} is empty: set it to a data file (.jsonl, .json, .parquet, .csv, .arrow), a "
+                        "`datasets` directory, or a dataset name in the local Hugging Face cache")
     path = resolve_data_path(spec, role)
     if path.exists():
         try:

@@ -247,6 +247,11 @@ def test_directory_that_is_not_a_dataset(tmp_path, capsys):
     assert "not a `datasets` directory" in err and "save_to_disk" in err
 
 
+def test_empty_data_setting(tmp_path, capsys):
+    err = init_fails(tmp_path, capsys, "data.train=")
+    assert "data.train is empty: set it to a data file" in err
+
+
 def test_missing_path(tmp_path, capsys):
     err = init_fails(tmp_path, capsys, f"data.train={tmp_path / 'nope.jsonl'}")
     assert "does not exist" in err and "nope.jsonl" in err
