@@ -405,3 +405,24 @@ def test_bpe_truncation_inside_multibyte_character(tmp_path, bpe_tok):
 def test_conversational_prompts_are_not_cut(tmp_path, bpe_tok):
     got = prepare(str(write(tmp_path, CONV, "parquet")), "train", "train", bpe_tok, 2)
     assert got.truncated_prompts == 0 and rows_of(got.dataset) == CONV
+
+
+def test_bad_row_past_the_first_chunk_is_named_exactly(tmp_path):
+    """Rows are checked 65,536 at a time: a bad row in the second chunk keeps its own index."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpo_dist.data import CHUNK_ROWS
+
+    n, bad = CHUNK_ROWS + 5000, CHUNK_ROWS + 4321
+
+    def msgs(role, texts):
+        return pa.array([[{"role": role, "content": t}] for t in texts])
+
+    rejected = [f"no {i}" for i in range(n)]
+    rejected[bad] = " "
+    pq.write_table(pa.table({"prompt": msgs("user", [f"q {i}" for i in range(n)]),
+                             "chosen": msgs("assistant", [f"yes {i}" for i in range(n)]),
+                             "rejected": msgs("assistant", rejected)}), tmp_path / "big.parquet")
+    with pytest.raises(DataError, match=rf"rejected message 0 is an empty assistant turn \(data.train .* row {bad}\)"):
+        load_split(str(tmp_path / "big.parquet"), "train", "train")
