@@ -49,9 +49,10 @@ def once_per_node(mark: Path, fn, local_main: bool, what: str, note=print, descr
     """fn() on the node's local main process, which then writes describe(result) to `mark`.done (or the error to
     .failed); the other ranks wait for that file, polling: no collective, so no timeout however long fn takes.
     Returns the .done file's text on every rank."""
-    ok, failed = mark.with_suffix(".done"), mark.with_suffix(".failed")
+    # .failed is per launch (the ranks of a node share their launcher's pid), so a failure left by an earlier run is
+    # never read as this one's; a .done left by an earlier run means its cache is there already
+    ok, failed = mark.with_suffix(".done"), mark.with_suffix(f".failed-{os.getppid()}")
     if local_main:
-        failed.unlink(missing_ok=True)
         try:
             out = fn()
         except Exception as e:

@@ -426,3 +426,36 @@ def test_bad_row_past_the_first_chunk_is_named_exactly(tmp_path):
                              "rejected": msgs("assistant", rejected)}), tmp_path / "big.parquet")
     with pytest.raises(DataError, match=rf"rejected message 0 is an empty assistant turn \(data.train .* row {bad}\)"):
         load_split(str(tmp_path / "big.parquet"), "train", "train")
+
+
+def test_once_per_node_passes_the_first_ranks_failure_to_the_others(tmp_path):
+    """The other ranks wait on a file, not a collective; when the node's first rank fails they stop with its error,
+    and a failure left by an earlier launch is not read as this one's."""
+    import os
+    import threading
+
+    from dpo_dist.tokenize_once import once_per_node
+
+    mark = tmp_path / "work"
+    (tmp_path / f"work.failed-{os.getppid() + 1}").write_text("old run")  # another launcher's pid: ignored
+    got = {}
+
+    def waiter():
+        try:
+            once_per_node(mark, None, False, "the work")
+        except ValueError as e:
+            got["error"] = str(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+
+    def boom():
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        once_per_node(mark, boom, True, "the work")
+    t.join(timeout=30)
+    assert got["error"] == "the work failed on this node's first rank: RuntimeError: disk full"
+    assert (tmp_path / f"work.failed-{os.getppid()}").exists()
+    assert once_per_node(tmp_path / "ok", lambda: 7, True, "x", describe=str) == "7"
+    assert once_per_node(tmp_path / "ok", None, False, "x") == "7"  # a waiter reads the result's description
