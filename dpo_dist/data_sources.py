@@ -33,6 +33,11 @@ def looks_like_path(spec: str) -> bool:
     return spec.startswith(("/", ".", "~")) or Path(spec).suffix.lower() in BUILDERS or spec.count("/") > 1
 
 
+def is_dataset_name(spec: str, base: Path) -> bool:
+    """A name to look up in the Hugging Face cache (not a path relative to `base`): what open_source would do."""
+    return spec != "default" and not (base / spec).expanduser().exists() and not looks_like_path(spec)
+
+
 def open_source(spec: str, role: str, split: str):
     """The `split` of data.<role> (`spec`) as a Dataset. Single-split sources (files, a saved Dataset) ignore
     `split`: they are the split."""

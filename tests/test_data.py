@@ -459,3 +459,20 @@ def test_once_per_node_passes_the_first_ranks_failure_to_the_others(tmp_path):
     assert (tmp_path / f"work.failed-{os.getppid()}").exists()
     assert once_per_node(tmp_path / "ok", lambda: 7, True, "x", describe=str) == "7"
     assert once_per_node(tmp_path / "ok", None, False, "x") == "7"  # a waiter reads the result's description
+
+
+def test_slurm_keeps_dataset_names_and_makes_data_paths_absolute(tmp_path):
+    """`dpo-dist slurm` makes config paths absolute against the job's workdir: a data file or directory is a path, a
+    dataset name in the Hugging Face cache must stay a name."""
+    import argparse
+
+    from dpo_dist.slurm import resolve_config
+
+    (tmp_path / "local").mkdir()  # an existing relative directory is a path even though it looks like a name
+    args = argparse.Namespace(config=None, overrides=["data.train=someone/prefs", "data.eval=local"], model=None,
+                              reference=None, sharding=None, placement=None, output_dir=None, smoke_steps=None,
+                              overwrite=False)
+    cfg = resolve_config(args, tmp_path)
+    assert cfg.data.train == "someone/prefs" and cfg.data.eval == str(tmp_path / "local")
+    args.overrides = ["data.train=data/train.parquet"]
+    assert resolve_config(args, tmp_path).data.train == str(tmp_path / "data" / "train.parquet")
