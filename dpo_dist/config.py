@@ -120,10 +120,13 @@ class VerifyConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Preference data: JSONL files or `datasets` directories with prompt/chosen/rejected strings."""
+    """Preference data (dpo_dist.data_sources): a .jsonl/.json/.parquet/.csv/.arrow file, a `datasets` directory, or
+    a dataset name in the local Hugging Face cache; the splits are chosen in a DatasetDict or a cached name."""
 
     train: str = "default"
     eval: str | None = "default"
+    train_split: str = "train"
+    eval_split: str = "test"  # eval may name the same source as train: then this split of it
 
 
 BETA_PRESETS = {"conservative": 0.25, "standard": 0.1, "aggressive": 0.05}

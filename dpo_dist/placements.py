@@ -48,8 +48,11 @@ def load_reference(run) -> Any:
     return ref
 
 
-def data_key(rows: list[dict[str, str]], *extra: Any) -> str:
-    return hashlib.sha256(json.dumps([rows, *extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
+def data_key(dataset, *extra: Any) -> str:
+    """A key of a dataset's content: datasets' own fingerprint (of its Arrow files and the transforms applied),
+    not a hash of every row read into Python. None = no dataset."""
+    content = dataset._fingerprint if dataset is not None else None
+    return hashlib.sha256(json.dumps([content, *extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def tokenizer_key(tok) -> str:
@@ -63,14 +66,15 @@ def weights_digest(fingerprints: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(sorted(fingerprints.items())).encode()).hexdigest()[:16]
 
 
-def disk_dataset(rows: list[dict[str, str]], root: Path, ctx):
-    """A dataset backed by files under `root/data-<hash>`, so TRL's precompute cache persists across runs (an in-memory
-    dataset caches in a temporary dir, and other ranks then miss the file: FileNotFoundError seen on rank 1)."""
-    from datasets import Dataset, load_from_disk
+def disk_dataset(dataset, root: Path, ctx):
+    """A dataset backed by files under `root/data-<hash>`, so TRL's precompute cache persists across runs and sits
+    where every rank finds it (an in-memory dataset caches in a temporary dir, and other ranks then miss the file:
+    FileNotFoundError seen on rank 1)."""
+    from datasets import load_from_disk
 
-    where = root / f"data-{data_key(rows)}"
+    where = root / f"data-{data_key(dataset)}"
     if ctx.is_main and not (where / "state.json").exists():
-        Dataset.from_list(rows).save_to_disk(str(where))
+        dataset.save_to_disk(str(where))
     ctx.barrier()
     return load_from_disk(str(where))
 
@@ -87,15 +91,13 @@ def precompute_keys(run, train_rows, eval_rows) -> tuple[Path, str, dict[str, st
     batching = (args.precompute_ref_batch_size or args.per_device_train_batch_size, args.pad_to_multiple_of,
                 run.ctx.roles.policy_ranks if run.ctx.roles is not None else run.ctx.world_size)
     limits = (tokenizer_key(run.s["tok"]), cfg.train.max_length, cfg.train.max_prompt_length, *batching)
-    keys = {"train": data_key(train_rows, *limits), "eval": data_key(eval_rows or [], *limits)}
+    keys = {"train": data_key(train_rows, *limits), "eval": data_key(eval_rows, *limits)}
     run.rr.facts["precompute_key"] = {"reference_weights": digest, "train_data": keys["train"]}
     return root, digest, keys
 
 
 def build_trainer(run, train_rows, eval_rows):
-    """The DPOTrainer for this placement."""
-    from .data import to_dataset
-
+    """The DPOTrainer for this placement (train_rows, eval_rows: datasets.Dataset, memory-mapped)."""
     cfg, s, ctx = run.cfg, run.s, run.ctx
     placement = cfg.reference.placement
     common = dict(args=s["args"], processing_class=s["tok"])
@@ -112,8 +114,7 @@ def build_trainer(run, train_rows, eval_rows):
         return trainer
     if placement == RANKS:
         return build_ranks_trainer(run, train_rows, eval_rows, common)
-    train = to_dataset(train_rows)
-    evald = to_dataset(eval_rows) if eval_rows else None
+    train, evald = train_rows, eval_rows
     if placement == CPU:
         from .ref_trainers import CpuReferenceDPOTrainer
 
@@ -390,14 +391,12 @@ def build_ranks_trainer(run, train_rows, eval_rows, common):
     """placement ranks: TRL in precompute mode with no reference on this rank; the reference ranks answer either per
     micro-batch (serve: online) or once for the whole dataset before training (serve: precompute, cached on disk
     under the reference's fingerprint like the precomputed placement)."""
-    from .data import to_dataset
     from .ref_trainers import RemoteOnlineDPOTrainer, RemotePrecomputeDPOTrainer
 
     cfg, s, ctx = run.cfg, run.s, run.ctx
     if cfg.reference.serve == "online":
         return RemoteOnlineDPOTrainer(model=s["policy"], ref_model=None, remote_reference=s["remote"],
-                                      train_dataset=to_dataset(train_rows),
-                                      eval_dataset=to_dataset(eval_rows) if eval_rows else None, **common)
+                                      train_dataset=train_rows, eval_dataset=eval_rows, **common)
     root, digest, keys = precompute_keys(run, train_rows, eval_rows)
     trainer = RemotePrecomputeDPOTrainer(
         model=s["policy"], ref_model=None, remote_reference=s["remote"],

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, preflight
 from .config import RunConfig
-from .data import DataError, read_rows, validate
+from .data import DataError, load_split
 from .manifest import MANIFEST
-from .resources import resolve_data_path, resolve_ds_config, resolve_model_path
+from .resources import resolve_ds_config, resolve_model_path
 from .run_lock import OutputDirBusy, acquire
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -108,10 +108,10 @@ def run_preflight(cfg: RunConfig) -> None:
     if cfg.train.resume_from and not (out / MANIFEST).is_file():
         raise PreflightError(f"no {MANIFEST} in {out}: a resume re-verifies the reference against the manifest "
                              "that the original init wrote there; use that run's --output-dir")
-    for split, value in (("train", cfg.data.train), ("eval", cfg.data.eval)):
-        if value is None:
-            continue
-        try:
-            validate(read_rows(resolve_data_path(value, split)), split)
-        except DataError as e:
-            raise PreflightError(str(e)) from None
+    for role, value, split in (("train", cfg.data.train, cfg.data.train_split),
+                               ("eval", cfg.data.eval, cfg.data.eval_split)):
+        if value is not None:
+            try:
+                load_split(value, role, split)
+            except DataError as e:
+                raise PreflightError(str(e)) from None

@@ -26,7 +26,6 @@ from .report import RankReport, build_report, render_table, write_json_atomic
 from .resources import (
     batch_mismatch,
     launch_stage_conflict,
-    resolve_data_path,
     resolve_ds_config,
     resolve_model_path,
     zero_stage,
@@ -301,28 +300,60 @@ class InitRun:
         """cpu placement on an accelerator: the reference's forwards run on other hardware than the policy's."""
         return self.cfg.reference.placement == placements.CPU and self.ctx.device.type != "cpu"
 
-    def build(self) -> bool:
-        cfg, rr, ctx = self.cfg, self.rr, self.ctx
-        tok = self.s["tok"]
-        train = prepare(resolve_data_path(cfg.data.train, "train"), "train", tok, cfg.train.max_prompt_length)
-        evald = prepare(resolve_data_path(cfg.data.eval, "eval"), "eval", tok, cfg.train.max_prompt_length) \
-            if cfg.data.eval else None
+    def data(self) -> bool:
+        """Every row validated (preflight did too; the API comes straight here), standard prompts cut, and the
+        chat-template checks on sampled rows rendered as TRL will render them. Needs only the tokenizer."""
+        from . import chat_template
+
+        cfg, rr, tok, data = self.cfg, self.rr, self.s["tok"], self.cfg.data
+        first = self.ctx.local_rank == 0
+        train = prepare(data.train, "train", data.train_split, tok, cfg.train.max_prompt_length, first)
+        evald = prepare(data.eval, "eval", data.eval_split, tok, cfg.train.max_prompt_length, first) \
+            if data.eval else None
+        self.s["data"] = {"train": train, "eval": evald}
         cut = train.truncated_prompts + (evald.truncated_prompts if evald else 0)
-        rr.add("datasets valid", True, f"train {len(train.rows)} rows" + (f", eval {len(evald.rows)}" if evald
-                                                                          else "") + f"; {cut} prompts truncated "
-               f"to {cfg.train.max_prompt_length} tokens (kept their end)")
+        rr.add("datasets valid", True, f"train {train.rows} rows ({train.fmt.describe()})"
+               + (f", eval {evald.rows} ({evald.fmt.describe()})" if evald else "")
+               + f"; {cut} prompts truncated to {cfg.train.max_prompt_length} tokens (standard prompts; kept their "
+               "end)")
         rr.facts["truncated_prompts"] = cut
         rr.facts["identical_pairs"] = train.identical_pairs
+        rr.facts["data_format"] = {"train": train.fmt.describe(), "eval": evald.fmt.describe() if evald else None}
+        return chat_template.check(rr, tok, self.s["data"], cfg)
+
+    def build(self) -> bool:
+        from . import chat_template
+
+        cfg, rr, ctx = self.cfg, self.rr, self.ctx
+        train = self.s["data"]["train"]
         args = self.s["args"]
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * ctx.world_size
-        if len(train.rows) < global_batch:
-            return rr.add("train data fills one global batch", False, f"{len(train.rows)} rows < global batch "
+        if train.rows < global_batch:
+            return rr.add("train data fills one global batch", False, f"{train.rows} rows < global batch "
                           f"{global_batch}", f"the global batch is per_device_train_batch_size x "
                           f"gradient_accumulation_steps x world size = {args.per_device_train_batch_size} x "
                           f"{args.gradient_accumulation_steps} x {ctx.world_size}: lower them or add data")
         ctx.print0("[dpo-dist] building DPOTrainer ...")
-        trainer = placements.build_trainer(self, train.rows, evald.rows if evald else None)
+        evald = self.s["data"]["eval"]
+        datasets = {"train": train.dataset, "eval": evald.dataset if evald else None}
+        # placements that copy the data to their own cache dir first (disk_dataset) tokenize there, inside TRL
+        once = cfg.reference.placement != placements.PRECOMPUTED and not (
+            cfg.reference.placement == placements.RANKS and cfg.reference.serve == "precompute")
+        pre = {}
+        if once:
+            from .tokenize_once import tokenize_once
+
+            pre = tokenize_once(datasets, self.s["tok"], self.s["args"], placements.tokenizer_key(self.s["tok"]),
+                                ctx.local_rank == 0, ctx.print0)
+        trainer = placements.build_trainer(self, datasets["train"], datasets["eval"])
         self.s["trainer"] = trainer
+        if pre.get("train"):  # the trainer's tokenized rows are the files tokenized before it existed
+            reused = trainer.train_dataset.cache_files[:1] == [{"filename": pre["train"]}]
+            rr.facts["tokenized_once"] = rr.facts[f"rank_{ctx.rank}_tokenized_once"] = reused
+            if not reused:
+                ctx.warn("TRL tokenized the train dataset again inside the trainer (its cache fingerprint differs "
+                         "from dpo-dist's pre-run): correct, but the other ranks waited in TRL's barrier")
+        ok_rows = chat_template.check_tokenized(rr, trainer, self.s["data"], cfg)
         args = trainer.args
         rr.facts["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
             ctx.world_size
@@ -339,7 +370,7 @@ class InitRun:
         self.attach_kl_monitor(trainer)
         nbytes = placements.reference_bytes(self)  # measured once; check_trainer reads it from the facts
         rr.facts[f"rank_{ctx.rank}_reference_bytes_training"] = nbytes
-        ok = placements.check_trainer(self, trainer)
+        ok = placements.check_trainer(self, trainer) & ok_rows
         placements.check_reference_report(rr, cfg.reference.placement, nbytes, rr.facts)
         return ok
 
@@ -430,7 +461,8 @@ class InitRun:
 
     def run(self) -> InitResult:
         # every placement, lora too: the forward proofs free their working set before the trainer exists (bench/)
-        for name, stage in (("setup", self.setup), ("tokenizer", self.tokenizer), ("load", self.load),
+        for name, stage in (("setup", self.setup), ("tokenizer", self.tokenizer), ("data", self.data),
+                            ("load", self.load),
                             ("static proofs", self.prove_static), ("forward proofs", self.prove_forward),
                             ("trainer", self.build), ("smoke steps", self.smoke)):
             ok = self.attempt(name, stage)

@@ -335,6 +335,13 @@ def _absolute(value: str | None, base: Path, keep: tuple[str, ...] = ("default",
     return str(p if p.is_absolute() else (base / p))
 
 
+def _absolute_data(value: str | None, base: Path) -> str | None:
+    """A data source: a path made absolute; a dataset name in the Hugging Face cache kept as it is."""
+    from .data_sources import is_dataset_name
+
+    return value if value and is_dataset_name(value, base) else _absolute(value, base)
+
+
 def resolve_config(args: argparse.Namespace, workdir: Path):
     """The run config (YAML + flags, validated) with its paths made absolute against the job's workdir."""
     from dataclasses import replace
@@ -349,7 +356,7 @@ def resolve_config(args: argparse.Namespace, workdir: Path):
         model=replace(m, path=_absolute(m.path, workdir)),
         reference=replace(r, path=_absolute(r.path, workdir)),
         sharding=replace(s, ds_config=_absolute(s.ds_config, workdir)),
-        data=replace(d, train=_absolute(d.train, workdir), eval=_absolute(d.eval, workdir)),
+        data=replace(d, train=_absolute_data(d.train, workdir), eval=_absolute_data(d.eval, workdir)),
         train=replace(t, output_dir=_absolute(t.output_dir, workdir, keep=())),
     )
 

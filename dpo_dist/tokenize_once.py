@@ -1,0 +1,88 @@
+"""TRL's tokenization, once per node, with no collective while it runs.
+
+TRL's DPOTrainer tokenizes its datasets inside `global_then_local_main_first()`: the main process maps, the others
+wait in a process-group barrier, which times out (sharding.timeout_s) if tokenizing takes longer, as a million
+conversational rows do on one core. So before the trainer exists, each node's local main process runs TRL's own
+`DPOTrainer._prepare_dataset` (the same code, so the same datasets cache fingerprints), cached by datasets next to
+the data's Arrow files, while the other ranks wait for a file, not a collective. Inside the trainer every rank then
+finds the cached result and the barriers are short.
+
+Private access (trl 1.16, pinned in pyproject): DPOTrainer._prepare_dataset and the module-level
+global_then_local_main_first, replaced by a no-op only around this call; tests/test_data_launch.py fails if the
+trainer stops reusing this cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+POLL_S = 0.5
+
+
+def marker(dataset, name: str, tok_key: str) -> Path:
+    key = hashlib.sha256(f"{dataset._fingerprint}|{name}|{tok_key}".encode()).hexdigest()[:16]
+    return Path(dataset.cache_files[0]["filename"]).parent / f"dpo-dist-tokenized-{key}"
+
+
+def trl_prepare(dataset, tok, args, name: str):
+    """TRL's own preparation of `dataset`, outside a trainer and without its barriers."""
+    import trl.trainer.dpo_trainer as dpo
+
+    # DPOTrainer.__init__ assigns the pad token before preparing its datasets; the assignment changes the tokenizer's
+    # datasets hash (even to the same value), so it is made here too, or the trainer's maps would miss this cache
+    tok.pad_token = args.pad_token or tok.pad_token or tok.eos_token
+    stub = SimpleNamespace(_tokenizer=tok)
+    saved = dpo.global_then_local_main_first
+    dpo.global_then_local_main_first = contextlib.nullcontext
+    try:
+        return dpo.DPOTrainer._prepare_dataset(stub, dataset, tok, args, name)
+    finally:
+        dpo.global_then_local_main_first = saved
+
+
+def once_per_node(mark: Path, fn, local_main: bool, what: str, note=print, describe=lambda out: "done") -> str:
+    """fn() on the node's local main process, which then writes describe(result) to `mark`.done (or the error to
+    .failed); the other ranks wait for that file, polling: no collective, so no timeout however long fn takes.
+    Returns the .done file's text on every rank."""
+    # .failed is per launch (the ranks of a node share their launcher's pid), so a failure left by an earlier run is
+    # never read as this one's; a .done left by an earlier run means its cache is there already
+    ok, failed = mark.with_suffix(".done"), mark.with_suffix(f".failed-{os.getppid()}")
+    if local_main:
+        try:
+            out = fn()
+        except Exception as e:
+            failed.write_text(f"{type(e).__name__}: {e}")
+            raise
+        text = describe(out)
+        ok.write_text(text)
+        return text
+    t0, said = time.monotonic(), time.monotonic()
+    while not ok.exists():
+        if failed.exists():
+            raise ValueError(f"{what} failed on this node's first rank: {failed.read_text()}")
+        if time.monotonic() - said > 60:
+            said = time.monotonic()
+            note(f"[dpo-dist] rank {os.environ.get('RANK', '?')} waiting for {what} ({time.monotonic() - t0:.0f} s)")
+        time.sleep(POLL_S)
+    return ok.read_text()
+
+
+def tokenize_once(datasets: dict, tok, args, tok_key: str, local_main: bool, note=print) -> dict[str, str]:
+    """TRL's preparation of each file-backed dataset on the local main process; the others wait for its done-file.
+    Returns {name: cache file of TRL's tokenized dataset} on every rank, for the caller to check that the trainer
+    reused it."""
+    done: dict[str, str] = {}
+    for name, ds in datasets.items():
+        if ds is None or not ds.cache_files:
+            continue  # in memory: nothing to share
+        def run(ds=ds, name=name):
+            return trl_prepare(ds, tok, args, name)
+
+        done[name] = once_per_node(marker(ds, name, tok_key), run, local_main, f"tokenizing the {name} dataset", note,
+                                   lambda out: out.cache_files[0]["filename"] if out.cache_files else "")
+    return done
