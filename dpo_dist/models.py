@@ -23,12 +23,6 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 CONFIG_IGNORED_KEYS = {"_name_or_path", "transformers_version", "name_or_path", "_commit_hash", "dtype", "torch_dtype"}
 
 
-def needs_remote_code(config_json: dict) -> bool:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    return config_json.get("model_type") not in CONFIG_MAPPING
-
-
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
