@@ -6,9 +6,10 @@
 Writes the rows once (a conversational parquet file, and a standard JSONL file where every 100th prompt is over
 max_prompt_length, under
 /tmp/dpo-dist-bench/data), then measures, each in a fresh process so the figures do not share caches or heap:
-  open+validate  dpo_dist.data.load_split (the preflight check on every rank): open memory-mapped, check every row;
-  template       dpo_dist.chat_template.check on the prepared dataset (sampled rows through TRL's helpers);
-  prepare        dpo_dist.data.prepare (standard data: every prompt tokenized once to find the ones over
+  open+validate  dpo_dist.data.prepare.load_split (the preflight check on every rank): open memory-mapped, check
+  every row;
+  template       dpo_dist.data.chat_template.check on the prepared dataset (sampled rows through TRL's helpers);
+  prepare        dpo_dist.data.prepare.prepare (standard data: every prompt tokenized once to find the ones over
                  max_prompt_length; a datasets map, cached: the second run reads the cache).
   convert        (JSONL only) the first open: datasets converts the file to Arrow in its cache, once per node.
 Each figure: wall seconds, the growth of the process's peak RSS (VmHWM: includes the memory-mapped data pages it
@@ -74,14 +75,14 @@ def measure(what: str, path: str) -> dict:
     datasets.config.HF_DATASETS_CACHE = Path(os.environ["HF_DATASETS_CACHE"])
     from transformers import AutoTokenizer
 
-    from dpo_dist import chat_template
-    from dpo_dist.config import from_dict
-    from dpo_dist.data import load_split, prepare
-    from dpo_dist.report import RankReport
+    from dpo_dist.config.schema import from_dict
+    from dpo_dist.data import chat_template
+    from dpo_dist.data.prepare import load_split, prepare
+    from dpo_dist.verify.report import RankReport
 
     tok = AutoTokenizer.from_pretrained(str(ROOT / "dpo_dist" / "default" / "tiny-sft"))
     cfg = from_dict({})
-    from dpo_dist.data_sources import open_source
+    from dpo_dist.data.sources import open_source
 
     if what == "convert":  # a text file's first open: datasets converts it to Arrow in its cache (once per node)
         for built in Path(os.environ["HF_DATASETS_CACHE"]).glob("*/default-*"):

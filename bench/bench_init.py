@@ -18,13 +18,14 @@ Groups:
                (model.loader auto: the fast partitioned loader), zero3 also with model.loader=transformers, and each
                as it was before (the tree of --before-commit, extracted under --work and run from there); the same
                command on the embedded 1M-parameter checkpoint gives each version's runtime baseline.
-  fingerprint  dpo_dist.fingerprint (its fused C kernel, cache warm) over every tensor of the checkpoint vs torch.sum
+  fingerprint  dpo_dist.verify.fingerprint (its fused C kernel, cache warm) over every tensor of the checkpoint vs
+  torch.sum
                over the same tensors, 1 and 2 threads; plus its eager fallback (DPO_DIST_FINGERPRINT_KERNEL=0), the
                previous implementation, the eager floor (the widening copy alone), a torch.compile fused kernel (on
                50M elements), and the C kernel's compile time (fresh cache) vs its load from the cache. Timed in pairs
                (each repetition times all of them back to back; max(--runs, 5) repetitions), ratios = medians of the
                per-repetition ratios, so a busy moment hits both sides.
-  kl           peak memory (VmHWM growth, fresh process each) of dpo_dist.kl.token_kl, of its version before
+  kl           peak memory (VmHWM growth, fresh process each) of dpo_dist.verify.kl.token_kl, of its version before
                (per-chunk temporaries, from --before-commit), and of a full-vocabulary log_softmax KL at V = 32k and
                128k, B x T = 2 x 512.
 """
@@ -68,7 +69,7 @@ def med(xs):
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import descendants, kill_tree  # noqa: E402
 
-from dpo_dist.distributed import free_port  # noqa: E402
+from dpo_dist.runtime.distributed import free_port  # noqa: E402
 
 
 def run(argv: list[str], env_extra: dict, timeout: float, log_path: Path | None = None, sample=None,
@@ -337,8 +338,8 @@ FP_PROBE = r"""
 import json, os, statistics, sys, time
 import torch
 from safetensors.torch import load_file
-from dpo_dist import fingerprint as F
-from dpo_dist.fingerprint import MULT, fingerprint_flat, fingerprint_tensor
+from dpo_dist.verify import fingerprint as F
+from dpo_dist.verify.fingerprint import MULT, fingerprint_flat, fingerprint_tensor
 
 assert F._kernel() is not None, "the fused fingerprint kernel did not build"
 
@@ -414,7 +415,7 @@ PREVIOUS_FINGERPRINT = "952b5a9:dpo_dist/fingerprint.py"  # before this benchmar
 
 
 KERNEL_LOAD = r"""
-from dpo_dist import fingerprint as F
+from dpo_dist.verify import fingerprint as F
 assert F._kernel() is not None
 print(F._KERNEL["compile_s"])
 """
@@ -462,7 +463,7 @@ def bench_fingerprint(ckpt: Path, runs: int, compile_: bool, work: Path) -> dict
 KL_PROBE = r"""
 import json, sys, time
 import torch
-from dpo_dist.kl import token_kl
+from dpo_dist.verify.kl import token_kl
 
 def hwm():
     for line in open("/proc/self/status"):
@@ -550,7 +551,7 @@ def render(res: dict) -> str:
         names = {"naive": "naive: full policy + full reference on every rank, then deepspeed.initialize",
                  "transformers": "transformers ZeRO-3 from_pretrained (model.loader: transformers; before it, "
                                  "the only path)",
-                 "fastload": "**dpo_dist.fastload** (own byte ranges into partitions, no init broadcast; "
+                 "fastload": "**dpo_dist.load.fastload** (own byte ranges into partitions, no init broadcast; "
                              "model.loader auto)",
                  "fastload-bcast": "fastload with zero.Init's broadcast kept",
                  "read": "floor: pread of exactly those bytes into preallocated buffers"}
@@ -612,7 +613,8 @@ def render(res: dict) -> str:
     if fp:
         if "kernel" in fp:
             L += ["", "**Fingerprint vs torch.sum** over every tensor of the checkpoint (443M bf16 elements, one "
-                  "process): `dpo_dist.fingerprint` as it ships (its fused C kernel, already compiled), its eager "
+                  "process): `dpo_dist.verify.fingerprint` as it ships (its fused C kernel, already compiled), its "
+                  "eager "
                   "fallback (`DPO_DIST_FINGERPRINT_KERNEL=0`, or no C compiler), and references.", "",
                   "| threads | torch.sum (s) | fingerprint (s) | x sum | eager fallback (x sum) | previous "
                   "implementation (x sum) | widening copy alone (x sum) | 50M elements: fingerprint x sum | 50M: "
@@ -635,7 +637,7 @@ def render(res: dict) -> str:
     if kl and "shipped_V32000" in kl:  # (results from before the kl group compared shipped and previous: not shown)
         L += ["", f"**Initial-KL memory** (B x T = {kl['B']} x {kl['T']}, bf16 logits of both models as inputs, "
               f"chunk {kl['chunk']}): VmHWM growth during the computation, fresh process each.", "",
-              "| vocab | inputs (MiB) | dpo_dist.kl.token_kl, shipped (MiB) | token_kl before "
+              "| vocab | inputs (MiB) | dpo_dist.verify.kl.token_kl, shipped (MiB) | token_kl before "
               f"({kl.get('before_commit', BEFORE_COMMIT)}: per-chunk temporaries) (MiB) | full-vocab log_softmax KL "
               "(MiB) | one fp32 [B,T,V] (MiB) | one fp32 [B,T,chunk] (MiB) | time shipped / before / full (s) |",
               "|---|---|---|---|---|---|---|---|"]
@@ -657,7 +659,7 @@ def environment(ckpt: Path) -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     mem = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
     cfg = json.loads((ckpt / "config.json").read_text())
-    from dpo_dist.checkpoint import tensor_index
+    from dpo_dist.load.checkpoint import tensor_index
 
     params = sum(e.numel for e in tensor_index(ckpt).values())
     return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem / 2**20), "torch": torch.__version__,
@@ -717,7 +719,7 @@ def main() -> None:
         res["file_read"] = bench_file_read(ckpt, args.runs)
         save("load")
     if "product" in args.only:
-        from dpo_dist.resources import DEFAULT_CHECKPOINT
+        from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
         res["product"] = bench_product(ckpt, DEFAULT_CHECKPOINT, args.runs, args.work, args.product_set,
                                        args.before_commit)

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from dpo_dist.distributed import free_port
+from dpo_dist.runtime.distributed import free_port
 
 HERE = Path(__file__).resolve().parent
 OUT = Path("/tmp/dpo-dist-bench/ranks")

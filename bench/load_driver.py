@@ -8,7 +8,7 @@ Modes (every one ends with both models ZeRO-3 partitioned, no optimizer, nothing
   naive         full policy and full reference loaded on every rank, then partitioned by deepspeed.initialize
                 (the seed's snippets)
   transformers  transformers' ZeRO-3 from_pretrained (DeepSpeed config registered first): the product's path
-  fastload      dpo_dist.fastload.load_partitioned (each rank reads its own byte ranges into its partitions)
+  fastload      dpo_dist.load.fastload.load_partitioned (each rank reads its own byte ranges into its partitions)
   fastload-bcast  the same with zero.Init's broadcast of every new parameter kept (deepspeed's own Init)
   read          the I/O floor: each rank preads exactly the bytes fastload reads, into preallocated buffers
 """
@@ -94,7 +94,7 @@ def main() -> None:
             models.append(AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16))
             phases[role] = status_kb("VmHWM")
     elif args.mode.startswith("fastload"):
-        from dpo_dist.fastload import load_partitioned, plan_load
+        from dpo_dist.load.fastload import load_partitioned, plan_load
 
         plan = plan_load(args.model, "bfloat16")
         for role in ("policy", "reference"):
@@ -104,8 +104,8 @@ def main() -> None:
             phases[role] = status_kb("VmHWM")
             detail[role] = {k: round(v, 3) for k, v in tim.items()}
     elif args.mode == "read":
-        from dpo_dist.checkpoint import tensor_index
-        from dpo_dist.fastload import _Reader
+        from dpo_dist.load.checkpoint import tensor_index
+        from dpo_dist.load.fastload import _Reader
 
         index = tensor_index(args.model)
         reader = _Reader()
@@ -134,8 +134,8 @@ def main() -> None:
     result = {"mode": args.mode, "rank": rank, "world": world, "vmhwm_kb": phases, "seconds": seconds,
               "end_kb": rollup_kb(), "held_bytes": held, "detail": detail}
     if args.verify and args.mode.startswith("fastload"):
-        from dpo_dist import weights
-        from dpo_dist.distributed import DistContext
+        from dpo_dist.runtime.distributed import DistContext
+        from dpo_dist.verify import weights
 
         ctx = DistContext(rank, world)
         ff, missing = weights.file_fingerprints(Path(args.model), weights.param_meta(models[0]), ctx)

@@ -28,7 +28,7 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dpo_dist.resources import DEFAULT_CHECKPOINT
+    from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
     out = Path(args.out)
     if (out / "model.safetensors").exists():

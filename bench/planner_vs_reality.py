@@ -7,7 +7,8 @@ For each checkpoint it runs, exactly as a user would,
 
 samples /proc/<pid>/status of the two worker ranks (told apart by RANK in /proc/<pid>/environ) every 0.1 s and keeps
 their VmHWM (the kernel's own high-water mark of the resident set, so sampling cannot miss the peak; it counts mapped
-file pages too), and compares it with `dpo_dist.planner.plan` for the same layout on this machine as a CPU cluster:
+file pages too), and compares it with `dpo_dist.plan.planner.plan` for the same layout on this machine as a CPU
+cluster:
 ZeRO-3 policy, reference placement zero3, bf16, micro-batch 4, and as max_length the longest tokenized example of
 the embedded data (what the collator pads to; the configured 1024 would plan activations for tokens never seen).
 Only the phases the run reaches are compared: load + init without smoke steps, every phase with them.
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import descendants  # noqa: E402 - the test suite's: a launch's whole process tree
 
-from dpo_dist.distributed import free_port  # noqa: E402
+from dpo_dist.runtime.distributed import free_port  # noqa: E402
 
 MiB = 1 << 20
 
@@ -104,7 +105,7 @@ def longest_example(model: str, max_length: int) -> int:
     """Tokens of the longest prompt+completion in the embedded train data (the padded length of its batch)."""
     from transformers import AutoTokenizer
 
-    from dpo_dist.resources import DEFAULT_DIR
+    from dpo_dist.config.resources import DEFAULT_DIR
 
     tok = AutoTokenizer.from_pretrained(model)
     longest = 0
@@ -116,8 +117,8 @@ def longest_example(model: str, max_length: int) -> int:
 
 
 def planned(model: str, smoke_steps: int, max_length: int) -> dict:
-    from dpo_dist import planner
-    from dpo_dist.presets import resolve_model
+    from dpo_dist.plan import planner
+    from dpo_dist.plan.presets import resolve_model
 
     src = resolve_model(model)
     cluster = planner.local_cpu_cluster(2)
@@ -141,8 +142,8 @@ def gpu_activation_check(model: str, micro_batch: int, max_length: int) -> list[
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dpo_dist import plan_memory
-    from dpo_dist.presets import model_stats, resolve_model
+    from dpo_dist.plan import memory as plan_memory
+    from dpo_dist.plan.presets import model_stats, resolve_model
 
     src = resolve_model(model)
     fields = {k: v for k, v in src.config.items() if k not in ("architectures", "transformers_version")}

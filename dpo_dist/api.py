@@ -15,19 +15,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, load
+from dpo_dist.config.schema import RunConfig, load
 
 
 def prepare(config: str | Path | RunConfig | None = None, overrides: list[tuple[list[str], Any]] | None = None,
             write_report: bool = True):
     """Load, prove and build, exactly as `dpo-dist init` does; returns an InitResult (report, trainer)."""
-    from .roles import REFERENCE, join
-    from .run import InitRun, finish
+    from dpo_dist.init.stages import InitRun, finish
+    from dpo_dist.runtime.roles import REFERENCE, join
 
     cfg = config if isinstance(config, RunConfig) else load(config, overrides)
     ctx = join(cfg)
     if ctx.roles is not None and ctx.roles.role == REFERENCE:  # serves until every policy rank is done; never returns
-        from .reference_ranks import serve
+        from dpo_dist.reference.ranks import serve
 
         raise SystemExit(serve(cfg, ctx, ctx.roles))
     result = InitRun(cfg, ctx, keep_serving=True).run()

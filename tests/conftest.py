@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_dist.distributed import free_port  # noqa: F401 - the tests' launches take their ports from here
+from dpo_dist.runtime.distributed import free_port  # noqa: F401 - the tests' launches take their ports from here
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -91,7 +91,7 @@ def build(out: Path, start: Path | None = None, extra_steps: int = 0, tie: bool 
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from dpo_dist.resources import DEFAULT_CHECKPOINT
+    from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
     t0 = time.perf_counter()
     old_threads = torch.get_num_threads()

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, free_port, run_cmd
 from safetensors.torch import load_file
 
-from dpo_dist.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
 pytestmark = pytest.mark.multiproc
 

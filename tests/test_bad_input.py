@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_dist.cli import main
-from dpo_dist.resources import DEFAULT_CHECKPOINT
+from dpo_dist.cli.main import main
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
 
 def one_line_exit_2(argv: list[str], capsys) -> str:

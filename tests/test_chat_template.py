@@ -10,10 +10,10 @@ import pytest
 from test_data import CONV, CONV_IMPLICIT, ROWS, TINY_SFT, write
 from transformers import AutoTokenizer
 
-from dpo_dist import chat_template
-from dpo_dist.config import from_dict
-from dpo_dist.data import prepare
-from dpo_dist.report import RankReport
+from dpo_dist.config.schema import from_dict
+from dpo_dist.data import chat_template
+from dpo_dist.data.prepare import prepare
+from dpo_dist.verify.report import RankReport
 
 GOOD = (TINY_SFT / "chat_template.jinja").read_text()
 LOOP = ("{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
@@ -123,7 +123,7 @@ def test_rows_trl_drops_fail_the_gate(tmp_path):
 
     from trl import DPOConfig
 
-    from dpo_dist.tokenize_once import trl_prepare
+    from dpo_dist.data.tokenize_once import trl_prepare
 
     tok = tokenizer(GOOD)
     rows = [CONV[0], {**CONV[1], "prompt": [{"role": "user", "content": "word " * 40}]}, CONV[2]]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dpo_dist.checkpoint import (
+from dpo_dist.load.checkpoint import (
     INDEX_NAME,
     SINGLE_NAME,
     CheckpointError,

@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dpo_dist.data import DataError, load_split, prepare
+from dpo_dist.data.prepare import DataError, load_split, prepare
 
 TINY_SFT = Path(__file__).resolve().parents[1] / "dpo_dist" / "default" / "tiny-sft"
 WORDS = [f"w{i}" for i in range(30)]
@@ -198,7 +198,7 @@ def test_every_trl_format(tmp_path, bpe_tok, rows, conversational, explicit):
 
 
 def init_fails(tmp_path, capsys, *sets: str) -> str:
-    from dpo_dist.cli import main
+    from dpo_dist.cli.main import main
 
     code = main(["init", "--output-dir", str(tmp_path / "out"), *[a for s in sets for a in ("--set", s)]])
     err = capsys.readouterr().err.strip()
@@ -412,7 +412,7 @@ def test_bad_row_past_the_first_chunk_is_named_exactly(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dpo_dist.data import CHUNK_ROWS
+    from dpo_dist.data.prepare import CHUNK_ROWS
 
     n, bad = CHUNK_ROWS + 5000, CHUNK_ROWS + 4321
 
@@ -434,7 +434,7 @@ def test_once_per_node_passes_the_first_ranks_failure_to_the_others(tmp_path):
     import os
     import threading
 
-    from dpo_dist.tokenize_once import once_per_node
+    from dpo_dist.data.tokenize_once import once_per_node
 
     mark = tmp_path / "work"
     (tmp_path / f"work.failed-{os.getppid() + 1}").write_text("old run")  # another launcher's pid: ignored
@@ -466,7 +466,7 @@ def test_slurm_keeps_dataset_names_and_makes_data_paths_absolute(tmp_path):
     dataset name in the Hugging Face cache must stay a name."""
     import argparse
 
-    from dpo_dist.slurm import resolve_config
+    from dpo_dist.cli.slurm import resolve_config
 
     (tmp_path / "local").mkdir()  # an existing relative directory is a path even though it looks like a name
     args = argparse.Namespace(config=None, overrides=["data.train=someone/prefs", "data.eval=local"], model=None,

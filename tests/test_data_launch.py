@@ -10,7 +10,7 @@ import pytest
 from conftest import check_row, launch_init
 from test_data import cache_hub_name, dataset, write
 
-from dpo_dist.resources import DEFAULT_DIR
+from dpo_dist.config.resources import DEFAULT_DIR
 
 pytestmark = pytest.mark.multiproc
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from dpo_dist import manifest
+from dpo_dist.verify import manifest
 
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
 
 def test_manifest_on_a_full_disk_names_its_path_and_leaves_nothing(tmp_path, monkeypatch):
-    from dpo_dist import report
+    from dpo_dist.verify import report
 
     def full(fd):
         raise ENOSPC
@@ -45,7 +45,7 @@ def test_cache_write_interrupted_by_a_full_disk_leaves_no_truncated_file(tmp_pat
     from datasets import Dataset, load_from_disk
     from datasets.arrow_writer import ArrowWriter
 
-    from dpo_dist.disk_writes import no_leftovers
+    from dpo_dist.runtime.disk_writes import no_leftovers
 
     Dataset.from_list([{"prompt": f"p{i}"} for i in range(64)]).save_to_disk(str(tmp_path / "data"))
     ds = load_from_disk(str(tmp_path / "data"))
@@ -89,7 +89,7 @@ def test_precomputed_trainer_guards_its_cache_write():
 
     from trl import DPOTrainer
 
-    from dpo_dist.ref_trainers import PrecomputedDPOTrainer
+    from dpo_dist.reference.trainers import PrecomputedDPOTrainer
 
     assert "_precompute_ref_logps" in vars(DPOTrainer)
     assert "no_leftovers(" in inspect.getsource(PrecomputedDPOTrainer._precompute_ref_logps)

@@ -1,4 +1,4 @@
-"""dpo_dist.fastload: a ZeRO-3 model loaded by reading each rank's partitions straight from the file must be what
+"""dpo_dist.load.fastload: a ZeRO-3 model loaded by reading each rank's partitions straight from the file must be what
 transformers' ZeRO-3 from_pretrained gives (weights bitwise, buffers, config, logits, training), or be refused
 before anything is allocated.
 
@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import ROOT, free_port, run_cmd  # noqa: E402
 
-from dpo_dist.fastload import FastLoadRefused, load_partitioned, plan_load  # noqa: E402
-from dpo_dist.resources import DEFAULT_CHECKPOINT  # noqa: E402
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT  # noqa: E402
+from dpo_dist.load.fastload import FastLoadRefused, load_partitioned, plan_load  # noqa: E402
 
 
 def tied_odd_checkpoint(dst: Path) -> Path:
@@ -83,8 +83,8 @@ def driver(out: Path, tied: Path | None) -> None:
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from dpo_dist import probes, weights
-    from dpo_dist.distributed import DistContext
+    from dpo_dist.runtime.distributed import DistContext
+    from dpo_dist.verify import probes, weights
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     ctx = DistContext(rank, world)
@@ -207,7 +207,7 @@ def renamed_copy(dst: Path, old: str, new: str) -> Path:
 
 
 def test_plan_maps_every_parameter():
-    from dpo_dist.checkpoint import tensor_index
+    from dpo_dist.load.checkpoint import tensor_index
 
     plan = plan_load(DEFAULT_CHECKPOINT, "bfloat16")
     index = tensor_index(DEFAULT_CHECKPOINT)
@@ -255,7 +255,7 @@ def test_pinned_deepspeed_zero_init_param():
     """NoBroadcastInit replaces deepspeed.zero.Init._zero_init_param (private): pinned to the source it replaces."""
     import deepspeed
 
-    from dpo_dist.fastload import PINNED_DEEPSPEED, broadcast_free_init_supported
+    from dpo_dist.load.fastload import PINNED_DEEPSPEED, broadcast_free_init_supported
 
     assert deepspeed.__version__ == PINNED_DEEPSPEED
     assert broadcast_free_init_supported()
@@ -269,7 +269,7 @@ def test_pinned_deepspeed_zero_init_param():
         "else:",
         "dist.broadcast(param.data.view(torch.uint8), dist.get_global_rank(partition_group, 0), partition_group)",
         "param.partition()",
-    ], "deepspeed changed Init._zero_init_param: re-check dpo_dist.fastload.NoBroadcastInit"
+    ], "deepspeed changed Init._zero_init_param: re-check dpo_dist.load.fastload.NoBroadcastInit"
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import torch
 from conftest import ROOT, check_row, free_port, launch_init, run_cmd
 from safetensors.torch import load_file, save_file
 
-from dpo_dist.cli import main
-from dpo_dist.resources import DEFAULT_CHECKPOINT, DEFAULT_DIR
+from dpo_dist.cli.main import main
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT, DEFAULT_DIR
 
 
 def copy_ckpt(tmp_path: Path, name: str = "ckpt") -> Path:
@@ -215,10 +215,10 @@ def test_disk_full_while_writing_report_leaves_nothing(tmp_path, monkeypatch, ca
     import errno
     import os
 
-    from dpo_dist import report as report_mod
-    from dpo_dist.distributed import DistContext
-    from dpo_dist.report import Check, RankReport, build_report
-    from dpo_dist.run import InitResult, finish
+    from dpo_dist.init.stages import InitResult, finish
+    from dpo_dist.runtime.distributed import DistContext
+    from dpo_dist.verify import report as report_mod
+    from dpo_dist.verify.report import Check, RankReport, build_report
 
     real_fsync = os.fsync
 

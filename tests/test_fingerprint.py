@@ -11,10 +11,10 @@ from itertools import pairwise
 import pytest
 import torch
 
-from dpo_dist import fingerprint as F
-from dpo_dist.fingerprint import (
+from dpo_dist.load.checkpoint import SAFETENSORS_DTYPES
+from dpo_dist.verify import fingerprint as F
+from dpo_dist.verify.fingerprint import (
     MULT,
-    SAFETENSORS_DTYPES,
     fingerprint_bytes,
     fingerprint_flat,
     fingerprint_hex,
@@ -338,8 +338,8 @@ def test_nonfinite_additive_over_shards() -> None:
 
 
 def test_model_fingerprints_name_the_nonfinite_tensor() -> None:
-    from dpo_dist import weights
-    from dpo_dist.distributed import DistContext
+    from dpo_dist.runtime.distributed import DistContext
+    from dpo_dist.verify import weights
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)).to(torch.bfloat16)
     clean: dict[str, int] = {}

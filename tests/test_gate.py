@@ -12,8 +12,8 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from dpo_dist.presets import PRESETS
-from dpo_dist.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT
+from dpo_dist.plan.presets import PRESETS
 
 CLUSTER = ["--nodes", "1", "--gpus-per-node", "8", "--gpu-mem", "80GB", "--host-mem", "1TB"]
 

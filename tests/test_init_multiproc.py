@@ -11,8 +11,8 @@ import torch
 from conftest import ROOT, check_row, free_port, launch_init, run_cmd
 from safetensors.torch import load_file, save_file
 
-from dpo_dist.fingerprint import fingerprint_hex, fingerprint_tensor
-from dpo_dist.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT
+from dpo_dist.verify.fingerprint import fingerprint_hex, fingerprint_tensor
 
 pytestmark = pytest.mark.multiproc
 

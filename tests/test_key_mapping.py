@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpo_dist import weights
-from dpo_dist.checkpoint import INDEX_NAME, tensor_index
-from dpo_dist.distributed import DistContext
-from dpo_dist.fastload import FastLoadRefused, account_files, plan_load
-from dpo_dist.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT
+from dpo_dist.load.checkpoint import INDEX_NAME, tensor_index
+from dpo_dist.load.fastload import FastLoadRefused, account_files, plan_load
+from dpo_dist.runtime.distributed import DistContext
+from dpo_dist.verify import weights
 
 CTX = DistContext(0, 1)
 # Sizes small enough for every text architecture; each applies only where the config has the attribute.

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo_dist.kl import KLStats, masked_kl_stats, token_kl
+from dpo_dist.verify.kl import KLStats, masked_kl_stats, token_kl
 
 
 def reference_kl(policy: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,9 @@ import torch
 from conftest import check_row, launch_init
 from safetensors.torch import load_file, save_file
 
-from dpo_dist.config import ConfigError, load, parse_override, resolve_beta
-from dpo_dist.kl_monitor import BETA_STATE, AdaptiveBeta
-from dpo_dist.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.schema import ConfigError, load, parse_override, resolve_beta
+from dpo_dist.train.kl_monitor import BETA_STATE, AdaptiveBeta
 
 
 @pytest.mark.parametrize("value, beta", [("conservative", 0.25), ("standard", 0.1), ("aggressive", 0.05),

@@ -8,8 +8,8 @@ import time
 import pytest
 import yaml
 
-from dpo_dist.launcher import LaunchSpec, build_launch
-from dpo_dist.resources import ds_config_path, launch_config_path, resolve_ds_config, zero_stage
+from dpo_dist.config.resources import ds_config_path, launch_config_path, resolve_ds_config, zero_stage
+from dpo_dist.launch.accelerate import LaunchSpec, build_launch
 
 
 def test_single_node_cpu_command():
@@ -61,7 +61,7 @@ def test_ds_config_from_accelerate_environment(monkeypatch):
 
 @pytest.mark.parametrize("sub", [[], ["init"], ["launch"]])
 def test_help_is_fast_and_imports_nothing_heavy(sub):
-    code = (f"import sys\nfrom dpo_dist.cli import main\ntry:\n    main({sub!r} + ['--help'])\n"
+    code = (f"import sys\nfrom dpo_dist.cli.main import main\ntry:\n    main({sub!r} + ['--help'])\n"
             "except SystemExit:\n    pass\nheavy=[m for m in ('torch','deepspeed','trl','transformers') if m in "
             "sys.modules]\nprint('HEAVY', heavy)")
     t0 = time.time()

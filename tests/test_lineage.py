@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dpo_dist import lineage
+from dpo_dist.verify import lineage
 
 FP_REF = {"a": "01" * 16, "b": "02" * 16}
 FP_POL = dict(FP_REF)
@@ -109,7 +109,7 @@ def another_model_same_shape(dst):
     import torch
     from safetensors.torch import load_file, save_file
 
-    from dpo_dist.resources import DEFAULT_CHECKPOINT
+    from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
     shutil.copytree(DEFAULT_CHECKPOINT, dst)
     gen = torch.Generator().manual_seed(3)

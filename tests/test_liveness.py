@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import free_port, launch_init
 
-from dpo_dist import liveness
+from dpo_dist.runtime import liveness
 
 
 def _timeout_under_cleanup() -> RuntimeError:
@@ -85,7 +85,7 @@ def test_new_process_groups_get_the_configured_timeout(monkeypatch):
 
     from torch.distributed import Backend, distributed_c10d
 
-    from dpo_dist.distributed import timeout_new_groups
+    from dpo_dist.runtime.distributed import timeout_new_groups
 
     monkeypatch.setattr(distributed_c10d, "default_pg_timeout", distributed_c10d.default_pg_timeout)
     monkeypatch.setattr(distributed_c10d, "default_pg_nccl_timeout", distributed_c10d.default_pg_nccl_timeout)

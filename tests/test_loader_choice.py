@@ -1,4 +1,5 @@
-"""model.loader: which loader `dpo-dist init` uses for ZeRO-3 models (dpo_dist.fastload or from_pretrained), decided
+"""model.loader: which loader `dpo-dist init` uses for ZeRO-3 models (dpo_dist.load.fastload or from_pretrained),
+decided
 the same on every rank; fast refuses with one line where auto falls back with a warning."""
 
 from __future__ import annotations
@@ -6,10 +7,10 @@ from __future__ import annotations
 import pytest
 from conftest import check_row, launch_init
 
-from dpo_dist.config import load, parse_override
-from dpo_dist.distributed import DistContext
-from dpo_dist.resources import DEFAULT_CHECKPOINT
-from dpo_dist.run import InitRun
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.schema import load, parse_override
+from dpo_dist.init.stages import InitRun
+from dpo_dist.runtime.distributed import DistContext
 
 
 def init_run(loader: str, stage: int = 3, *overrides: str, zero: dict | None = None) -> InitRun:

@@ -11,7 +11,7 @@ import torch
 from conftest import check_row, launch_init
 from safetensors.torch import load_file, save_file
 
-from dpo_dist.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
 pytestmark = pytest.mark.multiproc
 
@@ -120,7 +120,7 @@ def test_zero3_placement_with_zero2_policy_can_be_refused(tmp_path):
 
 
 def test_trl_private_hooks_we_override_still_exist():
-    from dpo_dist.ref_trainers import check_trl_hooks
+    from dpo_dist.reference.trainers import check_trl_hooks
 
     assert check_trl_hooks() == []
 

@@ -15,9 +15,10 @@ from dataclasses import replace
 
 import pytest
 
-from dpo_dist import plan_memory, planner
-from dpo_dist.planner import Cluster, GiB, RunSettings, check, plan, plan_all
-from dpo_dist.presets import LORA_TARGETS, PRESETS, model_stats, preset_name, resolve_model
+from dpo_dist.plan import memory as plan_memory
+from dpo_dist.plan import planner
+from dpo_dist.plan.planner import Cluster, GiB, RunSettings, check, plan, plan_all
+from dpo_dist.plan.presets import LORA_TARGETS, PRESETS, model_stats, preset_name, resolve_model
 
 NODES = (1, 2, 4, 8, 16)  # x 8 GPUs: N = 8 .. 128
 
@@ -79,7 +80,7 @@ def test_tied_embeddings_are_counted_once_and_names_resolve():
 def test_embedded_checkpoint_dir_and_config_json_resolve_with_file_facts():
     src = resolve_model("default")
     assert src.config["model_type"] == "llama" and src.checkpoint.files == 1
-    from dpo_dist.resources import DEFAULT_CHECKPOINT
+    from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
     assert src.checkpoint.largest_file_bytes == (DEFAULT_CHECKPOINT / "model.safetensors").stat().st_size
     assert resolve_model(str(DEFAULT_CHECKPOINT / "config.json")).config == src.config
@@ -322,8 +323,8 @@ def test_gradient_checkpointing_and_offload_lower_the_gpu_peak():
 
 
 def test_settings_from_run_config_and_bad_inputs():
-    from dpo_dist.config import from_dict
-    from dpo_dist.resources import ds_config_path
+    from dpo_dist.config.resources import ds_config_path
+    from dpo_dist.config.schema import from_dict
 
     cfg = from_dict({"train": {"per_device_train_batch_size": 2, "max_length": 2048, "max_prompt_length": 1024,
                                "gradient_checkpointing": True}, "sharding": {"name": "zero3_offload"}})
@@ -346,7 +347,7 @@ def test_settings_from_run_config_and_bad_inputs():
 
 
 def _cli(*argv: str) -> tuple[int, str]:
-    from dpo_dist.cli import main
+    from dpo_dist.cli.main import main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
@@ -387,9 +388,10 @@ def test_help_is_fast_and_planner_import_is_light():
     r = subprocess.run([sys.executable, "-m", "dpo_dist", "plan", "--help"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "--gpu-mem" in r.stdout and "--plot" in r.stdout
     assert time.perf_counter() - t0 < 5
-    r = subprocess.run([sys.executable, "-c", "import sys, dpo_dist.planner, dpo_dist.plan_cli, dpo_dist.presets, "
-                        "dpo_dist.cli; print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'matplotlib') "
-                        "if m in sys.modules))"], capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-c", "import sys, dpo_dist.plan.planner, dpo_dist.cli.plan, "
+                        "dpo_dist.plan.presets, dpo_dist.cli.main; print(sorted(m for m in ('torch', "
+                        "'transformers', 'deepspeed', 'matplotlib') if m in sys.modules))"],
+                       capture_output=True, text=True, env=env)
     assert r.stdout.strip() == "[]", r.stdout + r.stderr
 
 

@@ -8,11 +8,11 @@ from datetime import timedelta
 import pytest
 import torch
 
-from dpo_dist.config import from_dict
-from dpo_dist.distributed import DistContext
-from dpo_dist.reference_ranks import Server, group_requests, load_reference
-from dpo_dist.resources import DEFAULT_CHECKPOINT
-from dpo_dist.roles import REFERENCE, Roles
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.schema import from_dict
+from dpo_dist.reference.ranks import Server, group_requests, load_reference
+from dpo_dist.runtime.distributed import DistContext
+from dpo_dist.runtime.roles import REFERENCE, Roles
 
 
 @pytest.fixture(scope="module")

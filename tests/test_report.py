@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from dpo_dist.report import Check, RankReport, build_report, merge, render_table, to_dict, write_json_atomic
+from dpo_dist.verify.report import Check, RankReport, build_report, merge, render_table, to_dict, write_json_atomic
 
 
 def rank(r: int, *checks: tuple, **facts) -> RankReport:

@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dpo_dist.distributed import free_port
-from dpo_dist.roles import POLICY, REFERENCE, BridgeError, Roles, check_counts
+from dpo_dist.runtime.distributed import free_port
+from dpo_dist.runtime.roles import POLICY, REFERENCE, BridgeError, Roles, check_counts
 
 pytestmark = pytest.mark.multiproc
 
@@ -26,7 +26,7 @@ def _roles(rank: int, world: int, k: int, port: int, timeout_s: float) -> Roles:
 
 
 def _worker(rank: int, port: int, scenario: str, q) -> None:
-    import dpo_dist.roles as roles_mod
+    import dpo_dist.runtime.roles as roles_mod
 
     roles_mod.CHUNK_BYTES = 1000  # force many chunks
     r = _roles(rank, 2, 1, port, timeout_s=3)

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, free_port
 
-from dpo_dist.cli import main
-from dpo_dist.run_lock import LOCK_NAME, RUN_ID_ENV
+from dpo_dist.cli.main import main
+from dpo_dist.runtime.run_lock import LOCK_NAME, RUN_ID_ENV
 
-HOLD = ("import sys, time; from dpo_dist.run_lock import acquire; acquire(sys.argv[1]); print('held', flush=True); "
+HOLD = ("import sys, time; from dpo_dist.runtime.run_lock import acquire; acquire(sys.argv[1]); "
+        "print('held', flush=True); "
         "time.sleep(300)")
 
 
@@ -44,7 +45,7 @@ def test_a_live_run_owns_the_dir_and_a_crashed_one_does_not(tmp_path, capsys, mo
     finally:
         other.send_signal(signal.SIGKILL)  # a crash: no cleanup runs, the kernel drops the flock
         other.wait()
-    from dpo_dist.run_lock import acquire, release
+    from dpo_dist.runtime.run_lock import acquire, release
 
     acquire(out)  # the stale lock file does not block
     try:
@@ -71,7 +72,7 @@ def test_launch_refuses_a_dir_another_run_holds(tmp_path):
 
 AGREE = """
 import os, sys
-from dpo_dist.distributed import DistContext
+from dpo_dist.runtime.distributed import DistContext
 ctx = DistContext.from_env(timeout_s=60)
 print("RUN_ID", ctx.rank, ctx.run_id, os.environ["DPO_DIST_RUN_ID"], flush=True)
 ctx.teardown()

@@ -12,7 +12,7 @@ import pytest
 from conftest import check_row, run_cmd
 from safetensors.torch import load_file, save_file
 
-from dpo_dist.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
 pytestmark = pytest.mark.multiproc
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_dist.config import load
-from dpo_dist.resources import ds_config_path, launch_config_path
-from dpo_dist.slurm import SlurmSpec, check_spec, render_sbatch, report_stamp, verdict
+from dpo_dist.config.resources import ds_config_path, launch_config_path
+from dpo_dist.config.schema import load
+from dpo_dist.launch.sbatch import SlurmSpec, check_spec, render_sbatch, report_stamp, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "slurm" / "example-8x8.sbatch"
@@ -311,8 +311,9 @@ def test_submit_without_sbatch_says_so(tmp_path):
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys\nfrom dpo_dist.cli import main\ntry:\n    main(['slurm', '--help'])\nexcept SystemExit:\n"
-            "    pass\nimport dpo_dist.slurm\nprint('HEAVY', [m for m in ('torch', 'deepspeed', 'trl', 'transformers')"
+    code = ("import sys\nfrom dpo_dist.cli.main import main\ntry:\n    main(['slurm', '--help'])\nexcept SystemExit:\n"
+            "    pass\nimport dpo_dist.launch.sbatch\nprint('HEAVY', [m for m in ('torch', 'deepspeed', 'trl', "
+            "'transformers')"
             " if m in sys.modules])")
     t0 = time.time()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -232,8 +232,8 @@ def no_rank_left(out_dir: Path) -> list[int]:
 def single_process_fingerprints() -> dict[str, str]:
     from safetensors.torch import load_file
 
-    from dpo_dist.fingerprint import fingerprint_hex, fingerprint_tensor
-    from dpo_dist.resources import DEFAULT_CHECKPOINT
+    from dpo_dist.config.resources import DEFAULT_CHECKPOINT
+    from dpo_dist.verify.fingerprint import fingerprint_hex, fingerprint_tensor
 
     tensors = load_file(str(DEFAULT_CHECKPOINT / "model.safetensors"))
     return {name: fingerprint_hex(fingerprint_tensor(t)) for name, t in tensors.items()}
@@ -346,7 +346,7 @@ def test_a_file_on_one_node_only_fails_that_rank_by_name(slurm_cluster, tmp_path
 
 def test_a_reference_on_one_node_only_fails_that_rank_by_name(slurm_cluster, tmp_path):
     """reference.path in a node-local folder that only node1 holds."""
-    from dpo_dist.resources import DEFAULT_CHECKPOINT
+    from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
     shutil.copytree(DEFAULT_CHECKPOINT, slurm_cluster.root / "nodes" / "node1" / "ref")
     ref = slurm_cluster.root / "node-local" / "ref"

@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 
-from dpo_dist import probes
-from dpo_dist.config import DEFAULT_PROMPTS, DEFAULT_REFERENCE_TEXT
-from dpo_dist.distributed import DistContext
-from dpo_dist.report import RankReport
-from dpo_dist.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.resources import DEFAULT_CHECKPOINT
+from dpo_dist.config.schema import DEFAULT_PROMPTS, DEFAULT_REFERENCE_TEXT
+from dpo_dist.runtime.distributed import DistContext
+from dpo_dist.verify import probes
+from dpo_dist.verify.report import RankReport
 
 ROW = "tokenizer matches the weights"
 

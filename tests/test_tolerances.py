@@ -7,9 +7,9 @@ import random
 
 import torch
 
-from dpo_dist.config import from_dict
-from dpo_dist.report import RankReport, merge, to_dict
-from dpo_dist.tolerances import (
+from dpo_dist.config.schema import from_dict
+from dpo_dist.verify.report import RankReport, merge, to_dict
+from dpo_dist.verify.tolerances import (
     FP32_UNIT_ROUNDOFF,
     PrecomputeBatching,
     kl_tolerance,

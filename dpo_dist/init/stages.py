@@ -1,0 +1,515 @@
+"""`dpo-dist init`: load, prove, build the DPOTrainer, report. One readable sequence of stages.
+
+After every stage all ranks decide together (an all-reduced flag) whether to go on, so a failure on one rank stops
+every rank at the same point and they all reach the report instead of waiting in a collective for the watchdog.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpo_dist.config.names import Placement
+from dpo_dist.config.resources import (
+    batch_mismatch,
+    launch_stage_conflict,
+    resolve_ds_config,
+    resolve_model_path,
+    zero_stage,
+)
+from dpo_dist.config.schema import RunConfig, to_dict
+from dpo_dist.data.prepare import DataError, prepare
+from dpo_dist.init.preflight import check_checkpoint
+from dpo_dist.load import models
+from dpo_dist.load.checkpoint import CheckpointError
+from dpo_dist.reference import placements
+from dpo_dist.runtime import liveness
+from dpo_dist.runtime.distributed import DistContext
+from dpo_dist.runtime.faults import inject_fault
+from dpo_dist.train.trainer import LossRecorder, build_dpo_config
+from dpo_dist.verify import lineage, manifest, model_checks, probes, tolerances, weight_checks, weights
+from dpo_dist.verify.report import RankReport, build_report, render_table, write_json_atomic
+
+KNOWN_ERRORS = (CheckpointError, DataError, FileNotFoundError, ValueError, OSError)
+# Stages that run collectives inside them (ZeRO-3 loading and gathers, all-reduces, TRL's barriers). The others
+# (setup, tokenizer) are local, so a failure there is decided together at the stage's end and lands in the report.
+COLLECTIVE_STAGES = ("load", "static proofs", "forward proofs", "trainer", "smoke steps")
+
+
+@dataclass
+class InitResult:
+    report: dict[str, Any]
+    trainer: Any = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report["passed"])
+
+
+class InitRun:
+    """The stages of `dpo-dist init`; each returns True when this rank may go on."""
+
+    def __init__(self, cfg: RunConfig, ctx: DistContext, debug: bool = False, keep_serving: bool = False):
+        """keep_serving (placement ranks): leave the reference ranks serving after init, for a trainer that goes on
+        training (dpo_dist.api.prepare); `dpo-dist init` ends them with the verdict."""
+        self.cfg, self.ctx, self.debug, self.keep_serving = cfg, ctx, debug, keep_serving
+        self.rr = RankReport(ctx.rank)
+        self.s: dict[str, Any] = {}  # what the stages hand each other
+        if ctx.roles is not None:  # placement ranks: this policy rank's line to its reference rank, from the start
+            from dpo_dist.reference.ranks import RemoteReference
+
+            self.s["remote"] = RemoteReference(ctx.roles, ctx.device)
+
+    # -- stages -------------------------------------------------------------------------------------------------
+    def setup(self) -> bool:
+        from transformers import set_seed
+
+        cfg = self.cfg
+        label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
+        stage = zero_stage(ds)
+        conflict = launch_stage_conflict(ds)
+        if conflict:
+            return self.rr.add("sharding matches launch", False, conflict, conflict)
+        placement = cfg.reference.placement
+        if placement == Placement.ZERO3 and stage != 3 and cfg.reference.on_zero2 == "refuse":
+            return self.rr.add("sharding fits placement", False, f"policy ZeRO-{stage}, reference zero3",
+                               "reference.placement zero3 shards the reference only with a ZeRO-3 policy: use "
+                               "--sharding zero3, or set reference.on_zero2: replica")
+        bad_batch = batch_mismatch(ds, cfg, self.ctx.world_size)
+        if bad_batch:
+            return self.rr.add("batch sizes consistent", False, bad_batch, bad_batch)
+        set_seed(cfg.train.seed)
+        smoke = cfg.verify.smoke_steps
+        if placement == placements.LORA and smoke == 1:
+            smoke = 2  # LoRA's B starts at zero, so A gets no gradient until the second step
+        self.s.update(ds_label=label, ds=ds, stage=stage, smoke_steps=smoke)
+        self.s["args"] = build_dpo_config(cfg, ds, smoke, precompute=placement in placements.USES_TRL_PRECOMPUTE)
+        self.rr.facts.update(sharding=label, zero_stage=stage, placement=placement, world_size=self.ctx.world_size,
+                             output_dir=str(Path(cfg.train.output_dir)), smoke_steps=smoke,
+                             rank_run_id=self.ctx.run_id)
+        roles = self.ctx.roles
+        world = f"world {self.ctx.world_size}" if roles is None else \
+            f"{roles.policy_ranks} policy + {roles.reference_ranks} reference rank(s) of {roles.world} processes"
+        return self.rr.add("configuration", True, f"ZeRO-{stage} ({label}), reference {placement}, {world}")
+
+    def tokenizer(self) -> bool:
+        cfg, ctx, rr = self.cfg, self.ctx, self.rr
+        pol_path = resolve_model_path(cfg.model.path)
+        ref_path = resolve_model_path(cfg.reference.path) if cfg.reference.path else pol_path
+        # The CLI ran these before launch; the Python API (api.prepare) comes straight here, so they run again.
+        check_checkpoint(pol_path, cfg, "model")
+        if ref_path != pol_path:
+            check_checkpoint(ref_path, cfg, "reference")
+        conf = models.read_config_json(pol_path)
+        tok = models.load_tokenizer(pol_path, cfg.model.trust_remote_code)
+        ok = model_checks.check_tokenizer(tok, conf, cfg.model.pad_policy, rr, ctx.warn)
+        if ref_path != pol_path:
+            diffs = model_checks.same_tokenizer(tok, models.load_tokenizer(ref_path, cfg.model.trust_remote_code))
+            ok &= rr.add("reference tokenizer equal", not diffs, "; ".join(diffs) or "identical",
+                         "the reference checkpoint has another tokenizer: use the policy's SFT checkpoint")
+        self.s.update(pol_path=pol_path, ref_path=ref_path, tok=tok)
+        return ok
+
+    def load(self) -> bool:
+        from dpo_dist.load import fastload
+
+        cfg, ctx, rr = self.cfg, self.ctx, self.rr
+        pol_path, ref_path = self.s["pol_path"], self.s["ref_path"]
+        t0 = time.perf_counter()
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # the user's own setting wins
+            # glibc: large freed blocks (gathered ZeRO-3 layers, logits, read buffers) go back to the OS instead of
+            # staying in the heap for the rest of the run (bench/README.md: +250-300 MiB per rank on 0.44B otherwise)
+            rr.facts["malloc_mmap_threshold_pinned"] = fastload.pin_malloc_mmap_threshold()
+        try:  # every loader decision first, the same on every rank, before anything is allocated
+            pol_plan = self.fast_plan(pol_path)
+            ref_plan = None
+            if cfg.reference.placement in (placements.ZERO3, placements.PRECOMPUTED):  # loaded by load_causal_lm
+                ref_plan = pol_plan if ref_path == pol_path else self.fast_plan(ref_path, "reference_loader")
+        except ValueError as e:  # model.loader: fast, and it cannot be used
+            return rr.add("model loader", False, str(e), str(e))
+        self.s["ref_plan"] = ref_plan
+        how = "fast partitioned loader" if pol_plan is not None else "from_pretrained"
+        ctx.print0(f"[dpo-dist] loading policy from {pol_path} (ZeRO-{self.s['stage']}, {how}) ...")
+        policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
+                                       plan=pol_plan)
+        policy.train()
+        self.s["policy"] = policy
+        ctx.print0(f"[dpo-dist] loading reference ({cfg.reference.placement}) from {ref_path} ...")
+        self.s["reference"] = placements.load_reference(self)
+        rr.facts["load_seconds"] = round(time.perf_counter() - t0, 3)
+        rr.facts[f"rank_{ctx.rank}_policy_bytes"] = weights.local_bytes(policy, ctx)
+        rr.facts[f"rank_{ctx.rank}_reference_bytes"] = placements.reference_bytes(self)
+        rr.facts[f"rank_{ctx.rank}_memory_kb"] = models.shared_memory_kb()
+        rr.facts["partitioned"] = probes.is_partitioned(policy)
+        return rr.add("models loaded", True, f"{sum(1 for _ in policy.parameters())} tensors, "
+                      f"{rr.facts['load_seconds']} s, {how}")
+
+    def fast_plan(self, path: Path, fact: str = "loader"):
+        """The dpo_dist.load.fastload plan for the checkpoint at `path`, or None for transformers' from_pretrained,
+        decided
+        the same on every rank (an all-reduced flag); records the choice and why in facts[fact] and facts[fact +
+        "_reason"]. model.loader fast raises ValueError (one line: what blocked it, and the fix) where auto falls
+        back with a warning."""
+        from dpo_dist.load import fastload
+
+        cfg, rr = self.cfg, self.rr
+        choice, stage, plan = cfg.model.loader, self.s["stage"], None
+        if choice == "transformers":
+            why = "model.loader: transformers"
+        elif stage != 3:
+            why = f"ZeRO-{stage}: the fast loader fills ZeRO-3 partitions only"
+        else:
+            zero = self.s["ds"].get("zero_optimization") or {}
+            offload = str((zero.get("offload_param") or {}).get("device", "none")).lower()
+            quantized = zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights")
+            why = ""
+            if offload == "nvme" or quantized is True:
+                why = "parameters offloaded to NVMe" if offload == "nvme" else "ZeRO quantized weights"
+            else:
+                try:
+                    plan = fastload.plan_load(path, cfg.model.dtype, cfg.model.trust_remote_code)
+                except fastload.FastLoadRefused as e:
+                    why = " ".join(str(e).split())
+            if not self.ctx.all_ok(plan is not None):
+                plan, why = None, why or "refused on another rank"
+        if plan is not None:
+            rr.facts.update({fact: "fast", fact + "_reason": "dpo_dist.load.fastload: each rank reads its own "
+                             "partitions' "
+                             "bytes from the files"})
+            return plan
+        if choice == "fast":
+            raise ValueError(f"model.loader is fast but the fast loader cannot load {path}: {why}. Fix: set "
+                             "model.loader: transformers (or auto) to load with from_pretrained")
+        if choice == "auto" and stage == 3:
+            self.ctx.warn(f"fast loader not used for {path} ({why}): loading with transformers' from_pretrained")
+        rr.facts.update({fact: "transformers", fact + "_reason": why})
+        return None
+
+    def prove_static(self) -> bool:
+        """Roles, configs, and bitwise weights equality (policy vs reference vs files)."""
+        ctx, rr, pol, ref = self.ctx, self.rr, self.s["policy"], self.s["reference"]
+        ctx.print0("[dpo-dist] fingerprinting weights (each rank its own shard) ...")
+        t0 = time.perf_counter()
+        nonfinite: dict[str, int] = {}
+        fp_pol = weights.model_fingerprints(pol, ctx, "fingerprint policy", nonfinite)
+        self.s["fp_policy"] = fp_pol
+        rr.facts["fingerprints"] = {"policy": fp_pol}
+        ok = weight_checks.check_finite(rr, nonfinite, "policy")
+        if self.cfg.reference.placement == placements.RANKS:
+            from dpo_dist.reference.ranks import static_checks
+
+            ok, fp_ref = static_checks(self, fp_pol)
+            self.s["fp_reference"] = rr.facts["fingerprints"]["reference"] = fp_ref
+        elif ref is not None:
+            ok &= model_checks.check_roles(pol, ref, rr)
+            diffs = model_checks.config_differences(pol.config.to_dict(), ref.config.to_dict())
+            ok &= rr.add("configs equal", not diffs, "; ".join(diffs[:5]) or "identical",
+                         "policy and reference configs differ: load both from the same SFT checkpoint")
+            fp_ref = weights.model_fingerprints(ref, ctx, "fingerprint reference")
+            bad = weights.compare(fp_pol, fp_ref)
+            gap = weights.max_abs_diff(pol, ref, bad[0], ctx) if bad else 0.0
+            ok &= rr.add("weights: policy == reference", not bad,
+                         f"{len(fp_pol)} tensors bitwise equal" if not bad else
+                         f"{len(bad)} differ, first: {bad[0]} (max abs diff {gap:.3g})",
+                         "policy and reference weights differ: re-initialize both from the same checkpoint "
+                         f"(first differing tensor: {bad[0] if bad else ''})")
+            self.s["fp_reference"] = rr.facts["fingerprints"]["reference"] = fp_ref
+        else:  # lora: the reference is the policy's own base, checked again once PEFT has wrapped it
+            ok &= rr.add("policy trainable", any(p.requires_grad for p in pol.parameters()), "trainable",
+                         "the policy has no trainable parameter")
+            self.s["fp_reference"] = fp_pol
+        if self.cfg.verify.fingerprint_files:
+            ok &= weight_checks.prove_files(rr, ctx, self.s["pol_path"], pol, fp_pol)
+            if self.s["ref_path"] != self.s["pol_path"] and ref is not None:
+                proof = weights.file_proof(self.s["ref_path"], ref, ctx)
+                rr.facts["fingerprints"]["reference_files"] = proof.fingerprints
+        rr.facts["fingerprint_seconds"] = round(time.perf_counter() - t0, 3)
+        return ok & self.check_manifest()
+
+    def check_manifest(self) -> bool:
+        """Init writes what the reference is; a resume re-verifies the reference against that, not the policy."""
+        cfg, rr = self.cfg, self.rr
+        tok_key = placements.tokenizer_key(self.s["tok"])
+        if cfg.train.resume_from:
+            saved = manifest.read_manifest(cfg.train.output_dir)
+            diffs = manifest.compare(saved, self.s["fp_reference"], tok_key)
+            ok = rr.add("reference == init manifest", not diffs,
+                        f"{len(self.s['fp_reference'])} tensors and the tokenizer as at init" if not diffs else
+                        f"{len(diffs)} differ, first: {diffs[0]}",
+                        f"the reference is not the one this run started with (first difference: "
+                        f"{diffs[0] if diffs else ''}): resume with the original model.path/reference.path")
+            self.s["lineage"] = saved.get("lineage")  # new checkpoints of the resumed run carry the same identity
+            problems = lineage.check_checkpoint(cfg.train.resume_from, self.s["lineage"], self.s["fp_policy"])
+            return ok & rr.add("resume checkpoint belongs to this run", not problems,
+                               f"{lineage.MARKER} names this run (run id {self.s['lineage']['run_id'][:12]})"
+                               if not problems else problems[0], problems[0] if problems else "")
+        self.s["lineage"] = lineage.new_identity(self.s["fp_reference"], self.s["fp_policy"], self.ctx.run_id)
+        if self.ctx.is_main:
+            path = manifest.write_manifest(cfg.train.output_dir, checkpoint=str(self.s["ref_path"]),
+                                           placement=cfg.reference.placement, tokenizer=tok_key,
+                                           fingerprints=self.s["fp_reference"], config=to_dict(cfg),
+                                           lineage=self.s["lineage"], run_id=self.ctx.run_id)
+            rr.facts["manifest"] = str(path)
+        return True
+
+    def prove_forward(self) -> bool:
+        """Generation smoke test, perplexity, and the initial KL, with every rank in step, before the trainer exists.
+        For lora the policy is wrapped with PEFT first: the reference is that PeftModel with its adapters off, and
+        the trainer is handed the same PeftModel."""
+        cfg, ctx, rr, tok = self.cfg, self.ctx, self.rr, self.s["tok"]
+        lora = cfg.reference.placement == placements.LORA
+        if lora and "peft_policy" not in self.s:
+            self.s["peft_policy"] = placements.wrap_lora(self)
+        pol = self.s["peft_policy"] if lora else self.s["policy"]
+        ref = self.s["reference"]
+        ds = self.s["args"].hf_deepspeed_config.config
+        synced = probes.is_partitioned(pol) and ctx.distributed
+        pol.eval()
+        try:
+            with contextlib.ExitStack() as stack:
+                p = stack.enter_context(probes.forward_ready(pol, ds, ctx))
+                if lora:
+                    r = probes.AdaptersOff(p)
+                elif cfg.reference.placement == placements.RANKS:
+                    r = self.s["remote"]  # the reference ranks answer with their logits
+                else:
+                    r = stack.enter_context(probes.forward_ready(ref, ds, ctx))
+                if cfg.verify.generation:
+                    ctx.print0("[dpo-dist] generation smoke test ...")
+                    texts = probes.generation_check(p, tok, list(cfg.verify.prompts), cfg.verify.max_new_tokens,
+                                                    ctx, rr, synced)
+                    rr.facts["sample_generation"] = texts[:2]
+                    rr.facts["perplexity"] = probes.perplexity_check(p, tok, cfg.verify.prompts[0],
+                                                                      cfg.verify.reference_text, ctx, rr)
+                    rr.facts["tokenizer_order"] = probes.tokenizer_order_check(p, tok, list(cfg.verify.prompts),
+                                                                                cfg.verify.reference_text, ctx, rr)
+                ctx.print0("[dpo-dist] initial KL(policy || reference) ...")
+                kl = probes.initial_kl(p, r, tok, list(cfg.verify.prompts), cfg.verify.kl_chunk, ctx)
+                cross = self.cross_device()
+                # the policy against itself, same prompts: the run-to-run noise of this hardware (0 when deterministic)
+                self_kl = None if cross else probes.initial_kl(p, p, tok, list(cfg.verify.prompts),
+                                                               cfg.verify.kl_chunk, ctx)
+        finally:
+            pol.train()
+        rr.facts["initial_kl"] = kl
+        rr.facts["initial_kl_policy_self"] = self_kl
+        return tolerances.kl_row(self, kl, self_kl, cross, pol, ref, lora)
+
+    def cross_device(self) -> bool:
+        """cpu placement on an accelerator: the reference's forwards run on other hardware than the policy's."""
+        return self.cfg.reference.placement == placements.CPU and self.ctx.device.type != "cpu"
+
+    def data(self) -> bool:
+        """Every row validated (preflight did too; the API comes straight here), standard prompts cut, and the
+        chat-template checks on sampled rows rendered as TRL will render them. Needs only the tokenizer."""
+        from dpo_dist.data import chat_template
+
+        cfg, rr, tok, data = self.cfg, self.rr, self.s["tok"], self.cfg.data
+        first = self.ctx.local_rank == 0
+        train = prepare(data.train, "train", data.train_split, tok, cfg.train.max_prompt_length, first)
+        evald = prepare(data.eval, "eval", data.eval_split, tok, cfg.train.max_prompt_length, first) \
+            if data.eval else None
+        self.s["data"] = {"train": train, "eval": evald}
+        cut = train.truncated_prompts + (evald.truncated_prompts if evald else 0)
+        rr.add("datasets valid", True, f"train {train.rows} rows ({train.fmt.describe()})"
+               + (f", eval {evald.rows} ({evald.fmt.describe()})" if evald else "")
+               + f"; {cut} prompts truncated to {cfg.train.max_prompt_length} tokens (standard prompts; kept their "
+               "end)")
+        rr.facts["truncated_prompts"] = cut
+        rr.facts["identical_pairs"] = train.identical_pairs
+        rr.facts["data_format"] = {"train": train.fmt.describe(), "eval": evald.fmt.describe() if evald else None}
+        return chat_template.check(rr, tok, self.s["data"], cfg)
+
+    def build(self) -> bool:
+        from dpo_dist.data import chat_template
+
+        cfg, rr, ctx = self.cfg, self.rr, self.ctx
+        train = self.s["data"]["train"]
+        args = self.s["args"]
+        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * ctx.world_size
+        if train.rows < global_batch:
+            return rr.add("train data fills one global batch", False, f"{train.rows} rows < global batch "
+                          f"{global_batch}", f"the global batch is per_device_train_batch_size x "
+                          f"gradient_accumulation_steps x world size = {args.per_device_train_batch_size} x "
+                          f"{args.gradient_accumulation_steps} x {ctx.world_size}: lower them or add data")
+        ctx.print0("[dpo-dist] building DPOTrainer ...")
+        evald = self.s["data"]["eval"]
+        datasets = {"train": train.dataset, "eval": evald.dataset if evald else None}
+        # placements that copy the data to their own cache dir first (disk_dataset) tokenize there, inside TRL
+        once = cfg.reference.placement != placements.PRECOMPUTED and not (
+            cfg.reference.placement == placements.RANKS and cfg.reference.serve == "precompute")
+        pre = {}
+        if once:
+            from dpo_dist.data.tokenize_once import tokenize_once
+
+            pre = tokenize_once(datasets, self.s["tok"], self.s["args"], placements.tokenizer_key(self.s["tok"]),
+                                ctx.local_rank == 0, ctx.print0)
+        trainer = placements.build_trainer(self, datasets["train"], datasets["eval"])
+        self.s["trainer"] = trainer
+        if pre.get("train"):  # the trainer's tokenized rows are the files tokenized before it existed
+            reused = trainer.train_dataset.cache_files[:1] == [{"filename": pre["train"]}]
+            rr.facts["tokenized_once"] = rr.facts[f"rank_{ctx.rank}_tokenized_once"] = reused
+            if not reused:
+                ctx.warn("TRL tokenized the train dataset again inside the trainer (its cache fingerprint differs "
+                         "from dpo-dist's pre-run): correct, but the other ranks waited in TRL's barrier")
+        ok_rows = chat_template.check_tokenized(rr, trainer, self.s["data"], cfg)
+        args = trainer.args
+        rr.facts["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
+            ctx.world_size
+        roles = ctx.roles
+        if roles is not None:
+            rr.facts.update(policy_ranks=roles.policy_ranks, reference_ranks=roles.reference_ranks,
+                            launched_processes=roles.world)
+            seen = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            rr.add("global batch counts policy ranks only", args.world_size == roles.policy_ranks,
+                   f"{seen} = {args.per_device_train_batch_size} x "
+                   f"{args.gradient_accumulation_steps} x P={args.world_size} (of W={roles.world}; the "
+                   f"K={roles.reference_ranks} reference rank(s) do not train)",
+                   "the trainer counted reference ranks in its world: report this as a dpo-dist bug")
+        self.attach_kl_monitor(trainer)
+        nbytes = placements.reference_bytes(self)  # measured once; check_trainer reads it from the facts
+        rr.facts[f"rank_{ctx.rank}_reference_bytes_training"] = nbytes
+        ok = placements.check_trainer(self, trainer) & ok_rows
+        placements.check_reference_report(rr, cfg.reference.placement, nbytes, rr.facts)
+        return ok
+
+    def attach_kl_monitor(self, trainer) -> None:
+        from dpo_dist.train.kl_monitor import attach
+
+        self.s["kl_monitor"] = attach(trainer, self.cfg, self.ctx, self.rr, self.s["tok"],
+                                      lambda prompts: placements.kl_reference(self, trainer, prompts))
+        lineage.attach(trainer, self.s.get("lineage"), self.ctx)  # checkpoints carry this run's identity
+
+    def smoke(self) -> bool:
+        n = self.s["smoke_steps"]
+        if n <= 0:
+            return True
+        ctx, rr, trainer = self.ctx, self.rr, self.s["trainer"]
+        ref_module = placements.smoke_reference(self, trainer)
+        ref_before = weights.model_fingerprints(ref_module, ctx) if ref_module is not None else None
+        model = trainer.model
+        trainable = {nm for nm, p in model.named_parameters() if p.requires_grad}
+        pol_before = weights.model_fingerprints(model, ctx)
+        rec = LossRecorder()
+        trainer.add_callback(rec)
+        ctx.print0(f"[dpo-dist] {n} smoke training step(s) ...")
+        remote = self.s.get("remote")
+        waited = remote.wait_s if remote is not None else 0.0
+        t0 = time.perf_counter()
+        trainer.train(resume_from_checkpoint=self.cfg.train.resume_from)
+        rr.facts["smoke_seconds"] = round(time.perf_counter() - t0, 3)
+        if remote is not None:  # placement ranks: how long this rank waited for reference answers while training
+            rr.facts[f"rank_{ctx.rank}_reference_wait_seconds"] = round(remote.wait_s - waited, 3)
+        losses = rec.losses
+        rr.facts["kl_logged"] = rec.kl_logged
+        monitor = self.s.get("kl_monitor")
+        if monitor is not None:
+            rr.facts["kl_history"] = monitor.history
+            rr.facts["kl_warnings"] = monitor.warnings
+            if monitor.adaptive is not None:
+                rr.facts["beta_changes"] = monitor.adaptive.changes
+        rr.facts["smoke_losses"] = losses
+        if self.cfg.train.resume_from:  # a resumed policy is trained: its first loss is not ln 2
+            ran = rr.add("resumed training ran", bool(losses), f"{len(losses)} steps after resuming, losses "
+                         f"{[round(x, 4) for x in losses]}", "no step ran after resuming: check max_steps")
+            return ran & rr.add("resumed loss continues the run",
+                                **lineage.check_resumed_loss(self.cfg.train.resume_from, losses))
+        ok = tolerances.step0_rows(self, trainer, losses)
+        fp_after = weights.model_fingerprints(model, ctx)
+        still = [nm for nm in trainable if fp_after.get(nm) == pol_before.get(nm)]
+        ok &= rr.add("every policy parameter moved", not still, f"{len(trainable)} tensors changed after {n} "
+                     "step(s)" if not still else f"{len(still)} unchanged, e.g. {still[0]}",
+                     "some trainable tensors did not change after a step: check the optimizer covers all parameters")
+        if ref_module is not None:
+            moved = weights.compare(ref_before, weights.model_fingerprints(ref_module, ctx))
+            ok &= rr.add("no reference parameter moved", not moved, f"{len(ref_before)} reference tensors unchanged"
+                         if not moved else f"{len(moved)} changed, e.g. {moved[0]}",
+                         "the reference changed during training: it must be frozen and outside the optimizer",
+                         0.0, tolerances.BITWISE_FINGERPRINTS)
+        return ok
+
+    # -- driver -------------------------------------------------------------------------------------------------
+    def attempt(self, name: str, fn) -> bool:
+        try:
+            liveness.mark(name)
+            inject_fault(name, self.ctx.rank, self.s)
+            return bool(fn())
+        except Exception as e:
+            if self.debug:
+                traceback.print_exc()
+            text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            if liveness.is_timeout(e):  # name the silent rank, not the error a clean-up raised on top
+                value = hint = liveness.explain(self.cfg.sharding.timeout_s)
+            elif isinstance(e, KNOWN_ERRORS):
+                value, hint = text or type(e).__name__, text or type(e).__name__
+            else:  # unexpected: keep the cause on one line, the traceback with --debug
+                value, hint = f"{type(e).__name__}: {text}", "unexpected error: rerun with --debug for the traceback"
+            if name in COLLECTIVE_STAGES and self.ctx.distributed:
+                self.abandon(name, value)
+            return self.rr.add(name, False, value, hint)
+
+    def abandon(self, stage: str, cause: str) -> None:
+        """A rank that fails inside a collective stage cannot reach the shared decision: its peers are waiting in a
+        collective (a ZeRO-3 gather, an all-reduce) that it will never join. It says why in one line and exits at
+        once; the launcher (torchrun's agent, srun --kill-on-bad-exit) then ends the other ranks within seconds,
+        instead of every rank waiting for the collective timeout."""
+        print(f"dpo-dist: rank {self.ctx.rank} failed in stage '{stage}': {cause} (ending this rank; the launcher "
+              "stops the others)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+
+    def run(self) -> InitResult:
+        # every placement, lora too: the forward proofs free their working set before the trainer exists (bench/)
+        for name, stage in (("setup", self.setup), ("tokenizer", self.tokenizer), ("data", self.data),
+                            ("load", self.load),
+                            ("static proofs", self.prove_static), ("forward proofs", self.prove_forward),
+                            ("trainer", self.build), ("smoke steps", self.smoke)):
+            ok = self.attempt(name, stage)
+            liveness.mark(f"{name}: done")  # a peer still in the stage itself is then told apart from this rank
+            try:
+                agreed = self.ctx.all_ok(ok)
+            except Exception as e:  # a rank that never reaches the decision: a timeout naming it, not a traceback
+                if not liveness.is_timeout(e):
+                    raise
+                self.abandon(name, liveness.explain(self.cfg.sharding.timeout_s))
+            if not agreed:
+                self.ctx.print0(f"[dpo-dist] stopping after stage '{name}': a check failed on some rank")
+                break
+        remote = self.s.get("remote")
+        served = remote.reports(self.ctx) if remote is not None else []  # reference ranks' rows (placement ranks)
+        reports = self.ctx.gather_objects(self.rr) + served
+        rep = build_report(reports, to_dict(self.cfg))
+        if remote is not None and not self.keep_serving:
+            remote.close(rep["passed"])
+        return InitResult(rep, self.s.get("trainer"), self.s)
+
+
+def finish(result: InitResult, ctx: DistContext, output_dir: str) -> int:
+    """Rank 0 prints the table, writes report.json and names the first failure in one line; every rank returns the
+    same exit code. A report that cannot be written (disk full, say) fails the run and leaves no partial file."""
+    code = 0 if result.passed else 1
+    if ctx.is_main:
+        result.report["run_id"] = ctx.run_id  # the id the manifest and the output dir's lock carry too
+        print(render_table(result.report["checks"]), flush=True)
+        path = Path(output_dir) / "report.json"
+        try:
+            write_json_atomic(path, result.report)
+        except OSError as e:
+            print(f"dpo-dist: could not write {path} ({e.strerror or e}): free space or choose another --output-dir",
+                  file=sys.stderr, flush=True)
+            return 1
+        verdict = "PASSED" if result.passed else "FAILED"
+        print(f"[dpo-dist] quality gate {verdict}; report: {path}", flush=True)
+        failed = [r for r in result.report["checks"] if not r["ok"]]
+        if failed:
+            r = failed[0]
+            print(f"dpo-dist: check '{r['check']}' failed on rank(s) {','.join(map(str, r['failed_ranks']))}: "
+                  f"{r['value']}. Fix: {r['hint']}", file=sys.stderr, flush=True)
+    return code

@@ -1,0 +1,118 @@
+"""Before loading anything: does this layout fit the cluster (the memory plan), and `init --dry-run`, which goes
+through the construction path on the meta device (sharding, placement, config checks, trainer arguments) with no
+weights, so a 70B or 405B run can be checked on a laptop in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from dpo_dist.config.names import Placement
+from dpo_dist.config.schema import RunConfig
+
+
+@dataclass(frozen=True)
+class ClusterArgs:
+    """Cluster overrides from the command line; None = detected from the launch environment and this machine."""
+
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    gpu_mem: int | None = None
+    host_mem: int | None = None
+
+
+def cluster_for(args: ClusterArgs):
+    from dpo_dist.plan import planner
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = args.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    nodes = args.nodes or max(1, world // max(1, per_node))
+    cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or None
+    if args.gpu_mem or args.host_mem or args.gpus_per_node or args.nodes:
+        base = planner.detect_cluster(per_node, nodes, cpu=cpu) if not args.gpu_mem else None
+        return planner.Cluster(nodes=nodes, gpus_per_node=per_node,
+                               gpu_mem=args.gpu_mem or (base.gpu_mem if base else 80 * 10**9),
+                               host_mem=args.host_mem or (base.host_mem if base else 1024 * 2**30),
+                               device="gpu" if args.gpu_mem else (base.device if base else "gpu"))
+    return planner.detect_cluster(per_node, nodes, cpu=cpu)
+
+
+def plan_for(cfg: RunConfig, cluster_args: ClusterArgs) -> tuple[Any, Any, dict]:
+    """(plan with alternative, cluster, model config) for this run config."""
+    from dpo_dist.config.resources import resolve_ds_config
+    from dpo_dist.plan import planner, presets
+
+    source = presets.resolve_model(cfg.model.path)
+    _, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
+    cluster = cluster_for(cluster_args)
+    plan = planner.check(source.config, cluster, planner.settings_from_run_config(cfg, ds))
+    return plan, cluster, source.config
+
+
+def refusal(plan, cluster) -> str | None:
+    """One line when the layout cannot fit, naming one that would (or saying none does)."""
+    if plan.fits:
+        return None
+    where = f"{cluster.nodes} node(s) x {cluster.gpus_per_node} {cluster.device} rank(s)"
+    alt = plan.alternative
+    instead = (f"{alt.label} would fit (sharding {alt.settings.sharding_name() or 'custom'}, placement "
+               f"{alt.settings.placement})" if alt is not None else "no layout dpo-dist knows fits this cluster")
+    return (f"layout {plan.label} does not fit {where}: {'; '.join(plan.problems)}. {instead}; --force runs it "
+            "anyway")
+
+
+def dry_run(cfg: RunConfig, cluster_args: ClusterArgs) -> int:
+    """Construct everything but the weights and print what a real run would do. Exit 0 if it fits, 2 if not."""
+    import time
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpo_dist.config.resources import batch_mismatch, resolve_ds_config, zero_stage
+    from dpo_dist.config.schema import resolve_beta
+    from dpo_dist.config.trl_args import dpo_config_kwargs
+
+    t0 = time.perf_counter()
+    plan, cluster, model_conf = plan_for(cfg, cluster_args)
+    label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
+    problems = []
+    # the trainer's world: placement ranks keeps its last reference.ranks processes out of training
+    train_world = cluster.world - (cfg.reference.ranks if cfg.reference.placement == Placement.RANKS else 0)
+    bad_batch = batch_mismatch(ds, cfg, train_world)
+    if bad_batch:
+        problems.append(bad_batch)
+    conf = AutoConfig.for_model(**{k: v for k, v in model_conf.items() if k != "architectures"})
+    with torch.device("meta"):  # the real model classes, no weights
+        policy = AutoModelForCausalLM.from_config(conf)
+        reference = AutoModelForCausalLM.from_config(conf) if cfg.reference.placement != Placement.LORA else None
+    n = sum(p.numel() for p in policy.parameters())
+    if reference is not None:
+        reference.requires_grad_(False)
+        reference.eval()
+        assert not any(p.requires_grad for p in reference.parameters())
+    kwargs = dpo_config_kwargs(cfg, ds, cfg.verify.smoke_steps)
+    kwargs.pop("deepspeed")  # checked against these arguments by batch_mismatch; DeepSpeed itself needs a GPU world
+    from trl import DPOConfig
+
+    DPOConfig(**{**kwargs, "use_cpu": True})  # TRL/transformers validate the trainer arguments here
+    beta, why = resolve_beta(cfg)
+    gbatch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * train_world
+    lines = [
+        f"dry run: {type(policy).__name__} with {n / 1e9:.3f}B parameters (built on the meta device, no weights)",
+        f"  sharding {label} (ZeRO-{zero_stage(ds)}), reference placement {cfg.reference.placement}, "
+        f"world {cluster.world} = {cluster.nodes} node(s) x {cluster.gpus_per_node}",
+        f"  global batch {cfg.train.per_device_train_batch_size} x {cfg.train.gradient_accumulation_steps} x "
+        f"{train_world} = {gbatch}{' (policy ranks only)' if train_world != cluster.world else ''}, "
+        f"max_length {cfg.train.max_length}, beta {beta:g} ({why})",
+        f"  plan: {'fits' if plan.fits else 'does NOT fit'}; peak {plan.gpu_peak / 2**30:.1f} GiB per "
+        f"{'GPU' if cluster.device == 'gpu' else 'rank'}, host {plan.host_node_peak / 2**30:.1f} GiB per node",
+    ]
+    refuse = refusal(plan, cluster)
+    if refuse:
+        problems.append(refuse)
+    lines += [f"  problem: {p}" for p in problems]
+    lines.append(f"  ({time.perf_counter() - t0:.1f} s)")
+    print("\n".join(lines), flush=True)
+    return 0 if not problems else 2

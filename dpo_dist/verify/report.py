@@ -1,0 +1,123 @@
+"""The quality gate: every check's result on every rank, one table on rank 0, report.json, and the exit code.
+
+A check passes only if it passed on every rank; the table shows which ranks failed and the hint says what to do.
+The JSON is written to a temporary name and renamed, so a crash never leaves a half-written report behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    value: str = ""
+    hint: str = ""  # what to do when it fails (empty when it passed)
+    # numeric checks only: the bound the value was held to, and where it came from (measured noise, float rounding,
+    # bitwise, or a user's verify.* setting); None for other checks, and then absent from the JSON
+    tolerance: float | None = None
+    tolerance_source: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in NUMERIC_KEYS or v is not None}
+
+
+NUMERIC_KEYS = ("tolerance", "tolerance_source")
+
+
+@dataclass
+class RankReport:
+    """What one rank saw."""
+
+    rank: int
+    checks: list[Check] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, ok: bool, value: Any = "", hint: str = "", tolerance: float | None = None,
+            tolerance_source: str | None = None) -> bool:
+        self.checks.append(Check(name, bool(ok), str(value), "" if ok else hint, tolerance, tolerance_source))
+        return bool(ok)
+
+
+def merge(rank_reports: list[RankReport]) -> list[dict[str, Any]]:
+    """One row per check: passed on all ranks, the failing ranks, rank 0's value, the first failing rank's hint (and,
+    for numeric checks, the tolerance and its source from the rank whose value is shown)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for rr in rank_reports:
+        for c in rr.checks:
+            row = rows.get(c.name)
+            if row is None:
+                row = rows[c.name] = {"check": c.name, "ok": True, "failed_ranks": [], "value": c.value, "hint": ""}
+                row.update({k: getattr(c, k) for k in NUMERIC_KEYS if getattr(c, k) is not None})
+            if not c.ok:
+                row["ok"] = False
+                row["failed_ranks"].append(rr.rank)
+                if not row["hint"]:
+                    row["hint"] = c.hint
+                    row["value"] = c.value
+                    for k in NUMERIC_KEYS:
+                        row.pop(k, None)
+                        if getattr(c, k) is not None:
+                            row[k] = getattr(c, k)
+    return list(rows.values())
+
+
+def render_table(rows: list[dict[str, Any]], width: int = 60) -> str:
+    def cut(s: str, n: int) -> str:
+        s = s.replace("\n", " ")
+        return s if len(s) <= n else s[: n - 1] + "…"
+
+    name_w = max([len("check")] + [len(r["check"]) for r in rows])
+    lines = [f"{'check'.ljust(name_w)}  result  {'value'.ljust(width)}  hint", "-" * (name_w + width + 30)]
+    for r in rows:
+        res = "PASS" if r["ok"] else "FAIL"
+        if r["failed_ranks"]:
+            res += f" (ranks {','.join(map(str, r['failed_ranks']))})"
+        lines.append(f"{r['check'].ljust(name_w)}  {res:<6}  {cut(r['value'], width).ljust(width)}  {r['hint']}")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a report should be as readable as any file the user writes
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):  # "[Errno 28] No space left on device" names no file: say which
+            from dpo_dist.runtime.disk_writes import named
+
+            raise named(e, path) from e
+        raise
+
+
+def build_report(rank_reports: list[RankReport], config: dict[str, Any]) -> dict[str, Any]:
+    rows = merge(rank_reports)
+    return {
+        "passed": all(r["ok"] for r in rows) and bool(rows),
+        "world_size": len(rank_reports),
+        "checks": rows,
+        "facts": rank_reports[0].facts if rank_reports else {},
+        "per_rank_facts": {rr.rank: {k: v for k, v in rr.facts.items() if k.startswith("rank_")} for rr in
+                           rank_reports},
+        "config": config,
+    }
+
+
+def to_dict(rr: RankReport) -> dict[str, Any]:
+    return {"rank": rr.rank, "checks": [c.as_dict() for c in rr.checks], "facts": rr.facts}

@@ -1,0 +1,254 @@
+"""Where each numeric check's tolerance comes from: bitwise, float rounding, or noise this run measures.
+
+Policy and reference start bitwise identical (the fingerprint rows prove it), so any gap between them at step 0 comes
+from how they were run, never from what they are. Where both see the same inputs on the same hardware (zero3, lora,
+ranks, cpu on a CPU-only box) there is no gap at all: the step-0 loss is ln 2 up to the float32 rounding of the loss
+mean, and the initial KL is the policy's own run-to-run noise (0 on deterministic kernels). Where the reference's
+log-probs were computed under other batching (precomputed: other neighbours, other padding, and bf16 forwards of a
+deep model move with padding), the run measures that batching noise on the policy itself — the same rows under the
+precompute batching and under the training batching — and bounds the loss by it, while a bitwise check ties the
+cached log-probs to the policy's own under the precompute batching. Nothing is calibrated on the policy-vs-reference
+gap it is meant to judge.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+LN2 = math.log(2.0)
+FP32_UNIT_ROUNDOFF = 2.0**-24
+# the initial KL's reference run is a third run of the computation the policy's self-noise sampled twice: a margin for
+# the spread of one noisy sample against another (0 stays 0: deterministic kernels give a bitwise check)
+SELF_NOISE_MARGIN = 4.0
+BITWISE_FINGERPRINTS = "bitwise: weight fingerprints before and after the step"
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    value: float
+    source: str
+    user: bool = False  # a verify.* setting the user chose, not derived by the run
+
+
+def user_setting(cfg, name: str) -> float | None:
+    """verify.<name> when the user set it (differs from the default), else None."""
+    from dpo_dist.config.schema import VerifyConfig
+
+    default = {f.name: f.default for f in fields(VerifyConfig)}[name]
+    value = getattr(cfg.verify, name)
+    return None if value is None or value == default else float(value)
+
+
+def rounding_tolerance(pairs: int) -> Tolerance:
+    """The float32 rounding of a mean of `pairs` per-pair losses that are each exactly fl(ln 2), and of ln 2 itself:
+    (pairs + 4) unit roundoffs of ln 2 (the sum, the division, the logging's averages)."""
+    return Tolerance((pairs + 4) * FP32_UNIT_ROUNDOFF * LN2,
+                     f"float32 rounding of the mean over {pairs} pairs: policy and reference saw the same batch")
+
+
+def loss_bound(noise: list[float], beta: float) -> float:
+    """Bound on |mean_i -logsigmoid(beta * n_i) - ln 2| for per-pair log-ratio gaps n_i: -logsigmoid(x) = ln 2 - x/2
+    + r(x) with |r(x)| <= x^2/8 (its second derivative is at most 1/4)."""
+    if not noise:
+        return 0.0
+    return sum(beta * abs(n) / 2 + (beta * n) ** 2 / 8 for n in noise) / len(noise)
+
+
+def loss_tolerance(cfg, cross_device: bool, pairs: int, noise: dict[str, Any] | None) -> Tolerance:
+    """The step-0 loss tolerance for this run and where it comes from."""
+    user = user_setting(cfg, "loss_tolerance")
+    if user is not None:
+        return Tolerance(user, "user: verify.loss_tolerance", True)
+    if cross_device:
+        return Tolerance(cfg.verify.cross_device_loss_tolerance,
+                         "verify.cross_device_loss_tolerance (reference on CPU, policy on the accelerator: other "
+                         "kernels; a setting, not measured by this run)", user_setting(
+                             cfg, "cross_device_loss_tolerance") is not None)
+    rounding = rounding_tolerance(pairs)
+    if noise is None:
+        return rounding
+    return Tolerance(noise["bound"] + rounding.value,
+                     f"batching noise measured on the policy: its log-probs of the same {noise['pairs']} pairs under "
+                     f"the precompute and the training batching (mean |gap| {noise['mean_abs_gap']:.3g} nats, "
+                     f"beta {noise['beta']:g}), plus float32 rounding")
+
+
+def kl_tolerance(cfg, cross_device: bool, self_kl: dict[str, float] | None) -> Tolerance:
+    user = user_setting(cfg, "kl_max")
+    if user is not None:
+        return Tolerance(user, "user: verify.kl_max", True)
+    if cross_device or self_kl is None:
+        return Tolerance(cfg.verify.kl_max, "verify.kl_max (reference on CPU, policy on the accelerator: other "
+                         "kernels; a setting, not measured by this run)")
+    noise = max(abs(self_kl["mean"]), 0.0)
+    if noise == 0.0:
+        return Tolerance(0.0, "bitwise: the policy's logits run twice are identical, so the reference's must be")
+    return Tolerance(SELF_NOISE_MARGIN * noise, f"{SELF_NOISE_MARGIN:g} x the policy's own run-to-run KL "
+                     f"({noise:.3g}/token, same prompts run twice)")
+
+
+def kl_row(run, kl: dict, self_kl: dict | None, cross: bool, pol, ref, lora: bool) -> bool:
+    """The initial KL row: the KL within the tolerance this run derived, the cause named when it is not."""
+    from dpo_dist.load.models import training_modules
+
+    tol = kl_tolerance(run.cfg, cross, self_kl)
+    warn_user_set(tol, run.ctx)
+    what = "adapters on vs off" if lora else "policy vs reference"
+    in_train = training_modules(ref) if ref is not None else []
+    ref_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in ref.parameters()}) if ref is not None else []
+    pol_dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in pol.parameters()})
+    hint = (f"the reference is in train mode ({len(in_train)} modules, e.g. {in_train[0]}): dropout is active, "
+            "call reference.eval()" if in_train else
+            f"the reference runs in {'/'.join(ref_dtypes)}, the policy in {'/'.join(pol_dtypes)}: load both in "
+            "model.dtype" if ref_dtypes and ref_dtypes != pol_dtypes else
+            "policy and reference disagree at step 0: check dropout (reference.eval()), dtypes of both models, "
+            "and that both came from the same checkpoint")
+    return run.rr.add("initial KL < limit", abs(kl["mean"]) <= tol.value,
+                      f"{what}: mean {kl['mean']:.3e}/token, max seq {kl['max_seq_mean']:.3e} over {kl['tokens']} "
+                      f"tokens (tolerance {tol.value:.3g}{' set by the user' if tol.user else ''}: {tol.source})",
+                      hint, tol.value, tol.source)
+
+
+def describe(value: float, target: float, tol: Tolerance) -> str:
+    """The value text of a numeric row: the value, the gap, the tolerance and where it came from."""
+    return (f"{value:.6f} (target {target:.6f}, |diff| {abs(value - target):.3g}, tolerance {tol.value:.3g}"
+            f"{' set by the user' if tol.user else ''}: {tol.source})")
+
+
+def warn_user_set(tol: Tolerance, ctx) -> None:
+    if tol.user:
+        ctx.warn(f"{tol.source.removeprefix('user: ')} = {tol.value:g} set by the user: this check uses it instead of "
+                 "the tolerance the run derives")
+
+
+# -- precomputed: the batching the precompute pass used, and the policy's log-probs under both ----------------------
+class PrecomputeBatching:
+    """Which rows TRL's precompute pass forwarded together: a sequential DataLoader of `batch_size` sharded by
+    accelerate's BatchSamplerShard over the processes, gathered in (iteration, process) order, the padding tail of
+    the last round dropped. For each dataset row, the first batch it appeared in (its cached value's batch)."""
+
+    def __init__(self, n_rows: int, batch_size: int, num_processes: int, even_batches: bool, split_batches: bool):
+        from accelerate.data_loader import BatchSamplerShard
+        from torch.utils.data import BatchSampler, SequentialSampler
+
+        shards = [list(BatchSamplerShard(BatchSampler(SequentialSampler(range(n_rows)), batch_size, False),
+                                         num_processes=num_processes, process_index=r, split_batches=split_batches,
+                                         even_batches=even_batches)) for r in range(num_processes)]
+        self.batches: list[list[int]] = []
+        self.where: dict[int, tuple[int, int]] = {}  # row -> (batch, position in it)
+        for i in range(max(len(s) for s in shards)):
+            for shard in shards:
+                if i < len(shard):
+                    b = len(self.batches)
+                    self.batches.append(list(shard[i]))
+                    for pos, row in enumerate(shard[i]):
+                        self.where.setdefault(int(row), (b, pos))
+
+
+def _seq(ids: torch.Tensor, mask: torch.Tensor) -> list[int]:
+    return ids[mask.bool()].tolist()
+
+
+def _lockstep_count(trainer, n: int) -> int:
+    """The most batches any rank needs: under ZeRO-3 every rank must run the same number of forwards."""
+    t = torch.tensor([n], device=trainer.accelerator.device)
+    return int(trainer.accelerator.gather(t).max().item())
+
+
+@torch.no_grad()
+def measure_batching_noise(trainer, model, inputs: dict[str, Any], batching: PrecomputeBatching, dataset) -> dict:
+    """For one training micro-batch: the policy's log-probs of its pairs as trained, and of the same pairs in the
+    batches the precompute pass ran them in; whether the cached reference log-probs equal the latter bitwise."""
+    c_t, r_t = (x.double().cpu() for x in trainer.compute_ref_log_probs(model, inputs))
+    cached_c = inputs["ref_chosen_logps"].float().cpu()
+    cached_r = inputs["ref_rejected_logps"].float().cpu()
+    n = cached_c.numel()
+    ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()
+    by_value = trainer.rows_by_cached_value()
+    candidates = [by_value.get((float(cached_c[i]), float(cached_r[i])), []) for i in range(n)]
+    rows = [c[0] if c else None for c in candidates]  # refined below by content
+    need = sorted({batching.where[j][0] for c in candidates for j in c})
+    rounds = _lockstep_count(trainer, len(need))
+    policy_pre: dict[int, tuple[torch.Tensor, torch.Tensor, dict]] = {}
+    columns = ("prompt_ids", "chosen_ids", "rejected_ids")
+    for k in range(rounds):
+        b = need[k] if k < len(need) else (need[0] if need else 0)
+        examples = [{c: dataset[j][c] for c in columns} for j in batching.batches[b]]
+        batch = {key: v.to(trainer.accelerator.device) for key, v in trainer.data_collator(examples).items()}
+        pc, pr = trainer.compute_ref_log_probs(model, batch)
+        policy_pre[b] = (pc.float().cpu(), pr.float().cpu(), {k2: v.cpu() for k2, v in batch.items()})
+    equal, gaps, first_diff = 0, [], ""
+    for i in range(n):
+        found = None
+        for j in candidates[i]:  # the row whose content matches (identical cached values are possible for twins)
+            b, pos = batching.where[j]
+            pc, pr, batch = policy_pre[b]
+            half = batch["input_ids"].shape[0] // 2
+            same = _seq(ids[i], mask[i]) == _seq(batch["input_ids"][pos], batch["attention_mask"][pos]) and \
+                _seq(ids[n + i], mask[n + i]) == _seq(batch["input_ids"][half + pos],
+                                                      batch["attention_mask"][half + pos])
+            if same:
+                found = (j, pc[pos], pr[pos])
+                break
+        if found is None:
+            first_diff = first_diff or f"pair {i} of the micro-batch not found among the precomputed rows"
+            continue
+        j, pc_i, pr_i = found
+        rows[i] = j
+        if torch.equal(pc_i, cached_c[i]) and torch.equal(pr_i, cached_r[i]):
+            equal += 1
+        elif not first_diff:
+            first_diff = (f"row {j}: cached {float(cached_c[i]):.6f}/{float(cached_r[i]):.6f}, policy "
+                          f"{float(pc_i):.6f}/{float(pr_i):.6f} (chosen/rejected)")
+        gaps.append(float((c_t[i] - float(pc_i)) - (r_t[i] - float(pr_i))))
+    return {"pairs": n, "equal": equal, "first_diff": first_diff, "gaps": gaps, "rows": rows}
+
+
+def summarize_noise(measured: list[dict], beta: float, ctx) -> dict[str, Any] | None:
+    """All micro-batches of the first step on every rank: the loss bound (mean over micro-batches of each one's
+    bound, which bounds the gap of the logged mean loss), pairs checked and pairs bitwise equal."""
+    if not measured:
+        return None
+    bounds = [loss_bound(m["gaps"], beta) for m in measured]
+    local = torch.tensor([sum(bounds), len(bounds), sum(m["pairs"] for m in measured),
+                          sum(m["equal"] for m in measured), sum(sum(abs(g) for g in m["gaps"]) for m in measured),
+                          sum(len(m["gaps"]) for m in measured)], dtype=torch.float64)
+    tot = ctx.all_reduce(local, "sum")
+    first = next((m["first_diff"] for m in measured if m["first_diff"]), "")
+    return {"bound": float(tot[0] / tot[1]), "pairs": int(tot[2]), "equal": int(tot[3]),
+            "mean_abs_gap": float(tot[4] / max(tot[5], 1.0)), "beta": beta, "first_diff": first,
+            "local_pairs": sum(m["pairs"] for m in measured), "local_equal": sum(m["equal"] for m in measured)}
+
+
+def step0_rows(run, trainer, losses: list[float]) -> bool:
+    """The step-0 rows: where the reference's log-probs came from other batching, the bitwise tie of the cached values
+    to the policy's own, then the loss = ln 2 within the tolerance this run derived (value, tolerance, source)."""
+    cfg, ctx, rr = run.cfg, run.ctx, run.rr
+    args = trainer.args
+    pairs = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    noise = summarize_noise(getattr(trainer, "step0_noise", []), float(trainer.beta), ctx)
+    ok = True
+    if noise is not None:
+        rr.facts["step0_batching_noise"] = {k: v for k, v in noise.items() if k != "first_diff"}
+        same = noise["equal"] == noise["pairs"]
+        ok &= rr.add("precomputed log-probs == policy's, same batching", noise["local_equal"] == noise["local_pairs"],
+                     f"{noise['equal']}/{noise['pairs']} pairs bitwise equal to the policy's own log-probs in the "
+                     "batches the precompute pass ran them in" if same else
+                     f"{noise['pairs'] - noise['equal']}/{noise['pairs']} pairs differ, first: {noise['first_diff']}",
+                     "the cached reference log-probs are not what the policy (bitwise the reference at step 0) gives "
+                     "for the same rows in the same batches: the reference differs (weights, dtype, dropout, "
+                     "checkpoint), or the cache is stale (delete reference.cache_dir)", 0.0,
+                     "bitwise: same rows, same batching, same weights")
+    tol = loss_tolerance(cfg, run.cross_device(), pairs, noise)
+    warn_user_set(tol, ctx)
+    if not losses:
+        return rr.add("step-0 DPO loss = ln 2", False, "no loss logged", "no training step logged a loss: check "
+                      "max_steps and logging_steps") and ok
+    return ok & rr.add("step-0 DPO loss = ln 2", abs(losses[0] - LN2) <= tol.value,
+                       describe(losses[0], LN2, tol),
+                       "the first DPO loss must be ln 2 when policy and reference are identical: they were not "
+                       "(beyond what this run's own numerical noise explains)", tol.value, tol.source)

@@ -1,0 +1,168 @@
+"""Prove policy, reference and checkpoint files hold bitwise equal weights, without gathering any parameter.
+
+Each rank fingerprints only what it holds: under ZeRO-3 its partition `p.ds_tensor` (flat elements
+[rank*part, rank*part + n); the padded tail is skipped), otherwise a 1/world slice of the replicated tensor; for the
+files, the same slice read with one pread. Fingerprints add over positions, so one all-reduce per source yields the
+fingerprint of every whole tensor on every rank, and every rank reaches the same verdict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpo_dist.load.checkpoint import TensorEntry, read_elements, tensor_index
+from dpo_dist.load.key_mapping import FileAccount, account, file_key_for
+from dpo_dist.runtime.distributed import DistContext
+from dpo_dist.verify.fingerprint import (
+    fingerprint_bytes,
+    fingerprint_flat,
+    fingerprint_hex,
+    fingerprint_scan,
+    shard_range,
+)
+
+
+def local_slice(p: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, int, int]:
+    """(this rank's flat elements, their offset in the whole tensor, the whole tensor's numel)."""
+    ds_tensor = getattr(p, "ds_tensor", None)
+    if ds_tensor is not None:  # ZeRO-3 partitioned parameter
+        part = ds_tensor.numel()
+        numel = int(p.ds_numel)
+        start = ctx.rank * part
+        n = max(0, min(part, numel - start))
+        return ds_tensor.data.reshape(-1)[:n], start, numel
+    numel = p.numel()
+    start, n = shard_range(numel, ctx.rank, ctx.world_size)
+    return p.data.reshape(-1)[start:start + n], start, numel
+
+
+def param_meta(model) -> dict[str, tuple[torch.dtype, int]]:
+    """name -> (dtype, full numel), for every parameter, partitioned or not."""
+    return {n: (p.dtype, int(getattr(p, "ds_numel", p.numel()))) for n, p in model.named_parameters()}
+
+
+def _reduce(names: list[str], local: list[torch.Tensor], ctx: DistContext,
+            nonfinite: dict[str, int] | None = None) -> dict[str, str]:
+    """One all-reduce for every tensor's fingerprint ([N, 2], or [N, 3] with the non-finite counts, which go into
+    `nonfinite` for the tensors that have any)."""
+    if not names:
+        return {}
+    stacked = torch.stack([t.cpu() for t in local])  # [N, 2 or 3] int64
+    total = ctx.all_reduce(stacked, "sum")
+    if nonfinite is not None and total.shape[1] > 2:
+        nonfinite.update({n: int(total[i, 2]) for i, n in enumerate(names) if int(total[i, 2])})
+    return {n: fingerprint_hex(total[i]) for i, n in enumerate(names)}
+
+
+def _progress(items: Iterable, ctx: DistContext, desc: str | None):
+    """A progress bar on rank 0 only (the others stay quiet), when a description is given."""
+    if not desc:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=not ctx.is_main, leave=False)
+
+
+def model_fingerprints(model, ctx: DistContext, desc: str | None = None,
+                       nonfinite: dict[str, int] | None = None) -> dict[str, str]:
+    """Every parameter's fingerprint; given a dict, `nonfinite` also receives name -> count of inf/NaN elements for
+    the parameters that hold any (counted in the same pass, all-reduced with the fingerprints)."""
+    names, local = [], []
+    for name, p in _progress(list(model.named_parameters()), ctx, desc):
+        flat, start, _ = local_slice(p, ctx)
+        names.append(name)
+        local.append(fingerprint_flat(flat, start) if nonfinite is None else fingerprint_scan(flat, start))
+    return _reduce(names, local, ctx, nonfinite)
+
+
+@dataclass
+class FileProof:
+    """The checkpoint files as the model sees them: fingerprints by parameter name, what could not be compared."""
+
+    fingerprints: dict[str, str]
+    missing: list[str]  # parameters with no file tensor of their shape
+    account: FileAccount  # where every file tensor goes and every model tensor comes from
+    converted: list[str] = field(default_factory=list)  # parameters transformers builds by transforming file values
+    nonfinite: dict[str, int] = field(default_factory=dict)  # file key -> inf/NaN elements
+
+
+def file_proof(ckpt: Path, model, ctx: DistContext, desc: str | None = None) -> FileProof:
+    """Fingerprints of the files' tensors under the parameter names transformers loads them into (its own key
+    renaming and tying), each rank reading its own slice, plus the account of every file and model tensor."""
+    index = tensor_index(ckpt)
+    acct = account(model, index)
+    meta = param_meta(model)
+    keys, converted = {}, []
+    for name in meta:
+        key = file_key_for(acct, model, name)
+        if key is None and (name in acct.converted_targets or acct.tied.get(name) in acct.converted_targets):
+            converted.append(name)  # fused or split on load: the file's values are not the parameter's bitwise
+            continue
+        keys[name] = key
+    nonfinite: dict[str, int] = {}
+    fps, missing = file_fingerprints(ckpt, {n: meta[n] for n in keys}, ctx, desc, keys, index, nonfinite)
+    return FileProof(fps, missing, acct, converted, nonfinite)
+
+
+def file_fingerprints(ckpt: Path, wanted: dict[str, tuple[torch.dtype, int]], ctx: DistContext,
+                      desc: str | None = None, file_keys: dict[str, str | None] | None = None,
+                      index: dict[str, TensorEntry] | None = None,
+                      nonfinite: dict[str, int] | None = None) -> tuple[dict[str, str], list[str]]:
+    """Fingerprints of the checkpoint's tensors for the parameters named in `wanted` (cast to the parameter dtype, as
+    loading does), plus the wanted names the files do not hold. `file_keys` maps a parameter to its file key where
+    they differ (see `file_proof`); `nonfinite` receives file key -> inf/NaN count, counted in the file's own dtype.
+    Every rank reads only its own slice of each tensor."""
+    index = tensor_index(ckpt) if index is None else index
+    names, local, missing, keys = [], [], [], []
+    for name, (dtype, numel) in _progress(list(wanted.items()), ctx, desc):
+        key = name if file_keys is None else file_keys.get(name)
+        entry: TensorEntry | None = index.get(key) if key else None
+        if entry is None or entry.numel != numel:
+            missing.append(name if entry is None else f"{name} (shape {entry.shape} in file)")
+            continue
+        start, n = shard_range(numel, ctx.rank, ctx.world_size)
+        buf = read_elements(entry, start, n)
+        if entry.dtype == dtype:
+            fp = fingerprint_bytes(buf, dtype, start, scan=True)
+        else:
+            vals = torch.frombuffer(bytearray(buf), dtype=entry.dtype) if buf else torch.empty(0, dtype=entry.dtype)
+            fp = torch.cat([fingerprint_flat(vals.to(dtype), start), fingerprint_scan(vals)[2:]])
+        names.append(name)
+        keys.append(key)
+        local.append(fp)
+    counts: dict[str, int] = {}
+    fps = _reduce(names, local, ctx, counts)
+    if nonfinite is not None:
+        nonfinite.update({keys[names.index(n)]: c for n, c in counts.items()})
+    return fps, missing
+
+
+def compare(a: dict[str, str], b: dict[str, str]) -> list[str]:
+    """Names whose fingerprints differ, or that only one side has, in model order."""
+    return [n for n in a if a.get(n) != b.get(n)] + [n for n in b if n not in a]
+
+
+def max_abs_diff(a, b, name: str, ctx: DistContext) -> float:
+    """Largest |a - b| over one named tensor, each rank over its own slice, all-reduced with MAX (no gather)."""
+    pa, pb = dict(a.named_parameters())[name], dict(b.named_parameters()).get(name)
+    local = torch.zeros(1, dtype=torch.float64)
+    if pb is not None:
+        xa, _, na = local_slice(pa, ctx)
+        xb, _, nb = local_slice(pb, ctx)
+        if na == nb and xa.numel() and xa.numel() == xb.numel():
+            local[0] = (xa.double().cpu() - xb.double().cpu()).abs().max()
+    return float(ctx.all_reduce(local, "max").item())
+
+
+def local_bytes(model, ctx: DistContext) -> int:
+    """Bytes of parameter data this rank actually holds (its partitions under ZeRO-3)."""
+    total = 0
+    for p in model.parameters():
+        ds_tensor = getattr(p, "ds_tensor", None)
+        t = ds_tensor if ds_tensor is not None else p.data
+        total += t.numel() * t.element_size()
+    return total
