@@ -7,11 +7,13 @@ import hashlib
 import json
 from typing import Any
 
+from dpo_dist.compat import datasets as datasets_compat
+
 
 def data_key(dataset, *extra: Any) -> str:
     """A key of a dataset's content: datasets' own fingerprint (of its Arrow files and the transforms applied),
     not a hash of every row read into Python. None = no dataset."""
-    content = dataset._fingerprint if dataset is not None else None
+    content = datasets_compat.fingerprint(dataset) if dataset is not None else None
     return hashlib.sha256(json.dumps([content, *extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

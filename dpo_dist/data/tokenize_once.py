@@ -7,42 +7,32 @@ conversational rows do on one core. So before the trainer exists, each node's lo
 the data's Arrow files, while the other ranks wait for a file, not a collective. Inside the trainer every rank then
 finds the cached result and the barriers are short.
 
-Private access (trl 1.16, pinned in pyproject): DPOTrainer._prepare_dataset and the module-level
-global_then_local_main_first, replaced by a no-op only around this call; tests/test_data_launch.py fails if the
-trainer stops reusing this cache.
+TRL's private surface used (DPOTrainer._prepare_dataset, its module-level global_then_local_main_first) is behind
+dpo_dist.compat.trl.prepare_dataset (pinned by tests/test_compat.py); tests/test_data_launch.py fails if the trainer
+stops reusing this cache.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
+
+from dpo_dist.compat import datasets as datasets_compat
+from dpo_dist.compat import trl as trl_compat
 
 POLL_S = 0.5
 
 
 def marker(dataset, name: str, tok_key: str) -> Path:
-    key = hashlib.sha256(f"{dataset._fingerprint}|{name}|{tok_key}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{datasets_compat.fingerprint(dataset)}|{name}|{tok_key}".encode()).hexdigest()[:16]
     return Path(dataset.cache_files[0]["filename"]).parent / f"dpo-dist-tokenized-{key}"
 
 
 def trl_prepare(dataset, tok, args, name: str):
     """TRL's own preparation of `dataset`, outside a trainer and without its barriers."""
-    import trl.trainer.dpo_trainer as dpo
-
-    # DPOTrainer.__init__ assigns the pad token before preparing its datasets; the assignment changes the tokenizer's
-    # datasets hash (even to the same value), so it is made here too, or the trainer's maps would miss this cache
-    tok.pad_token = args.pad_token or tok.pad_token or tok.eos_token
-    stub = SimpleNamespace(_tokenizer=tok)
-    saved = dpo.global_then_local_main_first
-    dpo.global_then_local_main_first = contextlib.nullcontext
-    try:
-        return dpo.DPOTrainer._prepare_dataset(stub, dataset, tok, args, name)
-    finally:
-        dpo.global_then_local_main_first = saved
+    return trl_compat.prepare_dataset(dataset, tok, args, name)
 
 
 def once_per_node(mark: Path, fn, local_main: bool, what: str, note=print, describe=lambda out: "done") -> str:

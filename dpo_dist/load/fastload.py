@@ -10,7 +10,8 @@ Here (`load_partitioned`):
 
 1. The model is built under `zero.Init` without initializing weights (transformers' `no_init_weights`, default dtype =
    the checkpoint's), exactly as `from_pretrained` builds it, but without `zero.Init`'s broadcast of every parameter
-   from rank 0 (the values are garbage that step 3 overwrites; see `NoBroadcastInit`, pinned to deepspeed 0.19.8).
+   from rank 0 (the values are garbage that step 3 overwrites; see
+   `dpo_dist.compat.deepspeed.no_broadcast_init_class`, pinned to deepspeed 0.19.8).
 2. Names, shapes and dtypes are checked against the safetensors headers first, on a model built on the meta device
    (no memory, no collective), so a checkpoint this loader cannot take is refused with `FastLoadRefused` (a
    ValueError) before anything is allocated, on every rank alike: the caller falls back to `from_pretrained`.
@@ -40,7 +41,6 @@ and quantization are refused rather than guessed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 import warnings
@@ -50,12 +50,15 @@ from typing import Any
 
 import torch
 
+from dpo_dist.compat import deepspeed as ds_compat
+from dpo_dist.compat import transformers as hf_compat
+from dpo_dist.compat.deepspeed import broadcast_free_init_supported  # noqa: F401  -- tests and callers ask here
 from dpo_dist.config.names import Dtype
 from dpo_dist.load.checkpoint import TensorEntry, tensor_index
 from dpo_dist.load.key_mapping import account
 
-# The deepspeed release whose `Init._zero_init_param` NoBroadcastInit replaces (a test pins its source).
-PINNED_DEEPSPEED = "0.19.8"
+# The deepspeed release whose `Init._zero_init_param` NoBroadcastInit replaces (tests/test_compat.py pins its source).
+PINNED_DEEPSPEED = ds_compat.PINNED
 _STAGING_BYTES = 64 << 20  # host buffer for partitions that live on an accelerator
 _DTYPES = {Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16, Dtype.FLOAT32: torch.float32}
 
@@ -93,8 +96,6 @@ def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def _model_class(config, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
-
     if getattr(config, "auto_map", None) and "AutoModelForCausalLM" in config.auto_map:
         if not trust_remote_code:
             raise FastLoadRefused("the checkpoint's model class is remote code: set trust_remote_code (and the "
@@ -102,47 +103,16 @@ def _model_class(config, trust_remote_code: bool):
         from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
         return get_class_from_dynamic_module(config.auto_map["AutoModelForCausalLM"], config.name_or_path)
-    mapping = AutoModelForCausalLM._model_mapping
-    if type(config) not in mapping:
+    model_class = hf_compat.causal_lm_class(config)
+    if model_class is None:
         raise FastLoadRefused(f"no causal-LM class for config {type(config).__name__}")
-    return mapping[type(config)]
-
-
-@contextlib.contextmanager
-def _build_contexts(model_class, dtype: torch.dtype, zero_init=None):
-    """What `PreTrainedModel.get_init_context` enters under ZeRO-3 (transformers 5.23), with our own zero.Init (or
-    the meta device when `zero_init` is None)."""
-    from transformers import initialization as hf_init
-    from transformers.integrations.deepspeed import prevent_arange_dtype_change
-    from transformers.modeling_utils import local_torch_dtype, set_zero3_state
-    from transformers.monkey_patching import apply_patches
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(local_torch_dtype(dtype, model_class.__name__))
-        stack.enter_context(hf_init.no_tie_weights())
-        stack.enter_context(apply_patches())
-        stack.enter_context(hf_init.no_init_weights())
-        if zero_init is None:
-            stack.enter_context(torch.device("meta"))
-        else:
-            stack.enter_context(prevent_arange_dtype_change())  # rotary tables keep their explicit fp32 dtype
-            stack.enter_context(zero_init)
-            stack.enter_context(set_zero3_state())
-        yield
+    return model_class
 
 
 def _load_config(path: Path, trust_remote_code: bool):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-
-
-def _instantiate(model_class, config):
-    from transformers.modeling_utils import patch_output_recorders
-
-    model = model_class(config)
-    patch_output_recorders(model)
-    return model
 
 
 def plan_load(path: str | Path, dtype: str | torch.dtype, trust_remote_code: bool = False) -> LoadPlan:
@@ -157,8 +127,8 @@ def plan_load(path: str | Path, dtype: str | torch.dtype, trust_remote_code: boo
         raise FastLoadRefused(str(e)) from None
     config = _load_config(path, trust_remote_code)
     model_class = _model_class(config, trust_remote_code)
-    with _build_contexts(model_class, want):
-        meta = _instantiate(model_class, config)
+    with hf_compat.init_contexts(model_class, want):
+        meta = hf_compat.instantiate(model_class, config)
     meta.tie_weights()
     names: dict[int, list[str]] = {}
     params: dict[int, torch.nn.Parameter] = {}
@@ -225,44 +195,10 @@ def account_files(path: str | Path, trust_remote_code: bool = False):
     index = tensor_index(path)
     config = _load_config(path, trust_remote_code)
     model_class = _model_class(config, trust_remote_code)
-    with _build_contexts(model_class, torch.bfloat16):
-        meta = _instantiate(model_class, config)
+    with hf_compat.init_contexts(model_class, torch.bfloat16):
+        meta = hf_compat.instantiate(model_class, config)
     meta.tie_weights()
     return account(meta, index)
-
-
-def broadcast_free_init_supported() -> bool:
-    import deepspeed
-
-    return deepspeed.__version__ == PINNED_DEEPSPEED
-
-
-@functools.cache
-def _no_broadcast_init_class():
-    import deepspeed
-
-    class NoBroadcastInit(deepspeed.zero.Init):
-        """`deepspeed.zero.Init` without the broadcast of every new parameter from rank 0.
-
-        deepspeed 0.19.8's `Init._zero_init_param` is: `_convert_to_deepspeed_param(param)`, a broadcast of the full
-        parameter from the group's first rank (so that random initializations agree), then `param.partition()`. With
-        weights left uninitialized and every partition overwritten from the file afterwards, the broadcast only costs
-        time (~0.5 s per 443M-parameter model on 2 CPU ranks) and memory on the receiving ranks (gloo's buffers: peaks
-        of 1.2-1.45x ideal measured). Pinned: tests/test_fastload.py fails if the original method changes."""
-
-        def _zero_init_param(self, param):
-            self._convert_to_deepspeed_param(param)
-            param.partition()
-
-    return NoBroadcastInit
-
-
-def _zero_init(ds_config: dict, dtype: torch.dtype, skip_broadcast: bool):
-    import deepspeed
-    import torch._dynamo  # noqa: F401  -- imported inside zero.Init it fails with "TypeError: Signature mismatch"
-
-    cls = _no_broadcast_init_class() if skip_broadcast else deepspeed.zero.Init
-    return cls(config_dict_or_path=ds_config, dtype=dtype)
 
 
 def _check_init(init) -> None:
@@ -358,29 +294,25 @@ def fill_partitions(model, plan: LoadPlan) -> int:
         # file order: near-sequential reads
         for name, e in sorted(plan.entries.items(), key=lambda kv: (kv[1].file, kv[1].start)):
             p = params[name]
-            part_tensor = getattr(p, "ds_tensor", None)
-            if part_tensor is None:
+            if getattr(p, "ds_tensor", None) is None:
                 raise FastLoadRefused(f"{name} is not a ZeRO-3 partitioned parameter")
-            numel = int(p.ds_numel)
+            part_tensor, start, n, numel = ds_compat.local_partition(p, dist.get_rank(group=p.ds_process_group))
             if numel != e.numel or p.dtype != e.dtype:
                 raise FastLoadRefused(f"{name}: the built model differs from the plan ({p.dtype} {numel} elements)")
             part = part_tensor.numel()
-            rank = dist.get_rank(group=p.ds_process_group)
-            start = rank * part
-            n = max(0, min(part, numel - start))
             flat = part_tensor.data.view(-1)
             with torch.no_grad():
                 reader.read(e, start, flat[:n])
                 if n < part:
                     flat[n:].zero_()  # padding of the last shard (torch.empty: garbage otherwise)
-            p._is_hf_initialized = True  # as transformers' ZeRO-3 loader marks what it loaded
+            hf_compat.mark_loaded(p)  # as transformers' ZeRO-3 loader marks what it loaded
         for name, e in plan.buffers.items():
             buf = model.get_buffer(name)
             tmp = torch.empty(e.numel, dtype=e.dtype)
             reader.read(e, 0, tmp)
             with torch.no_grad():
                 buf.copy_(tmp.view(buf.shape))
-            buf._is_hf_initialized = True
+            hf_compat.mark_loaded(buf)
         return reader.bytes_read
     finally:
         reader.close()
@@ -441,10 +373,10 @@ def load_partitioned(path: str | Path, dtype: str | torch.dtype = "bfloat16", ds
     t1 = time.perf_counter()
     if skip_init_broadcast is None:
         skip_init_broadcast = broadcast_free_init_supported()
-    init = _zero_init(ds_config, plan.dtype, skip_init_broadcast)
+    init = ds_compat.zero_init(ds_config, plan.dtype, skip_init_broadcast)
     _check_init(init)
-    with _build_contexts(plan.model_class, plan.dtype, init):
-        model = _instantiate(plan.model_class, plan.config)
+    with hf_compat.init_contexts(plan.model_class, plan.dtype, init):
+        model = hf_compat.instantiate(plan.model_class, plan.config)
     model.tie_weights()
     _check_built(model, plan)
     t2 = time.perf_counter()

@@ -5,7 +5,8 @@ transformers 5 renames checkpoint keys while loading (legacy names kept in the f
 converts some (per-expert MoE weights stacked into one fused tensor, qkv split). The file proof and the fast loader
 must see the files as `from_pretrained` sees them, so they ask transformers for the same list of transforms it applies
 (`get_model_conversion_mapping`) and rename each file key with the same function (`rename_source_key`), instead of
-assuming names match. This is the one place that touches that private API; tests/test_key_mapping.py pins it.
+assuming names match. That private API is reached through dpo_dist.compat.transformers (tests/test_compat.py pins
+it).
 
 `account` then says, for every tensor of the files, where it goes, and for every tensor of the model, where it comes
 from: a file tensor that feeds no model tensor (a config.json with fewer layers than the files hold) and a model
@@ -17,6 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from dpo_dist.compat.transformers import conversions, load_ignore_patterns, rename
 
 
 @dataclass
@@ -56,28 +59,6 @@ class FileAccount:
         return ", ".join(e for e in extra if e) or "names match one to one"
 
 
-def conversions(model) -> tuple[list, list]:
-    """(renamings, converters) that `from_pretrained` applies to this model's checkpoint keys (no user key_mapping,
-    no quantizer: dpo-dist passes neither)."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming
-
-    mapping = get_model_conversion_mapping(model, None, None)
-    return ([t for t in mapping if isinstance(t, WeightRenaming)],
-            [t for t in mapping if isinstance(t, WeightConverter)])
-
-
-def rename(key: str, renamings: list, converters: list, prefix: str | None, model_keys: dict) -> tuple[str, bool]:
-    """(model name, converted?) for one file key, exactly as transformers' convert_and_load_state_dict_in_model does
-    (rename, and fall back to the original key when renaming leads nowhere but the original name exists)."""
-    from transformers.core_model_loading import rename_source_key
-
-    renamed, pattern = rename_source_key(key, renamings, converters, prefix, model_keys)
-    if renamed not in model_keys and key in model_keys:
-        renamed, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=model_keys)
-    return renamed, pattern is not None
-
-
 def _converter_targets(renamed: str, converters: list) -> set[str]:
     """Every model name a converter fills from the key it renamed to its first target (qkv -> q, k, v)."""
     out = {renamed}
@@ -100,7 +81,8 @@ def account(model, file_keys: Iterable[str]) -> FileAccount:
     lookup = dict.fromkeys(names, True)
     renamings, converters = conversions(model)
     prefix = getattr(model, "base_model_prefix", None) or None
-    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    unexpected_ok, missing_ok = load_ignore_patterns(model)
+    ignore = [re.compile(p) for p in unexpected_ok]
     acc = FileAccount()
     fed: set[int] = set()
     for key in sorted(file_keys):
@@ -126,7 +108,7 @@ def account(model, file_keys: Iterable[str]) -> FileAccount:
     for name, ident in names.items():
         by_tensor.setdefault(ident, []).append(name)
     params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    may_miss = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
+    may_miss = [re.compile(p) for p in missing_ok]
     for name, ident in names.items():
         if name in acc.file_key_of or name in acc.converted_targets:
             continue

@@ -10,13 +10,13 @@ same on every rank). Nothing here gathers a parameter.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dpo_dist.compat.transformers import outside_zero3  # noqa: F401  -- reference/ builds whole models with it
 from dpo_dist.config.names import Dtype
 
 DTYPES = {Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16, Dtype.FLOAT32: torch.float32}
@@ -62,23 +62,6 @@ def training_modules(model) -> list[str]:
 
 def read_config_json(path: Path) -> dict[str, Any]:
     return json.loads((path / "config.json").read_text())
-
-
-@contextlib.contextmanager
-def outside_zero3():
-    """Build a model whole even while a ZeRO-3 DeepSpeed state exists. transformers decides whether to partition at
-    construction from a module-level weakref to the DeepSpeed config; accelerate's
-    `zero3_init_context_manager(enable=False)` re-registers the same stage-3 config, so it does not help here."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    ref = hf_ds._hf_deepspeed_config_weak_ref
-    held = ref() if ref is not None else None
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if held is not None:
-            hf_ds.set_hf_deepspeed_config(held)
 
 
 def load_cpu_shared(path: Path, dtype: str, trust_remote_code: bool):

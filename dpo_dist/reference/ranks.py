@@ -29,7 +29,7 @@ import torch
 
 from dpo_dist.load import models
 from dpo_dist.runtime.roles import IDLE_WAIT, BridgeError, Roles, die
-from dpo_dist.verify import model_checks, weights
+from dpo_dist.verify import model_checks, probes, weights
 from dpo_dist.verify.report import RankReport
 from dpo_dist.verify.tolerances import BITWISE_FINGERPRINTS
 
@@ -38,9 +38,7 @@ from dpo_dist.verify.tolerances import BITWISE_FINGERPRINTS
 def inference_config(dtype: str, hidden: int | None) -> dict[str, Any]:
     """A forward-only ZeRO-3 engine among the reference ranks (no optimizer, nothing persistent beyond small tensors,
     gathered layers released right after use)."""
-    zero: dict[str, Any] = {"stage": 3, "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}
-    if hidden:
-        zero.update(stage3_param_persistence_threshold=10 * hidden, stage3_prefetch_bucket_size=int(0.9 * hidden ** 2))
+    zero: dict[str, Any] = {"stage": 3, **probes.forward_only_zero3(hidden)}
     return {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
             "bf16": {"enabled": dtype == "bfloat16"}, "fp16": {"enabled": dtype == "float16"}}
 

@@ -1,7 +1,7 @@
 """DPOTrainer variants for reference placements TRL does not offer: a CPU reference, and precomputed log-probs kept
 on disk under a key of the reference's weights fingerprint and the data.
 
-Both override TRL's private `_precompute_ref_logps` (TRL 1.16.0, pinned in pyproject; tests/test_placements.py fails
+Both override TRL's private `_precompute_ref_logps` (TRL 1.16.0, pinned in pyproject; tests/test_compat.py fails
 loudly if its signature or role changes). Why: with `ref_model` given, TRL always wraps the reference with DeepSpeed
 (`prepare_deepspeed`), which would shard or move a CPU reference; with `precompute_ref_log_probs=True` and no
 `ref_model`, TRL builds no reference at all, and this hook is where the log-probs come from.
@@ -9,30 +9,16 @@ loudly if its signature or role changes). Why: with `ref_model` given, TRL alway
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import torch
 from trl import DPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
-PRECOMPUTE_SIGNATURE = ("self", "dataset", "name", "batch_size")
+from dpo_dist.compat import trl as trl_compat
+from dpo_dist.compat.trl import PRECOMPUTE_SIGNATURE, check_trl_hooks  # noqa: F401  -- pinned where they live
+
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def check_trl_hooks() -> list[str]:
-    """What of TRL's private surface we rely on is missing (empty list = all there)."""
-    problems = []
-    fn = getattr(DPOTrainer, "_precompute_ref_logps", None)
-    if fn is None:
-        problems.append("DPOTrainer._precompute_ref_logps is gone")
-    elif tuple(inspect.signature(fn).parameters) != PRECOMPUTE_SIGNATURE:
-        problems.append(f"DPOTrainer._precompute_ref_logps{inspect.signature(fn)} changed")
-    if "precompute_ref_logps" not in inspect.getsource(DPOTrainer._compute_loss):
-        problems.append("DPOTrainer._compute_loss no longer reads precompute_ref_logps")
-    if fn is not None and "self.ref_model or self.model" not in inspect.getsource(fn):
-        problems.append("DPOTrainer._precompute_ref_logps no longer forwards self.ref_model when it is set")
-    return problems
 
 
 class CpuReference(torch.nn.Module):
@@ -94,11 +80,7 @@ class PrecomputedDPOTrainer(DPOTrainer):
         # rank-dependent and ignores what the weights are, and the dataset fingerprint chains through TRL's own map
         # calls (which hash run arguments such as the output dir). Ours: the all-reduced weights fingerprint, and a
         # hash of the rows, the tokenizer and the length limits: same inputs, same key, in any output dir.
-        self._precompute_model_hash = self._reference_digest
-        dataset._fingerprint = self._data_keys[name]
-        from datasets.fingerprint import Hasher
-
-        cache_file = dataset._get_cache_file_path(Hasher.hash((dataset._fingerprint, self._reference_digest)))
+        cache_file = trl_compat.key_precompute_cache(self, dataset, self._reference_digest, self._data_keys[name])
         self.cache_hits[name] = os.path.exists(cache_file)
         if name == "train":
             self.precompute_batch_size = batch_size

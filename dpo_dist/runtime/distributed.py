@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from dpo_dist.compat.deepspeed import timeout_new_groups
+
 
 class RendezvousError(RuntimeError):
     """The ranks of the job never all met."""
@@ -37,21 +39,16 @@ class DistContext:
     @classmethod
     def from_env(cls, timeout_s: int) -> DistContext:
         """Join the job started by accelerate/torchrun/srun (RANK, WORLD_SIZE, MASTER_ADDR set), or run alone."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        rank, world, local_rank = launched_world()
         if "MASTER_ADDR" not in os.environ:
             # Run directly (`python -m dpo_dist init`, no launcher): a world of one on this host. DeepSpeed still needs
             # a process group (ZeRO-3 loading calls init_distributed, which would otherwise go looking for MPI).
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                               WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
         timeout_new_groups(timeout_s)
-        acc = get_accelerator()
-        if acc.device_name() != "cpu":
-            acc.set_device(local_rank)
+        acc = accelerator_on(local_rank)
         if not torch.distributed.is_initialized():
             # DeepSpeed picks nccl on GPUs, gloo with its CPU accelerator (no oneCCL needed); we add the timeout.
             try:
@@ -61,11 +58,9 @@ class DistContext:
                     auto_mpi_discovery=False,
                 )
             except Exception as e:  # torch: "Timed out after 11 seconds waiting for clients. 1/2 clients joined."
-                where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
                 cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise RendezvousError(
-                    f"rank {rank} of {world}: rendezvous at {where} failed within {timeout_s} s ({cause}): check that "
-                    "every node started its ranks and can reach that address, or raise sharding.timeout_s") from None
+                raise rendezvous_failed(rank, world, timeout_s, cause, "check that every node started its ranks and "
+                                        "can reach that address, or raise sharding.timeout_s") from None
         ctx = cls(rank, world, local_rank, device_for(local_rank), agree_run_id())
         from dpo_dist.runtime.liveness import start
 
@@ -131,14 +126,28 @@ class DistContext:
                 torch.distributed.destroy_process_group()
 
 
-def timeout_new_groups(timeout_s: int) -> None:
-    """Every process group created from here on (DeepSpeed's engines clone the world group for data parallelism)
-    times out after sharding.timeout_s as the world group does: torch gives a new group its module default, 30 min,
-    not the world group's timeout, so a stopped rank held its peers for half an hour inside deepspeed.initialize."""
-    from torch.distributed import distributed_c10d
+def launched_world() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as the launcher set them; a world of one when run without a launcher."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
 
-    distributed_c10d.default_pg_timeout = timedelta(seconds=timeout_s)  # read at each new_group (_get_default_timeout)
-    distributed_c10d.default_pg_nccl_timeout = timedelta(seconds=timeout_s)
+
+def rendezvous_failed(rank: int, world: int, timeout_s: int, cause: str, advice: str) -> RendezvousError:
+    """The one-line error of a rendezvous that did not complete: who, where (MASTER_ADDR:MASTER_PORT), why, what
+    to check."""
+    where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return RendezvousError(f"rank {rank} of {world}: rendezvous at {where} failed within {timeout_s} s ({cause}): "
+                           f"{advice}")
+
+
+def accelerator_on(local_rank: int):
+    """DeepSpeed's accelerator, set to this process's device (an accelerator's; the CPU one has none to set)."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        acc.set_device(local_rank)
+    return acc
 
 
 def agree_run_id() -> str:

@@ -128,11 +128,16 @@ def check_counts(world: int, k: int) -> str | None:
 def split_world(k: int, timeout_s: int) -> tuple[Any, Roles]:
     """Give this process its role's world (as the default process group) and the bridge; return (DistContext of the
     role's world, Roles). Must run before accelerate, DeepSpeed or transformers initialize anything distributed."""
-    from dpo_dist.runtime.distributed import DistContext, RendezvousError, device_for, timeout_new_groups
+    from dpo_dist.compat.deepspeed import timeout_new_groups
+    from dpo_dist.runtime.distributed import (
+        DistContext,
+        accelerator_on,
+        device_for,
+        launched_world,
+        rendezvous_failed,
+    )
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world, local_rank = launched_world()
     problem = check_counts(world, k)
     if problem:
         raise ValueError(problem)
@@ -144,17 +149,11 @@ def split_world(k: int, timeout_s: int) -> tuple[Any, Roles]:
         # torch's own env:// rendezvous: connects to torchrun's agent store, or hosts the store on rank 0 (srun)
         store, _, _ = next(torch.distributed.rendezvous("env://", timeout=timeout))
     except Exception as e:
-        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-        raise RendezvousError(f"rank {rank} of {world}: rendezvous at {where} failed within {timeout_s} s "
-                              f"({_cause(e)}): check that every node started its ranks") from None
+        raise rendezvous_failed(rank, world, timeout_s, _cause(e), "check that every node started its ranks") from None
     p = world - k
     role = POLICY if rank < p else REFERENCE
     role_rank, role_world = (rank, p) if role == POLICY else (rank - p, k)
-    from deepspeed.accelerator import get_accelerator
-
-    acc = get_accelerator()
-    if acc.device_name() != "cpu":
-        acc.set_device(local_rank)
+    acc = accelerator_on(local_rank)
     prefix = torch.distributed.PrefixStore(f"dpo_dist/{role}/", store)
     torch.distributed.init_process_group(acc.communication_backend_name(), store=prefix, rank=role_rank,
                                          world_size=role_world, timeout=timeout)

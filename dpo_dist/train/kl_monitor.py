@@ -17,23 +17,12 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from dpo_dist.compat import trl as trl_compat
+from dpo_dist.compat.deepspeed import reset_zero3_trace
 from dpo_dist.runtime.distributed import DistContext
 from dpo_dist.verify import probes
 
 BETA_STATE = "dpo_dist_beta.json"
-
-
-def reset_zero3_trace(engine) -> None:
-    """After forwards outside the training step, release gathered ZeRO-3 parameters and invalidate the prefetch trace:
-    otherwise the next training forward follows a stale trace and fails ('Cannot partition a param in flight')."""
-    opt = getattr(engine, "optimizer", None)
-    offload = getattr(opt, "parameter_offload", opt)
-    if offload is None or not hasattr(offload, "get_param_coordinator"):
-        return
-    offload.empty_partition_cache()
-    coordinator = offload.get_param_coordinator()
-    if not coordinator.is_invalid_trace():
-        coordinator._invalidate_trace()  # private in deepspeed 0.19.8 (pinned); tested by tests/test_kl_monitor.py
 
 
 class AdaptiveBeta:
@@ -194,7 +183,7 @@ class KLMonitor(TrainerCallback):
         kl = self.measure()
         value = kl["mean"]
         entry = {"step": state.global_step, "kl": value, "max_seq_mean": kl["max_seq_mean"]}
-        metrics = self.trainer._metrics["train"]  # TRL's metric store: averaged into the next log line
+        metrics = trl_compat.metrics(self.trainer)  # TRL's metric store: averaged into the next log line
         metrics["kl/true_token_kl"].append(value)
         current = metrics.get("rewards/margins", [])
         start = self._seen[1] if self._seen[0] == id(current) else 0

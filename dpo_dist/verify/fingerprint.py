@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_dist.compat.deepspeed import partition_range
 from dpo_dist.verify.fingerprint_kernel import SOURCE as _KERNEL_SOURCE
 
 MULT = 0x9E3779B1
@@ -96,9 +97,7 @@ def shard_range(numel: int, rank: int, world: int) -> tuple[int, int]:
     """(start, count) of the flat elements rank ``rank`` owns under ZeRO-3's padded equal-size partitioning."""
     if world < 1 or not 0 <= rank < world or numel < 0:
         raise ValueError(f"bad shard request: numel={numel} rank={rank} world={world}")
-    part = -(-numel // world)
-    start = rank * part
-    return start, max(0, min(part, numel - start))
+    return partition_range(numel, -(-numel // world), rank)
 
 
 def fingerprint_flat(flat: torch.Tensor, offset: int = 0, chunk: int = 1 << 22) -> torch.Tensor:

@@ -32,12 +32,20 @@ def inference_ds_config(train_ds: dict, hidden_size: int | None) -> dict:
     cfg.pop("scheduler", None)
     zero = cfg.setdefault("zero_optimization", {})
     zero.pop("offload_optimizer", None)
-    zero.update(stage3_max_live_parameters=0, stage3_max_reuse_distance=0)
+    zero.update(forward_only_zero3(hidden_size))
     if hidden_size:
-        zero.update({"reduce_bucket_size": hidden_size * hidden_size,
-                     "stage3_param_persistence_threshold": 10 * hidden_size,
-                     "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size)})
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
     return _drop_auto(cfg)
+
+
+def forward_only_zero3(hidden_size: int | None) -> dict:
+    """The zero_optimization settings of a forward-only ZeRO-3 engine: each gathered layer released right after use,
+    only small tensors (under 10 x hidden) kept whole, and TRL's prefetch bucket size for the hidden size."""
+    zero: dict = {"stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}
+    if hidden_size:
+        zero.update(stage3_param_persistence_threshold=10 * hidden_size,
+                    stage3_prefetch_bucket_size=int(0.9 * hidden_size * hidden_size))
+    return zero
 
 
 def _drop_auto(d: dict) -> dict:

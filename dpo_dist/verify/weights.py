@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_dist.compat.deepspeed import local_partition
 from dpo_dist.load.checkpoint import TensorEntry, read_elements, tensor_index
 from dpo_dist.load.key_mapping import FileAccount, account, file_key_for
 from dpo_dist.runtime.distributed import DistContext
@@ -28,12 +29,9 @@ from dpo_dist.verify.fingerprint import (
 
 def local_slice(p: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, int, int]:
     """(this rank's flat elements, their offset in the whole tensor, the whole tensor's numel)."""
-    ds_tensor = getattr(p, "ds_tensor", None)
-    if ds_tensor is not None:  # ZeRO-3 partitioned parameter
-        part = ds_tensor.numel()
-        numel = int(p.ds_numel)
-        start = ctx.rank * part
-        n = max(0, min(part, numel - start))
+    local = local_partition(p, ctx.rank)
+    if local is not None:  # ZeRO-3 partitioned parameter
+        ds_tensor, start, n, numel = local
         return ds_tensor.data.reshape(-1)[:n], start, numel
     numel = p.numel()
     start, n = shard_range(numel, ctx.rank, ctx.world_size)
