@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -251,25 +250,7 @@ def test_tied_plan_loads_one_tensor_for_two_names(tmp_path):
     assert "lm_head.weight" not in plan.entries
 
 
-def test_pinned_deepspeed_zero_init_param():
-    """NoBroadcastInit replaces deepspeed.zero.Init._zero_init_param (private): pinned to the source it replaces."""
-    import deepspeed
-
-    from dpo_dist.load.fastload import PINNED_DEEPSPEED, broadcast_free_init_supported
-
-    assert deepspeed.__version__ == PINNED_DEEPSPEED
-    assert broadcast_free_init_supported()
-    src = inspect.getsource(deepspeed.zero.Init._zero_init_param)
-    body = [line.strip() for line in src.splitlines()[1:] if line.strip()]
-    assert body == [
-        "self._convert_to_deepspeed_param(param)",
-        "partition_group = self.get_partition_dp_group(param)",
-        "if dist.get_world_group() == partition_group:",
-        "dist.broadcast(param.data.view(torch.uint8), 0, partition_group)",
-        "else:",
-        "dist.broadcast(param.data.view(torch.uint8), dist.get_global_rank(partition_group, 0), partition_group)",
-        "param.partition()",
-    ], "deepspeed changed Init._zero_init_param: re-check dpo_dist.load.fastload.NoBroadcastInit"
+# The pin of deepspeed.zero.Init._zero_init_param (NoBroadcastInit) is in tests/test_compat.py.
 
 
 if __name__ == "__main__":

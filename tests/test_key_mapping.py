@@ -3,7 +3,6 @@ sharded checkpoints, and every file tensor accounted for both ways (issue 13.1, 
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 import shutil
@@ -72,23 +71,7 @@ def renaming_architectures() -> list[str]:
     return out
 
 
-def test_pinned_transformers_mapping():
-    """key_mapping calls transformers' private loading API the way from_pretrained does (transformers 5.23): if
-    either call site moves, this fails and key_mapping must follow."""
-    import transformers.modeling_utils as mu
-    from transformers import core_model_loading as cml
-    from transformers.conversion_mapping import get_model_conversion_mapping
-
-    flat = " ".join(inspect.getsource(mu).split())
-    assert "weight_conversions = get_model_conversion_mapping(model, key_mapping, hf_quantizer)" in flat
-    load = " ".join(inspect.getsource(cml.convert_and_load_state_dict_in_model).split())
-    assert ("renamed_key, source_pattern = rename_source_key( original_key, renamings, converters, base_model_prefix, "
-            "meta_model_state_dict )") in load
-    assert "if renamed_key not in meta_model_state_dict and original_key in meta_model_state_dict:" in load
-    assert list(inspect.signature(cml.rename_source_key).parameters)[:5] == [
-        "source_key", "weight_renamings", "weight_converters", "base_model_prefix", "meta_state_dict"]
-    assert list(inspect.signature(get_model_conversion_mapping).parameters)[:3] == [
-        "model", "key_mapping", "hf_quantizer"]
+# The pin of transformers' key-conversion API (compat.transformers.conversions / rename) is in tests/test_compat.py.
 
 
 def test_every_renaming_architecture(tmp_path):

@@ -70,3 +70,11 @@ def prepare_dataset(dataset, tok, args, name: str):
         return dpo.DPOTrainer._prepare_dataset(stub, dataset, tok, args, name)
     finally:
         dpo.global_then_local_main_first = saved
+
+
+def tokenize(tok, text, **chat_template_kwargs) -> dict:
+    """One example tokenized as TRL's dataset preparation tokenizes it (chat template for conversations). Calls the
+    private `trl.data_utils._tokenize` (trl 1.16); can go when TRL makes it public."""
+    from trl.data_utils import _tokenize
+
+    return _tokenize(tok, text, **chat_template_kwargs)

@@ -29,7 +29,9 @@ def sample_indices(n: int, k: int = SAMPLE_ROWS, seed: int = 0) -> list[int]:
 def trl_rows(example: dict, tok) -> dict:
     """One row as TRL's DPOTrainer._prepare_dataset makes it: prompt_ids, and prompt+chosen / prompt+rejected ids
     before it splits them at their common prefix."""
-    from trl.data_utils import _tokenize, extract_prompt, is_conversational
+    from trl.data_utils import extract_prompt, is_conversational
+
+    from dpo_dist.compat.trl import tokenize
 
     if "prompt" not in example:
         example = {**example, **extract_prompt(example)}
@@ -42,10 +44,10 @@ def trl_rows(example: dict, tok) -> dict:
     kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools,
               **(example.get("chat_template_kwargs") or {})}
     extra = kwargs if conv else {}
-    prompt = _tokenize(tok, example["prompt"], **({"add_generation_prompt": True, **extra} if conv else {}))
+    prompt = tokenize(tok, example["prompt"], **({"add_generation_prompt": True, **extra} if conv else {}))
     out = {"example": example, "conversational": conv, "prompt_ids": list(prompt["input_ids"])}
     for k in ("chosen", "rejected"):
-        out[k] = list(_tokenize(tok, example["prompt"] + example[k], **extra)["input_ids"])
+        out[k] = list(tokenize(tok, example["prompt"] + example[k], **extra)["input_ids"])
     return out
 
 
