@@ -29,6 +29,13 @@ def flat_source(obj) -> str:
     return " ".join(inspect.getsource(obj).split())
 
 
+def assert_mirrors(obj, pieces: tuple[str, ...], entry: str) -> None:
+    """Every piece of code (whitespace-normalized) is still in obj's source; else name the compat entry to re-check."""
+    src = flat_source(obj)
+    missing = [p for p in pieces if p not in src]
+    assert not missing, f"{obj.__qualname__} changed (no {missing[0]!r}): re-check dpo_dist.compat.{entry}"
+
+
 def params(fn) -> list[str]:
     return list(inspect.signature(fn).parameters)
 
@@ -148,11 +155,11 @@ def test_causal_lm_class_reads_the_auto_mapping():
 def test_init_contexts_mirror_get_init_context():
     from transformers import PreTrainedModel
 
-    src = flat_source(PreTrainedModel.get_init_context)
-    for piece in ("local_torch_dtype(dtype, cls.__name__), init.no_tie_weights(), apply_patches()",
-                  "init.no_init_weights(), prevent_arange_dtype_change(),",
-                  "deepspeed.zero.Init(config_dict_or_path=deepspeed_config()), set_zero3_state(),"):
-        assert piece in src, f"get_init_context changed ({piece!r}): re-check compat.transformers.init_contexts"
+    assert_mirrors(PreTrainedModel.get_init_context, (
+        "local_torch_dtype(dtype, cls.__name__), init.no_tie_weights(), apply_patches()",
+        "init.no_init_weights(), prevent_arange_dtype_change(),",
+        "deepspeed.zero.Init(config_dict_or_path=deepspeed_config()), set_zero3_state(),"),
+        "transformers.init_contexts")
 
 
 def test_instantiate_mirrors_from_pretrained():
@@ -209,19 +216,18 @@ def test_trainer_prepare_inputs_hook():
 def test_metrics_store():
     from trl import DPOTrainer
 
-    assert 'self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}' in flat_source(
-        DPOTrainer.__init__), "re-check compat.trl.metrics"
+    assert_mirrors(DPOTrainer.__init__, ('self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}',),
+                   "trl.metrics")
 
 
 def test_precompute_cache_key_is_computed_as_trl_computes_it():
     from datasets import Dataset
     from trl import DPOTrainer
 
-    src = flat_source(DPOTrainer._precompute_ref_logps)
-    for piece in ("model_hash = self._precompute_model_hash",
-                  "fingerprint = [Hasher.hash((dataset._fingerprint, model_hash))]",
-                  "cache_file = dataset._get_cache_file_path(fingerprint)"):
-        assert piece in src, f"TRL's cache key changed ({piece!r}): re-check compat.trl.key_precompute_cache"
+    assert_mirrors(DPOTrainer._precompute_ref_logps, (
+        "model_hash = self._precompute_model_hash",
+        "fingerprint = [Hasher.hash((dataset._fingerprint, model_hash))]",
+        "cache_file = dataset._get_cache_file_path(fingerprint)"), "trl.key_precompute_cache")
     assert params(Dataset._get_cache_file_path) == ["self", "fingerprint"]
 
 
