@@ -15,6 +15,10 @@ from pathlib import Path
 
 import torch
 
+from dpo_dist.config.names import Dtype
+
+# model.dtype (the config's names) -> torch dtype
+DTYPES = {Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16, Dtype.FLOAT32: torch.float32}
 # safetensors header dtype names
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,

@@ -53,14 +53,12 @@ import torch
 from dpo_dist.compat import deepspeed as ds_compat
 from dpo_dist.compat import transformers as hf_compat
 from dpo_dist.compat.deepspeed import broadcast_free_init_supported  # noqa: F401  -- tests and callers ask here
-from dpo_dist.config.names import Dtype
-from dpo_dist.load.checkpoint import TensorEntry, tensor_index
+from dpo_dist.load.checkpoint import DTYPES, TensorEntry, tensor_index
 from dpo_dist.load.key_mapping import account
 
 # The deepspeed release whose `Init._zero_init_param` NoBroadcastInit replaces (tests/test_compat.py pins its source).
 PINNED_DEEPSPEED = ds_compat.PINNED
 _STAGING_BYTES = 64 << 20  # host buffer for partitions that live on an accelerator
-_DTYPES = {Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16, Dtype.FLOAT32: torch.float32}
 
 
 class FastLoadRefused(ValueError):
@@ -90,9 +88,9 @@ class LoadPlan:
 def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise FastLoadRefused(f"unsupported dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise FastLoadRefused(f"unsupported dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def _model_class(config, trust_remote_code: bool):
@@ -115,6 +113,16 @@ def _load_config(path: Path, trust_remote_code: bool):
     return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
+def _meta_model(path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    """(config, model class, the model built from config.json on the meta device, tied): no memory, no collective."""
+    config = _load_config(path, trust_remote_code)
+    model_class = _model_class(config, trust_remote_code)
+    with hf_compat.init_contexts(model_class, dtype):
+        meta = hf_compat.instantiate(model_class, config)
+    meta.tie_weights()
+    return config, model_class, meta
+
+
 def plan_load(path: str | Path, dtype: str | torch.dtype, trust_remote_code: bool = False) -> LoadPlan:
     """Check that the checkpoint maps one to one onto the model's parameters, in the wanted dtype, and say where
     every parameter's bytes are. Builds the model on the meta device only: no memory, no collective; every rank
@@ -125,11 +133,7 @@ def plan_load(path: str | Path, dtype: str | torch.dtype, trust_remote_code: boo
         index = tensor_index(path)
     except ValueError as e:  # CheckpointError: no safetensors, pickle only, corrupt header
         raise FastLoadRefused(str(e)) from None
-    config = _load_config(path, trust_remote_code)
-    model_class = _model_class(config, trust_remote_code)
-    with hf_compat.init_contexts(model_class, want):
-        meta = hf_compat.instantiate(model_class, config)
-    meta.tie_weights()
+    config, model_class, meta = _meta_model(path, want, trust_remote_code)
     names: dict[int, list[str]] = {}
     params: dict[int, torch.nn.Parameter] = {}
     for name, p in meta.named_parameters(remove_duplicate=False):
@@ -193,12 +197,7 @@ def account_files(path: str | Path, trust_remote_code: bool = False):
     shows as unexplained tensors before anything is launched or loaded."""
     path = Path(path)
     index = tensor_index(path)
-    config = _load_config(path, trust_remote_code)
-    model_class = _model_class(config, trust_remote_code)
-    with hf_compat.init_contexts(model_class, torch.bfloat16):
-        meta = hf_compat.instantiate(model_class, config)
-    meta.tie_weights()
-    return account(meta, index)
+    return account(_meta_model(path, torch.bfloat16, trust_remote_code)[2], index)
 
 
 def _check_init(init) -> None:

@@ -17,9 +17,7 @@ from typing import Any
 import torch
 
 from dpo_dist.compat.transformers import outside_zero3  # noqa: F401  -- reference/ builds whole models with it
-from dpo_dist.config.names import Dtype
-
-DTYPES = {Dtype.BFLOAT16: torch.bfloat16, Dtype.FLOAT16: torch.float16, Dtype.FLOAT32: torch.float32}
+from dpo_dist.load.checkpoint import DTYPES
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -71,7 +69,6 @@ def load_cpu_shared(path: Path, dtype: str, trust_remote_code: bool):
     not once per rank (RSS counts them per rank; PSS shows the share). Any write would silently make a private copy,
     which a frozen reference never does. Falls back to a private copy (from_pretrained) when the file dtype differs
     from the wanted one. Returns (model, shared)."""
-    import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
