@@ -25,6 +25,8 @@ from dpo_dist.config.resources import (
 from dpo_dist.config.schema import RunConfig, to_dict
 from dpo_dist.data.keys import tokenizer_key
 from dpo_dist.data.prepare import DataError, prepare
+from dpo_dist.init import loader_choice
+from dpo_dist.init.manifest_check import check_manifest
 from dpo_dist.init.preflight import check_checkpoint
 from dpo_dist.init.state import InitState
 from dpo_dist.load import models
@@ -34,7 +36,7 @@ from dpo_dist.runtime import liveness
 from dpo_dist.runtime.distributed import DistContext
 from dpo_dist.runtime.faults import inject_fault
 from dpo_dist.train.trainer import LossRecorder, build_dpo_config
-from dpo_dist.verify import lineage, manifest, model_checks, probes, tolerances, weight_checks, weights
+from dpo_dist.verify import lineage, model_checks, probes, tolerances, weight_checks, weights
 from dpo_dist.verify.report import RankReport, build_report, render_table, write_json_atomic
 
 KNOWN_ERRORS = (CheckpointError, DataError, FileNotFoundError, ValueError, OSError)
@@ -157,45 +159,8 @@ class InitRun:
                       f"{rr.facts['load_seconds']} s, {how}")
 
     def fast_plan(self, path: Path, fact: str = "loader"):
-        """The dpo_dist.load.fastload plan for the checkpoint at `path`, or None for transformers' from_pretrained,
-        decided
-        the same on every rank (an all-reduced flag); records the choice and why in facts[fact] and facts[fact +
-        "_reason"]. model.loader fast raises ValueError (one line: what blocked it, and the fix) where auto falls
-        back with a warning."""
-        from dpo_dist.load import fastload
-
-        cfg, rr = self.cfg, self.rr
-        choice, stage, plan = cfg.model.loader, self.state.stage, None
-        if choice == "transformers":
-            why = "model.loader: transformers"
-        elif stage != 3:
-            why = f"ZeRO-{stage}: the fast loader fills ZeRO-3 partitions only"
-        else:
-            zero = self.state.ds.get("zero_optimization") or {}
-            offload = str((zero.get("offload_param") or {}).get("device", "none")).lower()
-            quantized = zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights")
-            why = ""
-            if offload == "nvme" or quantized is True:
-                why = "parameters offloaded to NVMe" if offload == "nvme" else "ZeRO quantized weights"
-            else:
-                try:
-                    plan = fastload.plan_load(path, cfg.model.dtype, cfg.model.trust_remote_code)
-                except fastload.FastLoadRefused as e:
-                    why = " ".join(str(e).split())
-            if not self.ctx.all_ok(plan is not None):
-                plan, why = None, why or "refused on another rank"
-        if plan is not None:
-            rr.facts.update({fact: "fast", fact + "_reason": "dpo_dist.load.fastload: each rank reads its own "
-                             "partitions' "
-                             "bytes from the files"})
-            return plan
-        if choice == "fast":
-            raise ValueError(f"model.loader is fast but the fast loader cannot load {path}: {why}. Fix: set "
-                             "model.loader: transformers (or auto) to load with from_pretrained")
-        if choice == "auto" and stage == 3:
-            self.ctx.warn(f"fast loader not used for {path} ({why}): loading with transformers' from_pretrained")
-        rr.facts.update({fact: "transformers", fact + "_reason": why})
-        return None
+        """The fast loader's plan for `path`, or None for from_pretrained (dpo_dist.init.loader_choice)."""
+        return loader_choice.fast_plan(self, path, fact)
 
     def prove_static(self) -> bool:
         """Roles, configs, and bitwise weights equality (policy vs reference vs files)."""
@@ -217,33 +182,7 @@ class InitRun:
                 proof = weights.file_proof(s.ref_path, s.reference, ctx)
                 rr.facts["fingerprints"]["reference_files"] = proof.fingerprints
         rr.facts["fingerprint_seconds"] = round(time.perf_counter() - t0, 3)
-        return ok & self.check_manifest()
-
-    def check_manifest(self) -> bool:
-        """Init writes what the reference is; a resume re-verifies the reference against that, not the policy."""
-        cfg, rr, s = self.cfg, self.rr, self.state
-        tok_key = tokenizer_key(s.tok)
-        if cfg.train.resume_from:
-            saved = manifest.read_manifest(cfg.train.output_dir)
-            diffs = manifest.compare(saved, s.fp_reference, tok_key)
-            ok = rr.add("reference == init manifest", not diffs,
-                        f"{len(s.fp_reference)} tensors and the tokenizer as at init" if not diffs else
-                        f"{len(diffs)} differ, first: {diffs[0]}",
-                        f"the reference is not the one this run started with (first difference: "
-                        f"{diffs[0] if diffs else ''}): resume with the original model.path/reference.path")
-            s.lineage = saved.get("lineage")  # new checkpoints of the resumed run carry the same identity
-            problems = lineage.check_checkpoint(cfg.train.resume_from, s.lineage, s.fp_policy)
-            return ok & rr.add("resume checkpoint belongs to this run", not problems,
-                               f"{lineage.MARKER} names this run (run id {s.lineage['run_id'][:12]})"
-                               if not problems else problems[0], problems[0] if problems else "")
-        s.lineage = lineage.new_identity(s.fp_reference, s.fp_policy, self.ctx.run_id)
-        if self.ctx.is_main:
-            path = manifest.write_manifest(cfg.train.output_dir, checkpoint=str(s.ref_path),
-                                           placement=cfg.reference.placement, tokenizer=tok_key,
-                                           fingerprints=s.fp_reference, config=to_dict(cfg),
-                                           lineage=s.lineage, run_id=self.ctx.run_id)
-            rr.facts["manifest"] = str(path)
-        return True
+        return ok & check_manifest(self)
 
     def prove_forward(self) -> bool:
         """Generation smoke test, perplexity, and the initial KL, with every rank in step, before the trainer exists.
