@@ -27,11 +27,11 @@ def prepare(config: str | Path | RunConfig | None = None, overrides: list[tuple[
     cfg = config if isinstance(config, RunConfig) else load(config, overrides)
     ctx = join(cfg)
     if ctx.roles is not None and ctx.roles.role == REFERENCE:  # serves until every policy rank is done; never returns
-        from dpo_dist.reference.ranks import serve
+        from dpo_dist.reference.rank_server import serve
 
         raise SystemExit(serve(cfg, ctx, ctx.roles))
     result = InitRun(cfg, ctx, keep_serving=True).run()
-    remote = result.state.get("remote")
+    remote = result.state.remote
     if remote is not None:  # the reference ranks serve this process's training; they stop when it exits
         import atexit
 

@@ -213,6 +213,17 @@ def test_trainer_prepare_inputs_hook():
     assert "self._prepare_inputs(inputs)" in flat_source(Trainer.training_step)
 
 
+def test_dpo_trainer_wraps_with_its_module_level_get_peft_model():
+    """compat.trl.peft_wrap_returns patches trl.trainer.dpo_trainer.get_peft_model: TRL must still call that name."""
+    import inspect
+
+    import trl.trainer.dpo_trainer as dpo_module
+
+    assert hasattr(dpo_module, "get_peft_model")
+    assert "get_peft_model(" in inspect.getsource(dpo_module.DPOTrainer.__init__), \
+        "TRL's DPOTrainer no longer wraps with get_peft_model in __init__: re-check compat.trl.peft_wrap_returns"
+
+
 def test_metrics_store():
     from trl import DPOTrainer
 
@@ -280,9 +291,6 @@ ALLOWED = {
         "compat.trl.check_trl_hooks pins it",
     ("dpo_dist.reference.trainers", "_prepare_inputs"):
         "overrides transformers' Trainer hook to keep precomputed log-probs fp32; test_trainer_prepare_inputs pins it",
-    ("dpo_dist.reference.placements", "get_peft_model"):
-        "trl_wraps_into patches TRL's module-level get_peft_model; the lead moves it into compat/ (issue 15): then "
-        "drop this entry",
 }
 
 

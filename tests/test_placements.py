@@ -119,12 +119,6 @@ def test_zero3_placement_with_zero2_policy_can_be_refused(tmp_path):
     assert not row["ok"] and row["failed_ranks"] == [0, 1] and "ZeRO-3" in row["hint"]
 
 
-def test_trl_private_hooks_we_override_still_exist():
-    from dpo_dist.reference.trainers import check_trl_hooks
-
-    assert check_trl_hooks() == []
-
-
 @pytest.mark.parametrize("name,world,k", [("ranks-online", 3, 1), ("ranks-precompute", 4, 2)])
 def test_reference_ranks_pass_every_check_with_no_reference_weights_on_policy_ranks(runs, name, world, k):
     rep = runs[name].report

@@ -10,7 +10,7 @@ import torch
 
 from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 from dpo_dist.config.schema import from_dict
-from dpo_dist.reference.ranks import Server, group_requests, load_reference
+from dpo_dist.reference.rank_server import Server, group_requests, load_reference
 from dpo_dist.runtime.distributed import DistContext
 from dpo_dist.runtime.roles import REFERENCE, Roles
 

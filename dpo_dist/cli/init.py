@@ -98,7 +98,7 @@ def _init_owned(args: argparse.Namespace, cfg, cluster_args) -> int:
             print(f"dpo-dist: {e}", file=sys.stderr)
             return 2
         if ctx.roles is not None and ctx.roles.role == REFERENCE:
-            from dpo_dist.reference.ranks import serve
+            from dpo_dist.reference.rank_server import serve
 
             try:
                 return serve(cfg, ctx, ctx.roles, debug=args.debug)

@@ -78,3 +78,34 @@ def tokenize(tok, text, **chat_template_kwargs) -> dict:
     from trl.data_utils import _tokenize
 
     return _tokenize(tok, text, **chat_template_kwargs)
+
+
+@contextlib.contextmanager
+def peft_wrap_returns(peft_model, kwargs: dict):
+    """While DPOTrainer(model=base, peft_config=...) is built, its get_peft_model(base, peft_config) returns the
+    PeftModel that wrap_lora already made from that base (checked: same base, config and arguments), so TRL takes its
+    new-adapter path (reference = the base with adapters disabled, ref_model None) without wrapping twice.
+
+    Passing the PeftModel itself (peft_config=None) is not the same in trl 1.16: it then treats the adapter as a
+    pretrained one and adds a frozen copy of it, adapter "ref", as the reference, copied from the adapter's tensors,
+    which the forward proofs' ZeRO-3 engine has partitioned by then (RuntimeError: size ... must match ... 0).
+
+    Relies on: trl.trainer.dpo_trainer calling its module-level `get_peft_model` (patched here for the duration).
+    Can go when DPOTrainer accepts an already-wrapped new adapter as the policy with the base as reference."""
+    import trl.trainer.dpo_trainer as dpo_module
+
+    original, calls = dpo_module.get_peft_model, []
+
+    def reuse(model, peft_config, **got):
+        calls.append(got)
+        if model is not peft_model.get_base_model() or peft_config is not peft_model.peft_config["default"] or \
+                got != kwargs:
+            raise ValueError(f"TRL wraps the policy with PEFT differently from dpo-dist ({type(model).__name__}, "
+                             f"arguments {got} vs {kwargs}): report this as a dpo-dist bug")
+        return peft_model
+
+    dpo_module.get_peft_model = reuse
+    try:
+        yield calls
+    finally:
+        dpo_module.get_peft_model = original

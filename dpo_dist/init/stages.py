@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_dist.config.names import Placement
 from dpo_dist.config.resources import (
     batch_mismatch,
     launch_stage_conflict,
@@ -24,16 +23,20 @@ from dpo_dist.config.resources import (
     zero_stage,
 )
 from dpo_dist.config.schema import RunConfig, to_dict
+from dpo_dist.data.keys import tokenizer_key
 from dpo_dist.data.prepare import DataError, prepare
+from dpo_dist.init import loader_choice
+from dpo_dist.init.manifest_check import check_manifest
 from dpo_dist.init.preflight import check_checkpoint
+from dpo_dist.init.state import InitState
 from dpo_dist.load import models
 from dpo_dist.load.checkpoint import CheckpointError
-from dpo_dist.reference import placements
+from dpo_dist.reference.registry import strategy_for
 from dpo_dist.runtime import liveness
 from dpo_dist.runtime.distributed import DistContext
 from dpo_dist.runtime.faults import inject_fault
 from dpo_dist.train.trainer import LossRecorder, build_dpo_config
-from dpo_dist.verify import lineage, manifest, model_checks, probes, tolerances, weight_checks, weights
+from dpo_dist.verify import lineage, model_checks, probes, tolerances, weight_checks, weights
 from dpo_dist.verify.report import RankReport, build_report, render_table, write_json_atomic
 
 KNOWN_ERRORS = (CheckpointError, DataError, FileNotFoundError, ValueError, OSError)
@@ -46,7 +49,7 @@ COLLECTIVE_STAGES = ("load", "static proofs", "forward proofs", "trainer", "smok
 class InitResult:
     report: dict[str, Any]
     trainer: Any = None
-    state: dict[str, Any] = field(default_factory=dict)
+    state: InitState = field(default_factory=InitState)
 
     @property
     def passed(self) -> bool:
@@ -61,11 +64,17 @@ class InitRun:
         training (dpo_dist.api.prepare); `dpo-dist init` ends them with the verdict."""
         self.cfg, self.ctx, self.debug, self.keep_serving = cfg, ctx, debug, keep_serving
         self.rr = RankReport(ctx.rank)
-        self.s: dict[str, Any] = {}  # what the stages hand each other
+        self.state = InitState()  # what the stages hand each other
+        self.placement = strategy_for(cfg.reference.placement)  # every placement-specific step is asked of it
         if ctx.roles is not None:  # placement ranks: this policy rank's line to its reference rank, from the start
-            from dpo_dist.reference.ranks import RemoteReference
+            from dpo_dist.reference.rank_server import RemoteReference
 
-            self.s["remote"] = RemoteReference(ctx.roles, ctx.device)
+            self.state.remote = RemoteReference(ctx.roles, ctx.device)
+
+    @property
+    def s(self) -> InitState:
+        """The stage state under its former name (tests/test_loader_choice.py sets fields with `run.s.update`)."""
+        return self.state
 
     # -- stages -------------------------------------------------------------------------------------------------
     def setup(self) -> bool:
@@ -78,19 +87,16 @@ class InitRun:
         if conflict:
             return self.rr.add("sharding matches launch", False, conflict, conflict)
         placement = cfg.reference.placement
-        if placement == Placement.ZERO3 and stage != 3 and cfg.reference.on_zero2 == "refuse":
-            return self.rr.add("sharding fits placement", False, f"policy ZeRO-{stage}, reference zero3",
-                               "reference.placement zero3 shards the reference only with a ZeRO-3 policy: use "
-                               "--sharding zero3, or set reference.on_zero2: replica")
+        self.state.update(ds_label=label, ds=ds, stage=stage)
+        if not self.placement.check_setup(self):
+            return False
         bad_batch = batch_mismatch(ds, cfg, self.ctx.world_size)
         if bad_batch:
             return self.rr.add("batch sizes consistent", False, bad_batch, bad_batch)
         set_seed(cfg.train.seed)
-        smoke = cfg.verify.smoke_steps
-        if placement == placements.LORA and smoke == 1:
-            smoke = 2  # LoRA's B starts at zero, so A gets no gradient until the second step
-        self.s.update(ds_label=label, ds=ds, stage=stage, smoke_steps=smoke)
-        self.s["args"] = build_dpo_config(cfg, ds, smoke, precompute=placement in placements.USES_TRL_PRECOMPUTE)
+        smoke = self.placement.smoke_steps(cfg.verify.smoke_steps)
+        self.state.smoke_steps = smoke
+        self.state.args = build_dpo_config(cfg, ds, smoke, precompute=self.placement.trl_precompute)
         self.rr.facts.update(sharding=label, zero_stage=stage, placement=placement, world_size=self.ctx.world_size,
                              output_dir=str(Path(cfg.train.output_dir)), smoke_steps=smoke,
                              rank_run_id=self.ctx.run_id)
@@ -114,14 +120,15 @@ class InitRun:
             diffs = model_checks.same_tokenizer(tok, models.load_tokenizer(ref_path, cfg.model.trust_remote_code))
             ok &= rr.add("reference tokenizer equal", not diffs, "; ".join(diffs) or "identical",
                          "the reference checkpoint has another tokenizer: use the policy's SFT checkpoint")
-        self.s.update(pol_path=pol_path, ref_path=ref_path, tok=tok)
+        self.state.update(pol_path=pol_path, ref_path=ref_path, tok=tok)
         return ok
 
     def load(self) -> bool:
         from dpo_dist.load import fastload
 
         cfg, ctx, rr = self.cfg, self.ctx, self.rr
-        pol_path, ref_path = self.s["pol_path"], self.s["ref_path"]
+        s = self.state
+        pol_path, ref_path = s.pol_path, s.ref_path
         t0 = time.perf_counter()
         if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # the user's own setting wins
             # glibc: large freed blocks (gathered ZeRO-3 layers, logits, read buffers) go back to the OS instead of
@@ -130,157 +137,67 @@ class InitRun:
         try:  # every loader decision first, the same on every rank, before anything is allocated
             pol_plan = self.fast_plan(pol_path)
             ref_plan = None
-            if cfg.reference.placement in (placements.ZERO3, placements.PRECOMPUTED):  # loaded by load_causal_lm
+            if self.placement.loads_like_policy:  # loaded by load_causal_lm
                 ref_plan = pol_plan if ref_path == pol_path else self.fast_plan(ref_path, "reference_loader")
         except ValueError as e:  # model.loader: fast, and it cannot be used
             return rr.add("model loader", False, str(e), str(e))
-        self.s["ref_plan"] = ref_plan
+        s.ref_plan = ref_plan
         how = "fast partitioned loader" if pol_plan is not None else "from_pretrained"
-        ctx.print0(f"[dpo-dist] loading policy from {pol_path} (ZeRO-{self.s['stage']}, {how}) ...")
+        ctx.print0(f"[dpo-dist] loading policy from {pol_path} (ZeRO-{s.stage}, {how}) ...")
         policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
                                        plan=pol_plan)
         policy.train()
-        self.s["policy"] = policy
+        s.policy = policy
         ctx.print0(f"[dpo-dist] loading reference ({cfg.reference.placement}) from {ref_path} ...")
-        self.s["reference"] = placements.load_reference(self)
+        s.reference = self.placement.load(self)
         rr.facts["load_seconds"] = round(time.perf_counter() - t0, 3)
         rr.facts[f"rank_{ctx.rank}_policy_bytes"] = weights.local_bytes(policy, ctx)
-        rr.facts[f"rank_{ctx.rank}_reference_bytes"] = placements.reference_bytes(self)
+        rr.facts[f"rank_{ctx.rank}_reference_bytes"] = self.placement.reference_bytes(self)
         rr.facts[f"rank_{ctx.rank}_memory_kb"] = models.shared_memory_kb()
         rr.facts["partitioned"] = probes.is_partitioned(policy)
         return rr.add("models loaded", True, f"{sum(1 for _ in policy.parameters())} tensors, "
                       f"{rr.facts['load_seconds']} s, {how}")
 
     def fast_plan(self, path: Path, fact: str = "loader"):
-        """The dpo_dist.load.fastload plan for the checkpoint at `path`, or None for transformers' from_pretrained,
-        decided
-        the same on every rank (an all-reduced flag); records the choice and why in facts[fact] and facts[fact +
-        "_reason"]. model.loader fast raises ValueError (one line: what blocked it, and the fix) where auto falls
-        back with a warning."""
-        from dpo_dist.load import fastload
-
-        cfg, rr = self.cfg, self.rr
-        choice, stage, plan = cfg.model.loader, self.s["stage"], None
-        if choice == "transformers":
-            why = "model.loader: transformers"
-        elif stage != 3:
-            why = f"ZeRO-{stage}: the fast loader fills ZeRO-3 partitions only"
-        else:
-            zero = self.s["ds"].get("zero_optimization") or {}
-            offload = str((zero.get("offload_param") or {}).get("device", "none")).lower()
-            quantized = zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights")
-            why = ""
-            if offload == "nvme" or quantized is True:
-                why = "parameters offloaded to NVMe" if offload == "nvme" else "ZeRO quantized weights"
-            else:
-                try:
-                    plan = fastload.plan_load(path, cfg.model.dtype, cfg.model.trust_remote_code)
-                except fastload.FastLoadRefused as e:
-                    why = " ".join(str(e).split())
-            if not self.ctx.all_ok(plan is not None):
-                plan, why = None, why or "refused on another rank"
-        if plan is not None:
-            rr.facts.update({fact: "fast", fact + "_reason": "dpo_dist.load.fastload: each rank reads its own "
-                             "partitions' "
-                             "bytes from the files"})
-            return plan
-        if choice == "fast":
-            raise ValueError(f"model.loader is fast but the fast loader cannot load {path}: {why}. Fix: set "
-                             "model.loader: transformers (or auto) to load with from_pretrained")
-        if choice == "auto" and stage == 3:
-            self.ctx.warn(f"fast loader not used for {path} ({why}): loading with transformers' from_pretrained")
-        rr.facts.update({fact: "transformers", fact + "_reason": why})
-        return None
+        """The fast loader's plan for `path`, or None for from_pretrained (dpo_dist.init.loader_choice)."""
+        return loader_choice.fast_plan(self, path, fact)
 
     def prove_static(self) -> bool:
         """Roles, configs, and bitwise weights equality (policy vs reference vs files)."""
-        ctx, rr, pol, ref = self.ctx, self.rr, self.s["policy"], self.s["reference"]
+        ctx, rr, s = self.ctx, self.rr, self.state
         ctx.print0("[dpo-dist] fingerprinting weights (each rank its own shard) ...")
         t0 = time.perf_counter()
         nonfinite: dict[str, int] = {}
-        fp_pol = weights.model_fingerprints(pol, ctx, "fingerprint policy", nonfinite)
-        self.s["fp_policy"] = fp_pol
+        fp_pol = weights.model_fingerprints(s.policy, ctx, "fingerprint policy", nonfinite)
+        s.fp_policy = fp_pol
         rr.facts["fingerprints"] = {"policy": fp_pol}
         ok = weight_checks.check_finite(rr, nonfinite, "policy")
-        if self.cfg.reference.placement == placements.RANKS:
-            from dpo_dist.reference.ranks import static_checks
-
-            ok, fp_ref = static_checks(self, fp_pol)
-            self.s["fp_reference"] = rr.facts["fingerprints"]["reference"] = fp_ref
-        elif ref is not None:
-            ok &= model_checks.check_roles(pol, ref, rr)
-            diffs = model_checks.config_differences(pol.config.to_dict(), ref.config.to_dict())
-            ok &= rr.add("configs equal", not diffs, "; ".join(diffs[:5]) or "identical",
-                         "policy and reference configs differ: load both from the same SFT checkpoint")
-            fp_ref = weights.model_fingerprints(ref, ctx, "fingerprint reference")
-            bad = weights.compare(fp_pol, fp_ref)
-            gap = weights.max_abs_diff(pol, ref, bad[0], ctx) if bad else 0.0
-            ok &= rr.add("weights: policy == reference", not bad,
-                         f"{len(fp_pol)} tensors bitwise equal" if not bad else
-                         f"{len(bad)} differ, first: {bad[0]} (max abs diff {gap:.3g})",
-                         "policy and reference weights differ: re-initialize both from the same checkpoint "
-                         f"(first differing tensor: {bad[0] if bad else ''})")
-            self.s["fp_reference"] = rr.facts["fingerprints"]["reference"] = fp_ref
-        else:  # lora: the reference is the policy's own base, checked again once PEFT has wrapped it
-            ok &= rr.add("policy trainable", any(p.requires_grad for p in pol.parameters()), "trainable",
-                         "the policy has no trainable parameter")
-            self.s["fp_reference"] = fp_pol
+        placed_ok, s.fp_reference = self.placement.static_checks(self, fp_pol)
+        ok &= placed_ok
+        if not self.placement.is_policy_base:  # a reference of its own (lora's is the policy's base)
+            rr.facts["fingerprints"]["reference"] = s.fp_reference
         if self.cfg.verify.fingerprint_files:
-            ok &= weight_checks.prove_files(rr, ctx, self.s["pol_path"], pol, fp_pol)
-            if self.s["ref_path"] != self.s["pol_path"] and ref is not None:
-                proof = weights.file_proof(self.s["ref_path"], ref, ctx)
+            ok &= weight_checks.prove_files(rr, ctx, s.pol_path, s.policy, fp_pol)
+            if s.ref_path != s.pol_path and s.reference is not None:
+                proof = weights.file_proof(s.ref_path, s.reference, ctx)
                 rr.facts["fingerprints"]["reference_files"] = proof.fingerprints
         rr.facts["fingerprint_seconds"] = round(time.perf_counter() - t0, 3)
-        return ok & self.check_manifest()
-
-    def check_manifest(self) -> bool:
-        """Init writes what the reference is; a resume re-verifies the reference against that, not the policy."""
-        cfg, rr = self.cfg, self.rr
-        tok_key = placements.tokenizer_key(self.s["tok"])
-        if cfg.train.resume_from:
-            saved = manifest.read_manifest(cfg.train.output_dir)
-            diffs = manifest.compare(saved, self.s["fp_reference"], tok_key)
-            ok = rr.add("reference == init manifest", not diffs,
-                        f"{len(self.s['fp_reference'])} tensors and the tokenizer as at init" if not diffs else
-                        f"{len(diffs)} differ, first: {diffs[0]}",
-                        f"the reference is not the one this run started with (first difference: "
-                        f"{diffs[0] if diffs else ''}): resume with the original model.path/reference.path")
-            self.s["lineage"] = saved.get("lineage")  # new checkpoints of the resumed run carry the same identity
-            problems = lineage.check_checkpoint(cfg.train.resume_from, self.s["lineage"], self.s["fp_policy"])
-            return ok & rr.add("resume checkpoint belongs to this run", not problems,
-                               f"{lineage.MARKER} names this run (run id {self.s['lineage']['run_id'][:12]})"
-                               if not problems else problems[0], problems[0] if problems else "")
-        self.s["lineage"] = lineage.new_identity(self.s["fp_reference"], self.s["fp_policy"], self.ctx.run_id)
-        if self.ctx.is_main:
-            path = manifest.write_manifest(cfg.train.output_dir, checkpoint=str(self.s["ref_path"]),
-                                           placement=cfg.reference.placement, tokenizer=tok_key,
-                                           fingerprints=self.s["fp_reference"], config=to_dict(cfg),
-                                           lineage=self.s["lineage"], run_id=self.ctx.run_id)
-            rr.facts["manifest"] = str(path)
-        return True
+        return ok & check_manifest(self)
 
     def prove_forward(self) -> bool:
         """Generation smoke test, perplexity, and the initial KL, with every rank in step, before the trainer exists.
         For lora the policy is wrapped with PEFT first: the reference is that PeftModel with its adapters off, and
         the trainer is handed the same PeftModel."""
-        cfg, ctx, rr, tok = self.cfg, self.ctx, self.rr, self.s["tok"]
-        lora = cfg.reference.placement == placements.LORA
-        if lora and "peft_policy" not in self.s:
-            self.s["peft_policy"] = placements.wrap_lora(self)
-        pol = self.s["peft_policy"] if lora else self.s["policy"]
-        ref = self.s["reference"]
-        ds = self.s["args"].hf_deepspeed_config.config
+        cfg, ctx, rr, tok = self.cfg, self.ctx, self.rr, self.state.tok
+        pol = self.placement.forward_policy(self)
+        ref = self.state.reference
+        ds = self.state.args.hf_deepspeed_config.config
         synced = probes.is_partitioned(pol) and ctx.distributed
         pol.eval()
         try:
             with contextlib.ExitStack() as stack:
                 p = stack.enter_context(probes.forward_ready(pol, ds, ctx))
-                if lora:
-                    r = probes.AdaptersOff(p)
-                elif cfg.reference.placement == placements.RANKS:
-                    r = self.s["remote"]  # the reference ranks answer with their logits
-                else:
-                    r = stack.enter_context(probes.forward_ready(ref, ds, ctx))
+                r = self.placement.forward_reference(self, stack, p, ds)
                 if cfg.verify.generation:
                     ctx.print0("[dpo-dist] generation smoke test ...")
                     texts = probes.generation_check(p, tok, list(cfg.verify.prompts), cfg.verify.max_new_tokens,
@@ -300,23 +217,23 @@ class InitRun:
             pol.train()
         rr.facts["initial_kl"] = kl
         rr.facts["initial_kl_policy_self"] = self_kl
-        return tolerances.kl_row(self, kl, self_kl, cross, pol, ref, lora)
+        return tolerances.kl_row(self, kl, self_kl, cross, pol, ref, self.placement.is_policy_base)
 
     def cross_device(self) -> bool:
-        """cpu placement on an accelerator: the reference's forwards run on other hardware than the policy's."""
-        return self.cfg.reference.placement == placements.CPU and self.ctx.device.type != "cpu"
+        """The reference's forwards run on other hardware than the policy's (cpu placement on an accelerator)."""
+        return self.placement.cross_device(self.ctx)
 
     def data(self) -> bool:
         """Every row validated (preflight did too; the API comes straight here), standard prompts cut, and the
         chat-template checks on sampled rows rendered as TRL will render them. Needs only the tokenizer."""
         from dpo_dist.data import chat_template
 
-        cfg, rr, tok, data = self.cfg, self.rr, self.s["tok"], self.cfg.data
+        cfg, rr, tok, data = self.cfg, self.rr, self.state.tok, self.cfg.data
         first = self.ctx.local_rank == 0
         train = prepare(data.train, "train", data.train_split, tok, cfg.train.max_prompt_length, first)
         evald = prepare(data.eval, "eval", data.eval_split, tok, cfg.train.max_prompt_length, first) \
             if data.eval else None
-        self.s["data"] = {"train": train, "eval": evald}
+        self.state.data = {"train": train, "eval": evald}
         cut = train.truncated_prompts + (evald.truncated_prompts if evald else 0)
         rr.add("datasets valid", True, f"train {train.rows} rows ({train.fmt.describe()})"
                + (f", eval {evald.rows} ({evald.fmt.describe()})" if evald else "")
@@ -325,14 +242,14 @@ class InitRun:
         rr.facts["truncated_prompts"] = cut
         rr.facts["identical_pairs"] = train.identical_pairs
         rr.facts["data_format"] = {"train": train.fmt.describe(), "eval": evald.fmt.describe() if evald else None}
-        return chat_template.check(rr, tok, self.s["data"], cfg)
+        return chat_template.check(rr, tok, self.state.data, cfg)
 
     def build(self) -> bool:
         from dpo_dist.data import chat_template
 
-        cfg, rr, ctx = self.cfg, self.rr, self.ctx
-        train = self.s["data"]["train"]
-        args = self.s["args"]
+        cfg, rr, ctx, s = self.cfg, self.rr, self.ctx, self.state
+        train = s.data["train"]
+        args = s.args
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * ctx.world_size
         if train.rows < global_batch:
             return rr.add("train data fills one global batch", False, f"{train.rows} rows < global batch "
@@ -340,26 +257,22 @@ class InitRun:
                           f"gradient_accumulation_steps x world size = {args.per_device_train_batch_size} x "
                           f"{args.gradient_accumulation_steps} x {ctx.world_size}: lower them or add data")
         ctx.print0("[dpo-dist] building DPOTrainer ...")
-        evald = self.s["data"]["eval"]
+        evald = s.data["eval"]
         datasets = {"train": train.dataset, "eval": evald.dataset if evald else None}
-        # placements that copy the data to their own cache dir first (disk_dataset) tokenize there, inside TRL
-        once = cfg.reference.placement != placements.PRECOMPUTED and not (
-            cfg.reference.placement == placements.RANKS and cfg.reference.serve == "precompute")
         pre = {}
-        if once:
+        if self.placement.tokenize_before_trainer(cfg):
             from dpo_dist.data.tokenize_once import tokenize_once
 
-            pre = tokenize_once(datasets, self.s["tok"], self.s["args"], placements.tokenizer_key(self.s["tok"]),
-                                ctx.local_rank == 0, ctx.print0)
-        trainer = placements.build_trainer(self, datasets["train"], datasets["eval"])
-        self.s["trainer"] = trainer
+            pre = tokenize_once(datasets, s.tok, s.args, tokenizer_key(s.tok), ctx.local_rank == 0, ctx.print0)
+        trainer = self.placement.build_trainer(self, datasets["train"], datasets["eval"])
+        s.trainer = trainer
         if pre.get("train"):  # the trainer's tokenized rows are the files tokenized before it existed
             reused = trainer.train_dataset.cache_files[:1] == [{"filename": pre["train"]}]
             rr.facts["tokenized_once"] = rr.facts[f"rank_{ctx.rank}_tokenized_once"] = reused
             if not reused:
                 ctx.warn("TRL tokenized the train dataset again inside the trainer (its cache fingerprint differs "
                          "from dpo-dist's pre-run): correct, but the other ranks waited in TRL's barrier")
-        ok_rows = chat_template.check_tokenized(rr, trainer, self.s["data"], cfg)
+        ok_rows = chat_template.check_tokenized(rr, trainer, s.data, cfg)
         args = trainer.args
         rr.facts["global_batch"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
             ctx.world_size
@@ -374,25 +287,25 @@ class InitRun:
                    f"K={roles.reference_ranks} reference rank(s) do not train)",
                    "the trainer counted reference ranks in its world: report this as a dpo-dist bug")
         self.attach_kl_monitor(trainer)
-        nbytes = placements.reference_bytes(self)  # measured once; check_trainer reads it from the facts
+        nbytes = self.placement.reference_bytes(self)  # measured once; check_trainer reads it from the facts
         rr.facts[f"rank_{ctx.rank}_reference_bytes_training"] = nbytes
-        ok = placements.check_trainer(self, trainer) & ok_rows
-        placements.check_reference_report(rr, cfg.reference.placement, nbytes, rr.facts)
+        ok = self.placement.check_trainer(self, trainer) & ok_rows
+        self.placement.report_row(rr, nbytes)
         return ok
 
     def attach_kl_monitor(self, trainer) -> None:
         from dpo_dist.train.kl_monitor import attach
 
-        self.s["kl_monitor"] = attach(trainer, self.cfg, self.ctx, self.rr, self.s["tok"],
-                                      lambda prompts: placements.kl_reference(self, trainer, prompts))
-        lineage.attach(trainer, self.s.get("lineage"), self.ctx)  # checkpoints carry this run's identity
+        self.state.kl_monitor = attach(trainer, self.cfg, self.ctx, self.rr, self.state.tok,
+                                       lambda prompts: self.placement.kl_reference(self, trainer))
+        lineage.attach(trainer, self.state.lineage, self.ctx)  # checkpoints carry this run's identity
 
     def smoke(self) -> bool:
-        n = self.s["smoke_steps"]
+        n = self.state.smoke_steps
         if n <= 0:
             return True
-        ctx, rr, trainer = self.ctx, self.rr, self.s["trainer"]
-        ref_module = placements.smoke_reference(self, trainer)
+        ctx, rr, trainer = self.ctx, self.rr, self.state.trainer
+        ref_module = self.placement.smoke_reference(self, trainer)
         ref_before = weights.model_fingerprints(ref_module, ctx) if ref_module is not None else None
         model = trainer.model
         trainable = {nm for nm, p in model.named_parameters() if p.requires_grad}
@@ -400,7 +313,7 @@ class InitRun:
         rec = LossRecorder()
         trainer.add_callback(rec)
         ctx.print0(f"[dpo-dist] {n} smoke training step(s) ...")
-        remote = self.s.get("remote")
+        remote = self.state.remote
         waited = remote.wait_s if remote is not None else 0.0
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=self.cfg.train.resume_from)
@@ -409,7 +322,7 @@ class InitRun:
             rr.facts[f"rank_{ctx.rank}_reference_wait_seconds"] = round(remote.wait_s - waited, 3)
         losses = rec.losses
         rr.facts["kl_logged"] = rec.kl_logged
-        monitor = self.s.get("kl_monitor")
+        monitor = self.state.kl_monitor
         if monitor is not None:
             rr.facts["kl_history"] = monitor.history
             rr.facts["kl_warnings"] = monitor.warnings
@@ -428,18 +341,14 @@ class InitRun:
                      "step(s)" if not still else f"{len(still)} unchanged, e.g. {still[0]}",
                      "some trainable tensors did not change after a step: check the optimizer covers all parameters")
         if ref_module is not None:
-            moved = weights.compare(ref_before, weights.model_fingerprints(ref_module, ctx))
-            ok &= rr.add("no reference parameter moved", not moved, f"{len(ref_before)} reference tensors unchanged"
-                         if not moved else f"{len(moved)} changed, e.g. {moved[0]}",
-                         "the reference changed during training: it must be frozen and outside the optimizer",
-                         0.0, tolerances.BITWISE_FINGERPRINTS)
+            ok &= model_checks.reference_unmoved(ref_before, weights.model_fingerprints(ref_module, ctx), rr)
         return ok
 
     # -- driver -------------------------------------------------------------------------------------------------
     def attempt(self, name: str, fn) -> bool:
         try:
             liveness.mark(name)
-            inject_fault(name, self.ctx.rank, self.s)
+            inject_fault(name, self.ctx.rank, self.state)
             return bool(fn())
         except Exception as e:
             if self.debug:
@@ -482,13 +391,13 @@ class InitRun:
             if not agreed:
                 self.ctx.print0(f"[dpo-dist] stopping after stage '{name}': a check failed on some rank")
                 break
-        remote = self.s.get("remote")
+        remote = self.state.remote
         served = remote.reports(self.ctx) if remote is not None else []  # reference ranks' rows (placement ranks)
         reports = self.ctx.gather_objects(self.rr) + served
         rep = build_report(reports, to_dict(self.cfg))
         if remote is not None and not self.keep_serving:
             remote.close(rep["passed"])
-        return InitResult(rep, self.s.get("trainer"), self.s)
+        return InitResult(rep, self.state.trainer, self.state)
 
 
 def finish(result: InitResult, ctx: DistContext, output_dir: str) -> int:

@@ -12,13 +12,13 @@ import time
 FAULT_ENV = "DPO_DIST_TEST_FAULT"
 
 
-def inject_fault(stage: str, rank: int, state: dict) -> None:
+def inject_fault(stage: str, rank: int, state=None) -> None:
     """Test hook: DPO_DIST_TEST_FAULT="<stage>:<rank>[:mode]" acts on that rank at the start of that stage.
     Modes: raise (default: an error the stage reports), exit (the process dies at once, as a crashed or killed rank
     would), hang (alive but silent), stop (SIGSTOP: the whole process frozen, as on a hung node), perturb (this
     rank's copy of one reference weight changes, as a bad copy would), ulp (that weight's first element one
     floating-point step off), fp32 (the reference cast to float32), train_ref (the reference goes back to train mode,
-    dropout active)."""
+    dropout active). `state`: the init stages' InitState (the last four modes act on its reference)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
@@ -37,7 +37,7 @@ def inject_fault(stage: str, rank: int, state: dict) -> None:
         print(f"[dpo-dist] rank {rank}: injected hang at stage '{stage}'", file=sys.stderr, flush=True)
         time.sleep(3600)
     if mode == "perturb":
-        name, p = list(state["reference"].named_parameters())[-2]
+        name, p = list(state.reference.named_parameters())[-2]
         local = getattr(p, "ds_tensor", p).data.view(-1)
         if local.numel():
             local[0] += 1.0
@@ -46,7 +46,7 @@ def inject_fault(stage: str, rank: int, state: dict) -> None:
     if mode == "ulp":  # one element of that weight one floating-point step off: the subtlest bad copy
         import torch
 
-        name, p = list(state["reference"].named_parameters())[-2]
+        name, p = list(state.reference.named_parameters())[-2]
         ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
         for t in {id(x): x for x in (p.data, getattr(p, "ds_tensor", p))}.values():  # a ZeRO-3 persistent
             if t.numel():  # parameter's forward copy and its shard both
@@ -54,9 +54,9 @@ def inject_fault(stage: str, rank: int, state: dict) -> None:
         print(f"[dpo-dist] rank {rank}: injected one-ulp change of {name}", file=sys.stderr, flush=True)
         return
     if mode == "fp32":  # the reference runs in another dtype (an unsharded reference: cpu placement)
-        state["reference"].float()
+        state.reference.float()
         return
     if mode == "train_ref":
-        state["reference"].train()
+        state.reference.train()
         return
     raise RuntimeError(f"injected fault at stage '{stage}' on rank {rank}")

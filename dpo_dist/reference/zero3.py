@@ -1,0 +1,56 @@
+"""reference.placement zero3: the reference sharded like the policy, wrapped by TRL as a ZeRO inference engine
+(TRL's prepare_deepspeed)."""
+
+from __future__ import annotations
+
+import contextlib
+
+from dpo_dist.config.names import Placement
+from dpo_dist.load import models
+from dpo_dist.reference.base import ReferencePlacement
+from dpo_dist.verify import model_checks
+
+
+class Zero3Placement(ReferencePlacement):
+    name = Placement.ZERO3
+    loads_like_policy = True
+
+    def check_setup(self, run) -> bool:
+        cfg, stage = run.cfg, run.state.stage
+        if stage != 3 and cfg.reference.on_zero2 == "refuse":
+            return run.rr.add("sharding fits placement", False, f"policy ZeRO-{stage}, reference zero3",
+                              "reference.placement zero3 shards the reference only with a ZeRO-3 policy: use "
+                              "--sharding zero3, or set reference.on_zero2: replica")
+        return True
+
+    def load(self, run):
+        """The fast partitioned loader when the load stage planned it (the policy's plan for the same checkpoint)."""
+        cfg, s = run.cfg, run.state
+        ref = models.load_causal_lm(s.ref_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
+                                    plan=s.ref_plan)
+        models.freeze(ref)
+        return ref
+
+    def build_trainer(self, run, train_rows, eval_rows):
+        from trl import DPOTrainer
+
+        s = run.state
+        return DPOTrainer(model=s.policy, ref_model=s.reference, train_dataset=train_rows, eval_dataset=eval_rows,
+                          args=s.args, processing_class=s.tok)
+
+    def check_trainer(self, run, trainer) -> bool:
+        from dpo_dist.train.trainer import describe_ref_engine
+
+        rr, s = run.rr, run.state
+        eng = describe_ref_engine(trainer)
+        want_stage = 3 if s.stage == 3 else 0
+        ok = rr.add("trainer reference is a prepared engine",
+                    eng["type"] == "DeepSpeedEngine" and eng["stage"] == want_stage and not eng["optimizer"]
+                    and not eng["training"], f"{eng['type']} stage {eng['stage']}, optimizer {eng['optimizer']}, "
+                    f"training {eng['training']}",
+                    "TRL did not wrap the reference as a DeepSpeed inference engine: launch with accelerate and a "
+                    "DeepSpeed config (launch/zero3.yaml)")
+        return ok & model_checks.check_roles(s.policy, trainer.ref_model.module, rr, prefix="trainer: ")
+
+    def kl_reference(self, run, trainer):
+        return lambda policy: contextlib.nullcontext(trainer.ref_model)
