@@ -117,6 +117,10 @@ def _run_config(args: argparse.Namespace, cfg) -> int:
     cluster_args = ClusterArgs(args.nodes, args.gpus_per_node, args.gpu_mem, args.host_mem)
     if args.dry_run:
         from dpo_dist.plan.refusal import dry_run
+        from dpo_dist.runtime.console import install_warning_filter
+
+        if voice_mode(args) != "verbose":
+            install_warning_filter()
 
         try:
             return dry_run(cfg, cluster_args)

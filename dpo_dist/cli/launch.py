@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         except OSError:  # not writable: init's preflight says so
             pass
     from dpo_dist.cli.relay import relay
+    from dpo_dist.runtime.console import install_warning_filter
+
+    install_warning_filter()
 
     if mode == "verbose":
         print(f"[dpo-dist] {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(argv)}", flush=True)

@@ -202,13 +202,15 @@ def name_logs(world_size: int) -> None:
 
 
 def install_warning_filter() -> None:
-    """Known noise (NOISE_WARNINGS) goes to the log only; every other warning shows as Python would show it."""
+    """Known noise (NOISE_WARNINGS) goes to the log only (nowhere in a process without a rank log: the launcher,
+    `init --dry-run`); every other warning shows as Python would show it."""
     shown = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
         stream = sys.stderr
-        if isinstance(stream, RankStream) and known_warning(str(message), category, filename):
-            stream.log_only(warnings.formatwarning(message, category, filename, lineno, line))
+        if known_warning(str(message), category, filename):  # a launched rank logs it; elsewhere it is dropped
+            if isinstance(stream, RankStream):
+                stream.log_only(warnings.formatwarning(message, category, filename, lineno, line))
             return
         shown(message, category, filename, lineno, file, line)
 
