@@ -154,3 +154,10 @@ def test_dry_run_on_a_login_node_plans_for_the_gpus_it_was_told_about(capsys, mo
     main(["init", "--dry-run", "--nodes", "8"])
     out = capsys.readouterr().out
     assert "assumed: no GPU on this machine and no --gpus-per-node, so 8 node(s) x 1 cpu rank(s)" in out, out
+
+
+def test_rank_0_names_every_rank_a_check_failed_on(tmp_path):
+    """A gate failure: rank 0 writes the record for all (the launcher may stop rank 1 before it writes its own)."""
+    outcome.write_failure(tmp_path, outcome.Failure(0, 1, "tokenizer", "injected fault", "see the log", [1]))
+    assert outcome.summarize(outcome.read_failures(tmp_path)) == (
+        "dpo-dist: tokenizer failed on rank(s) 1: injected fault. Fix: see the log", 1)

@@ -25,6 +25,7 @@ class Failure:
     stage: str
     cause: str
     hint: str
+    ranks: list[int] | None = None  # the ranks it failed on, when the writer knows (rank 0 from the gathered report)
 
 
 def log_dir(output_dir: str | Path) -> Path:
@@ -101,7 +102,7 @@ def summarize(failures: list[Failure]) -> tuple[str, int] | None:
     if not failures:
         return None
     first = failures[0]
-    same = [f.rank for f in failures if (f.stage, f.cause) == (first.stage, first.cause)]
+    same = [r for f in failures if (f.stage, f.cause) == (first.stage, first.cause) for r in (f.ranks or [f.rank])]
     return line(first.stage, same, first.cause, first.hint), first.code
 
 
