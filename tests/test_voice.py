@@ -23,6 +23,7 @@ def test_terminal_policy_per_rank_and_mode():
     assert not console.shows("[dpo-dist] loading policy from x ...", 0, console.DEFAULT)  # the stage line says it
     assert not console.shows("check   result", 1, console.DEFAULT)  # other ranks are silent...
     assert console.shows("dpo-dist: rank 1 failed in stage 'load': boom (ending this rank)", 1, console.DEFAULT)
+    assert console.shows("dpo-dist: rendezvous failed on rank(s) 1: x. Fix: y", 1, console.DEFAULT)
     assert console.shows("anything", 1, console.VERBOSE)
     assert console.shows("[dpo-dist] quality gate PASSED; report: r/report.json", 0, console.QUIET)
     assert console.shows("dpo-dist: data failed on rank(s) 0: x. Fix: y", 0, console.QUIET)

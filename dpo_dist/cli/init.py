@@ -107,7 +107,7 @@ def _record(output_dir: str, rank: int, code: int) -> None:
         from dpo_dist.verify.report import first_failure
 
         stage, ranks, cause, hint = first_failure(_FAILURE["report"])
-        if rank == 0:  # every rank holds the gathered report; rank 0 writes it (the launcher may stop the others)
+        if rank == 0 and stage:  # every rank holds the report; rank 0 writes it (the launcher may stop the others)
             write_failure(output_dir, Failure(rank, code, stage, cause, hint, ranks))
 
 

@@ -59,7 +59,7 @@ _NOISE_LINES = [re.compile(p) for p, _ in NOISE_LINES]
 # "[dpo-dist] loading policy ... ..." announces a stage's work; the stage's line with its duration replaces it
 _ANNOUNCE = re.compile(r"^\[dpo-dist\] .* \.\.\.$")
 _QUIET_KEEP = re.compile(r"^(\[dpo-dist\] quality gate |dpo-dist: )")
-_OTHER_RANK_KEEP = re.compile(r"^dpo-dist: rank \d+")
+_OTHER_RANK_KEEP = re.compile(r"^dpo-dist: (rank \d+|.+ failed on rank\(s\) [\d,]+: )")  # a failure names its rank
 
 
 def known_warning(message: str, category: type[Warning], filename: str) -> Noise | None:
