@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
             init_args.append(flag)
     if "--debug" in init_args or "--verbose" in init_args:
         mode = "verbose"
+    elif "--quiet" in init_args:
+        mode = "quiet"
     spec = LaunchSpec(sharding=args.sharding, num_processes=args.num_processes, num_machines=args.num_machines,
                       machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
                       main_process_port=args.port, cpu=args.cpu, init_args=tuple(init_args))

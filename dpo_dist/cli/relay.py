@@ -28,6 +28,7 @@ class Relay:
     def __init__(self, src: int, dst, summarize: bool):
         self.src, self.dst, self.summarize = src, dst, summarize
         self.held: list[str] = []  # a traceback being held back
+        self.named_logs = False  # rank 0 named the log files already
         self.buf = ""
 
     def run(self) -> None:
@@ -59,6 +60,7 @@ class Relay:
             return
         if TORCHRUN_LOG.match(ln) or known_line(ln) or (self.summarize and RANK_CAUSE.match(ln)):
             return
+        self.named_logs |= ln.startswith("[dpo-dist] logs: ")
         self.dst.write(ln + "\n")
         self.dst.flush()
 
@@ -99,7 +101,7 @@ def relay(argv: list[str], env: dict[str, str], output_dir: Path | None) -> int:
         return rc
     text, code = summary
     logs = outcome.log_paths(output_dir)
-    if logs:
+    if logs and not any(r.named_logs for r in relays):
         print(f"[dpo-dist] logs: {' '.join(logs)}", flush=True)
     print(text, file=sys.stderr, flush=True)
     return code
