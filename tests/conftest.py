@@ -38,8 +38,9 @@ def pytest_collection_modifyitems(config, items):
 @dataclass
 class LaunchResult:
     returncode: int
-    output: str
+    output: str  # what the terminal showed, then every rank's full log (<output_dir>/logs/rank<r>.log)
     report: dict | None
+    terminal: str = ""  # what the terminal showed only
 
 
 def descendants(pid: int) -> list[int]:
@@ -93,7 +94,9 @@ def launch_init(output_dir: Path, *init_args: str, sharding: str = "zero3", npro
     code, out = run_cmd(argv, {"PYTHONUNBUFFERED": "1"}, timeout)
     rep_path = output_dir / "report.json"
     report = json.loads(rep_path.read_text()) if rep_path.exists() else None
-    return LaunchResult(code, out, report)
+    logs = "".join(f"\n==> {p} <==\n{p.read_text(errors='replace')}" for p in
+                   sorted((output_dir / "logs").glob("rank*.log")))
+    return LaunchResult(code, out + logs, report, out)
 
 
 def check_row(report: dict, name: str) -> dict:

@@ -249,7 +249,7 @@ def test_directory_that_is_not_a_dataset(tmp_path, capsys):
 
 def test_empty_data_setting(tmp_path, capsys):
     err = init_fails(tmp_path, capsys, "data.train=")
-    assert "data.train is empty: set it to a data file" in err
+    assert "data.train is empty. Fix: set it to a data file" in err
 
 
 def test_missing_path(tmp_path, capsys):

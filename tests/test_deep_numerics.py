@@ -28,7 +28,7 @@ def assert_named(res, row_name: str, hint_has: str) -> dict:
     row = check_row(res.report, row_name)
     assert not row["ok"] and row["failed_ranks"] == [0, 1], row
     assert hint_has in row["hint"], row
-    assert f"dpo-dist: check '{row_name}' failed on rank(s) 0,1" in res.output
+    assert f"failed on rank(s) 0,1: check '{row_name}'" in res.output
     return row
 
 

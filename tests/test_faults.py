@@ -106,7 +106,7 @@ def _reference_missing(tmp):
 
 
 def _data_missing(tmp):
-    return ["--set", f"data.train={tmp / 'none.jsonl'}"], "does not exist: check data.train"
+    return ["--set", f"data.train={tmp / 'none.jsonl'}"], "does not exist. Fix: check data.train"
 
 
 def _data_empty(tmp):
@@ -260,7 +260,7 @@ def test_tokenizer_larger_than_embeddings_and_ids_out_of_range(tmp_path):
     assert code == 1 and rep["passed"] is False
     assert "514 tokens, 512 embedding rows" in check_row(rep, "tokenizer fits embeddings")["value"]
     assert "<|x1|>=512" in check_row(rep, "special token ids in range")["value"]
-    assert "dpo-dist: check 'tokenizer fits embeddings' failed" in log
+    assert "dpo-dist: tokenizer failed on rank(s) 0: check 'tokenizer fits embeddings'" in log
 
 
 def _drop_special(d: Path, key: str) -> None:
@@ -364,7 +364,7 @@ def test_rank_failing_in_a_local_stage_stops_all_ranks_there_and_is_reported(tmp
     assert row["failed_ranks"] == [1] and "injected fault" in row["value"]
     assert "tokenizer fits embeddings" in [r["check"] for r in res.report["checks"]]  # rank 0 finished the stage
     assert "models loaded" not in [r["check"] for r in res.report["checks"]]  # and no rank went on to loading
-    assert "dpo-dist: check 'tokenizer' failed on rank(s) 1" in res.output
+    assert "dpo-dist: tokenizer failed on rank(s) 1: " in res.output
 
 
 @pytestmark_multi

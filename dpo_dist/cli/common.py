@@ -33,3 +33,17 @@ def overrides(args: argparse.Namespace):
     if getattr(args, "overwrite", False):
         pairs.append((["overwrite"], True))
     return pairs
+
+
+def add_voice_args(p: argparse.ArgumentParser) -> None:
+    """How much reaches the terminal (every rank's full output is in <output_dir>/logs/rank<r>.log either way)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--verbose", action="store_true", help="everything on the terminal: every rank, every warning, "
+                   "third-party logs")
+    g.add_argument("--quiet", action="store_true", help="only the verdict line with the report path (and a failure)")
+
+
+def voice_mode(args: argparse.Namespace) -> str:
+    from dpo_dist.runtime.console import DEFAULT, QUIET, VERBOSE
+
+    return VERBOSE if getattr(args, "verbose", False) else QUIET if getattr(args, "quiet", False) else DEFAULT

@@ -10,13 +10,14 @@ import argparse
 import os
 import sys
 
-from dpo_dist.cli.common import add_config_args, overrides
+from dpo_dist.cli.common import add_config_args, add_voice_args, overrides, voice_mode
 from dpo_dist.config.names import Placement
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--debug", action="store_true", help="print tracebacks")
+    add_voice_args(p)
     p.add_argument("--dry-run", action="store_true", help="build everything on the meta device (no weights): "
                    "sharding, placement, config checks, trainer arguments, memory plan; --model may be a preset")
     p.add_argument("--force", action="store_true", help="run even if the memory plan says it cannot fit")
@@ -33,29 +34,104 @@ def run(args: argparse.Namespace) -> int:
     3 the ranks never all met; 4 an unexpected error (one line, the traceback with --debug)."""
     from dpo_dist.config.schema import ConfigError, load
 
+    rank = int(os.environ.get("RANK", "0"))
+    _FAILURE.clear()
     try:
         cfg = load(args.config, overrides(args))
-    except ConfigError as e:
-        print(f"dpo-dist: {e.one_line()}", file=sys.stderr)
+    except ConfigError as e:  # no output dir yet, so no log: every rank read the same config, rank 0 says it
+        if rank == 0:
+            from dpo_dist.runtime.outcome import line
+
+            print(line("config", [rank], e.one_line(), "correct that value in the run YAML or on the command line "
+                       "(--set SECTION.KEY=VALUE)"), file=sys.stderr)
         return 2
+    if "RANK" in os.environ and not args.dry_run:  # launched: one voice on the terminal, every rank in its log
+        from dpo_dist.runtime import console
+
+        console.install(cfg.train.output_dir, rank, voice_mode(args))
+    code = _run_config(args, cfg)
+    if code and "RANK" in os.environ and not args.dry_run:
+        _record(cfg.train.output_dir, rank, code)
+        if code == 2 and rank != 0:
+            _let_rank0_speak(cfg.train.output_dir, rank)
+    return code
+
+
+def _let_rank0_speak(output_dir: str, rank: int, wait_s: float = 10.0) -> None:
+    """Bad input is the same on every rank, and rank 0 says it. A rank that got there first waits (a few seconds)
+    for rank 0's record before it exits, since the launcher stops every rank once one has ended; if rank 0 never
+    fails the same way, this rank says it itself."""
+    import time
+
+    from dpo_dist.runtime import console, outcome
+
+    record = outcome.log_dir(output_dir) / "rank0.failure.json"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if record.exists():
+            return
+        time.sleep(0.2)
+    if console.ACTIVE is not None and "first" in _FAILURE:
+        console.ACTIVE.say(_line(_FAILURE["first"][0], rank, _FAILURE["first"][1]))
+
+
+def _line(stage: str, rank: int, message: str) -> str:
+    from dpo_dist.runtime.outcome import line, split_hint
+
+    return line(stage, [rank], *split_hint(message))
+
+
+_FAILURE: dict = {}  # this rank's first failure: stage and message, for rank<r>.failure.json
+
+
+def _fail(stage: str, message: str, code: int) -> int:
+    """Our one line. Bad input (2) is the same on every rank, so rank 0 says it and the others only log it."""
+    rank = int(os.environ.get("RANK", "0"))
+    _FAILURE.setdefault("first", (stage, message))
+    text = _line(stage, rank, message)
+    stream = sys.stderr
+    if rank != 0 and code == 2 and hasattr(stream, "log_only"):
+        stream.log_only(text + "\n")
+    else:
+        print(text, file=stream, flush=True)
+    return code
+
+
+def _record(output_dir: str, rank: int, code: int) -> None:
+    from dpo_dist.runtime.outcome import Failure, split_hint, write_failure
+
+    if "first" in _FAILURE:
+        stage, message = _FAILURE["first"]
+        write_failure(output_dir, Failure(rank, code, stage, *split_hint(message)))
+    elif "report" in _FAILURE:
+        from dpo_dist.verify.report import first_failure
+
+        stage, ranks, cause, hint = first_failure(_FAILURE["report"])
+        if rank == 0 and stage:  # every rank holds the report; rank 0 writes it (the launcher may stop the others)
+            write_failure(output_dir, Failure(rank, code, stage, cause, hint, ranks))
+
+
+def _run_config(args: argparse.Namespace, cfg) -> int:
     from dpo_dist.plan.refusal import ClusterArgs
 
     cluster_args = ClusterArgs(args.nodes, args.gpus_per_node, args.gpu_mem, args.host_mem)
     if args.dry_run:
         from dpo_dist.plan.refusal import dry_run
+        from dpo_dist.runtime.console import install_warning_filter
+
+        if voice_mode(args) != "verbose":
+            install_warning_filter()
 
         try:
             return dry_run(cfg, cluster_args)
         except ValueError as e:
-            print(f"dpo-dist: {e}", file=sys.stderr)
-            return 2
+            return _fail("dry run", str(e), 2)
     if cfg.reference.placement == Placement.RANKS:  # the split of the launched processes, before anything is loaded
         from dpo_dist.runtime.roles import check_counts
 
         problem = check_counts(int(os.environ.get("WORLD_SIZE", "1")), cfg.reference.ranks)
         if problem:
-            print(f"dpo-dist: {problem}", file=sys.stderr)
-            return 2
+            return _fail("placement ranks", problem, 2)
     from dpo_dist.runtime.run_lock import release
 
     try:
@@ -71,8 +147,7 @@ def _init_owned(args: argparse.Namespace, cfg, cluster_args) -> int:
     try:
         run_preflight(cfg)
     except PreflightError as e:
-        print(f"dpo-dist: {e}", file=sys.stderr)
-        return 2
+        return _fail("input checks", str(e), 2)
     if not args.force:
         from dpo_dist.plan.refusal import plan_for, refusal
 
@@ -82,8 +157,7 @@ def _init_owned(args: argparse.Namespace, cfg, cluster_args) -> int:
             problem = None
             print(f"dpo-dist: warning: no memory plan ({e})", file=sys.stderr)
         if problem:
-            print(f"dpo-dist: {problem}", file=sys.stderr)
-            return 2
+            return _fail("memory plan", problem, 2)
     try:
         from dpo_dist.init.stages import InitRun, finish
         from dpo_dist.runtime.distributed import RendezvousError
@@ -92,11 +166,9 @@ def _init_owned(args: argparse.Namespace, cfg, cluster_args) -> int:
         try:
             ctx = join(cfg)
         except RendezvousError as e:
-            print(f"dpo-dist: {e}", file=sys.stderr)
-            return 3
+            return _fail("rendezvous", str(e), 3)
         except ValueError as e:
-            print(f"dpo-dist: {e}", file=sys.stderr)
-            return 2
+            return _fail("rendezvous", str(e), 2)
         if ctx.roles is not None and ctx.roles.role == REFERENCE:
             from dpo_dist.reference.rank_server import serve
 
@@ -106,12 +178,12 @@ def _init_owned(args: argparse.Namespace, cfg, cluster_args) -> int:
                 ctx.teardown()
         try:
             result = InitRun(cfg, ctx, debug=args.debug).run()
+            _FAILURE["report"] = result.report
             return finish(result, ctx, cfg.train.output_dir)
         finally:
             ctx.teardown()
     except Exception as e:  # one line for the user; the traceback only when asked for
         if args.debug:
             raise
-        print(f"dpo-dist: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(rerun with --debug for the traceback)", file=sys.stderr)
-        return 4
+        first = str(e).splitlines()[0] if str(e) else ""
+        return _fail("init", f"unexpected {type(e).__name__}: {first}. Fix: rerun with --debug for the traceback", 4)

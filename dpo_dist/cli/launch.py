@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from dpo_dist.cli import init as init_cli
-from dpo_dist.cli.common import overrides
+from dpo_dist.cli.common import add_voice_args, overrides, voice_mode
 from dpo_dist.config.names import Sharding
 
 
@@ -21,6 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=29500)
     p.add_argument("--cpu", action="store_true", help="CPU-only machine: DeepSpeed CPU accelerator + gloo")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
+    add_voice_args(p)
     p.add_argument("init_args", nargs=argparse.REMAINDER, help="-- then arguments for `dpo-dist init`")
 
 
@@ -30,6 +31,14 @@ def run(args: argparse.Namespace) -> int:
     init_args = list(args.init_args)
     if init_args and init_args[0] == "--":
         init_args = init_args[1:]
+    mode = voice_mode(args)
+    for flag in ("--verbose", "--quiet"):  # the ranks speak as the launcher was told
+        if getattr(args, flag[2:]) and flag not in init_args:
+            init_args.append(flag)
+    if "--debug" in init_args or "--verbose" in init_args:
+        mode = "verbose"
+    elif "--quiet" in init_args:
+        mode = "quiet"
     spec = LaunchSpec(sharding=args.sharding, num_processes=args.num_processes, num_machines=args.num_machines,
                       machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
                       main_process_port=args.port, cpu=args.cpu, init_args=tuple(init_args))
@@ -53,8 +62,18 @@ def run(args: argparse.Namespace) -> int:
             return 2
         except OSError:  # not writable: init's preflight says so
             pass
-    print(f"[dpo-dist] {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(argv)}", flush=True)
-    return subprocess.call(argv, env={**os.environ, **env})
+    from dpo_dist.cli.relay import relay
+    from dpo_dist.runtime.console import install_warning_filter
+
+    install_warning_filter()
+
+    if mode == "verbose":
+        print(f"[dpo-dist] {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(argv)}", flush=True)
+        return subprocess.call(argv, env={**os.environ, **env})
+    if mode != "quiet":
+        print(f"[dpo-dist] launching {spec.num_processes * spec.num_machines} rank(s), {spec.sharding}"
+              f"{' on CPU' if spec.cpu else ''} (the full command: --verbose)", flush=True)
+    return relay(argv, {**os.environ, **env}, out)
 
 
 def launch_output_dir(init_args: list[str]):

@@ -32,12 +32,12 @@ from dpo_dist.init.state import InitState
 from dpo_dist.load import models
 from dpo_dist.load.checkpoint import CheckpointError
 from dpo_dist.reference.registry import strategy_for
-from dpo_dist.runtime import liveness
+from dpo_dist.runtime import console, liveness
 from dpo_dist.runtime.distributed import DistContext
 from dpo_dist.runtime.faults import inject_fault
 from dpo_dist.train.trainer import LossRecorder, build_dpo_config
 from dpo_dist.verify import lineage, model_checks, probes, tolerances, weight_checks, weights
-from dpo_dist.verify.report import RankReport, build_report, render_table, write_json_atomic
+from dpo_dist.verify.report import RankReport, build_report, failure_line, render_table, timed, write_json_atomic
 
 KNOWN_ERRORS = (CheckpointError, DataError, FileNotFoundError, ValueError, OSError)
 # Stages that run collectives inside them (ZeRO-3 loading and gathers, all-reduces, TRL's barriers). The others
@@ -349,7 +349,7 @@ class InitRun:
         try:
             liveness.mark(name)
             inject_fault(name, self.ctx.rank, self.state)
-            return bool(fn())
+            return timed(self.rr, name, fn, self.ctx.print0)  # the timeline and the stage's line
         except Exception as e:
             if self.debug:
                 traceback.print_exc()
@@ -416,9 +416,7 @@ def finish(result: InitResult, ctx: DistContext, output_dir: str) -> int:
             return 1
         verdict = "PASSED" if result.passed else "FAILED"
         print(f"[dpo-dist] quality gate {verdict}; report: {path}", flush=True)
-        failed = [r for r in result.report["checks"] if not r["ok"]]
-        if failed:
-            r = failed[0]
-            print(f"dpo-dist: check '{r['check']}' failed on rank(s) {','.join(map(str, r['failed_ranks']))}: "
-                  f"{r['value']}. Fix: {r['hint']}", file=sys.stderr, flush=True)
+        console.name_logs(result.report["world_size"])  # voice: the rank logs, named at the end
+        if not result.passed:
+            print(failure_line(result.report), file=sys.stderr, flush=True)
     return code

@@ -285,4 +285,13 @@ def verdict(report: str, srun_exit: str | int, before: str) -> int:
     else:
         why = f"quality gate FAILED; report {path}"
     print(f"[dpo-dist] job {job}: FAILED (srun exit code {rc}): {why}", flush=True)
+    from dpo_dist.runtime import outcome  # the ranks' own cause and exit code, as the job log's last line
+
+    summary = outcome.summarize(outcome.read_failures(path.parent))
+    if summary is not None:
+        logs = outcome.log_paths(path.parent)
+        if logs:
+            print(f"[dpo-dist] logs: {' '.join(logs)}", flush=True)
+        print(summary[0], flush=True)
+        return summary[1]
     return rc if 0 < rc < 256 else 1

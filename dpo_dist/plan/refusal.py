@@ -23,20 +23,44 @@ class ClusterArgs:
     host_mem: int | None = None
 
 
+ASSUMED_GPU_MEM = 80 * 10**9  # --gpus-per-node on a machine with no GPU to measure: an 80 GB GPU
+ASSUMED_HOST_MEM = 1024 * 2**30
+
+
 def cluster_for(args: ClusterArgs):
+    return cluster_and_assumption(args)[0]
+
+
+def cluster_and_assumption(args: ClusterArgs):
+    """(the cluster to plan for, a line saying what was assumed rather than measured, or None)."""
     from dpo_dist.plan import planner
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_node = args.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     nodes = args.nodes or max(1, world // max(1, per_node))
     cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or None
-    if args.gpu_mem or args.host_mem or args.gpus_per_node or args.nodes:
-        base = planner.detect_cluster(per_node, nodes, cpu=cpu) if not args.gpu_mem else None
-        return planner.Cluster(nodes=nodes, gpus_per_node=per_node,
-                               gpu_mem=args.gpu_mem or (base.gpu_mem if base else 80 * 10**9),
-                               host_mem=args.host_mem or (base.host_mem if base else 1024 * 2**30),
-                               device="gpu" if args.gpu_mem else (base.device if base else "gpu"))
-    return planner.detect_cluster(per_node, nodes, cpu=cpu)
+    if not (args.gpu_mem or args.host_mem or args.gpus_per_node or args.nodes):
+        return planner.detect_cluster(per_node, nodes, cpu=cpu), None
+    base = planner.detect_cluster(per_node, nodes, cpu=cpu) if not args.gpu_mem else None
+    wants_gpu = bool(args.gpu_mem or (args.gpus_per_node and not cpu))  # told about GPUs: plan for GPUs
+    if base is not None and base.device == "cpu" and not wants_gpu:
+        mem = args.host_mem or base.host_mem
+        cluster = planner.Cluster(nodes=nodes, gpus_per_node=per_node, gpu_mem=0, host_mem=mem, device="cpu")
+        return cluster, (f"assumed: no GPU on this machine and no --gpus-per-node, so {nodes} node(s) x {per_node} "
+                         f"cpu rank(s) sharing {mem / 2**30:.0f} GiB per node; pass --gpus-per-node (and --gpu-mem) "
+                         "to plan for GPUs")
+    measured = base is not None and base.device == "gpu"
+    gpu_mem = args.gpu_mem or (base.gpu_mem if measured else ASSUMED_GPU_MEM)
+    host_mem = args.host_mem or (base.host_mem if measured else ASSUMED_HOST_MEM)
+    cluster = planner.Cluster(nodes=nodes, gpus_per_node=per_node, gpu_mem=gpu_mem, host_mem=host_mem, device="gpu")
+    guessed = [f"{gpu_mem / 1e9:.0f} GB per GPU (--gpu-mem)" for _ in [0] if not args.gpu_mem and not measured]
+    guessed += [f"{host_mem / 2**30:.0f} GiB host memory per node (--host-mem)" for _ in [0]
+                if not args.host_mem and not measured]
+    told = f"{nodes} node(s) x {per_node} GPU(s)"
+    if guessed:
+        return cluster, (f"assumed: {told} as given, with no GPU here to measure: {', '.join(guessed)}; pass them "
+                         "to plan for your nodes")
+    return cluster, None
 
 
 def plan_for(cfg: RunConfig, cluster_args: ClusterArgs) -> tuple[Any, Any, dict]:
@@ -76,6 +100,7 @@ def dry_run(cfg: RunConfig, cluster_args: ClusterArgs) -> int:
 
     t0 = time.perf_counter()
     plan, cluster, model_conf = plan_for(cfg, cluster_args)
+    assumption = cluster_and_assumption(cluster_args)[1]
     label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
     problems = []
     # the trainer's world: placement ranks keeps its last reference.ranks processes out of training
@@ -109,6 +134,8 @@ def dry_run(cfg: RunConfig, cluster_args: ClusterArgs) -> int:
         f"  plan: {'fits' if plan.fits else 'does NOT fit'}; peak {plan.gpu_peak / 2**30:.1f} GiB per "
         f"{'GPU' if cluster.device == 'gpu' else 'rank'}, host {plan.host_node_peak / 2**30:.1f} GiB per node",
     ]
+    if assumption:
+        lines.append(f"  {assumption}")
     refuse = refusal(plan, cluster)
     if refuse:
         problems.append(refuse)

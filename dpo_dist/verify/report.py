@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,69 @@ def build_report(rank_reports: list[RankReport], config: dict[str, Any]) -> dict
         "passed": all(r["ok"] for r in rows) and bool(rows),
         "world_size": len(rank_reports),
         "checks": rows,
-        "facts": rank_reports[0].facts if rank_reports else {},
+        "facts": {k: v for k, v in rank_reports[0].facts.items() if k != TIMELINE} if rank_reports else {},
         "per_rank_facts": {rr.rank: {k: v for k, v in rr.facts.items() if k.startswith("rank_")} for rr in
                            rank_reports},
+        "timeline": timeline(rank_reports),
         "config": config,
     }
+
+
+# -- timeline: when each stage started and how long it took, per rank (a slow rank or stage shows) -------------
+TIMELINE = "timeline"
+
+
+def timed(rr: RankReport, stage: str, fn, say=None) -> bool:
+    """Run one stage, note its start (wall clock) and duration in this rank's facts, and `say` one line for it."""
+    t0, n = time.time(), len(rr.checks)
+    ok = False
+    try:
+        ok = bool(fn())
+        return ok
+    finally:
+        seconds = time.time() - t0
+        rr.facts.setdefault(TIMELINE, []).append({"stage": stage, "start": round(t0, 3), "seconds": round(seconds, 3),
+                                                  "ok": ok, "checks": [c.name for c in rr.checks[n:]]})
+        if say is not None:
+            say(f"[dpo-dist] {stage:<15} {seconds:7.1f} s  {'ok' if ok else 'FAILED'}")
+
+
+def timeline(rank_reports: list[RankReport]) -> list[dict[str, Any]]:
+    """One row per stage: each rank's start (seconds after the first rank's first stage) and duration."""
+    entries = [(rr.rank, e) for rr in rank_reports for e in rr.facts.get(TIMELINE, [])]
+    if not entries:
+        return []
+    origin = min(e["start"] for _, e in entries)
+    rows: dict[str, dict[str, Any]] = {}
+    for rank, e in entries:
+        row = rows.setdefault(e["stage"], {"stage": e["stage"], "ranks": {}, "checks": []})
+        row["ranks"][rank] = {"start": round(e["start"] - origin, 3), "seconds": e["seconds"], "ok": e["ok"]}
+        row["checks"] += [c for c in e["checks"] if c not in row["checks"]]
+    for row in rows.values():
+        secs = [r["seconds"] for r in row["ranks"].values()]
+        row["slowest_rank"] = max(row["ranks"], key=lambda r: row["ranks"][r]["seconds"])
+        row["spread_seconds"] = round(max(secs) - min(secs), 3)
+    return list(rows.values())
+
+
+def first_failure(report: dict[str, Any]) -> tuple[str, list[int], str, str]:
+    """(stage, failed ranks, cause, hint) of the report's first failing check; its stage from the timeline."""
+    failed = [r for r in report.get("checks", []) if not r["ok"]]
+    if not failed:
+        return "", [], "", ""
+    r = failed[0]
+    stage = next((row["stage"] for row in report.get("timeline", [])
+                  if row["stage"] == r["check"] or r["check"] in row.get("checks", [])), "checks")
+    cause = r["value"] if stage == r["check"] else f"check '{r['check']}': {r['value']}"
+    return stage, list(r["failed_ranks"]), cause, r["hint"]
+
+
+def failure_line(report: dict[str, Any]) -> str:
+    """`dpo-dist: <stage> failed on rank(s) R: <cause>. Fix: <hint>` for the report's first failing check."""
+    from dpo_dist.runtime.outcome import line
+
+    stage, ranks, cause, hint = first_failure(report)
+    return line(stage, ranks, cause, hint)
 
 
 def to_dict(rr: RankReport) -> dict[str, Any]:

@@ -1,0 +1,107 @@
+"""`dpo-dist launch` runs accelerate with the ranks' terminal output passing through it, minus torchrun's noise; when
+the ranks failed it ends with our one line (dpo_dist.runtime.outcome) and the log paths, not torchrun's
+ChildFailedError traceback, and exits with the ranks' own code (2 bad input, 1 a failed check, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from dpo_dist.runtime import outcome
+from dpo_dist.runtime.console import known_line
+
+# torchrun's agent logs (e.g. "W1201 06:10:00.123000 4242 torch/distributed/elastic/...] Sending process ...") and
+# the lines the ranks' cause is summarized from (printed once, last, by the launcher)
+TORCHRUN_LOG = re.compile(r"^[EWI]\d{4} \d\d:\d\d:\d\d\.\d+ \d+ \S*torch/distributed/")
+RANK_CAUSE = re.compile(r"^dpo-dist: (rank \d+ failed in stage |.+ failed on rank\(s\) [\d,]+: )")
+
+
+class Relay:
+    """One child stream to one of ours, whole lines filtered; a traceback is held back until we know whether it is
+    torchrun's (dropped: the ranks said why) or something else (shown)."""
+
+    def __init__(self, src: int, dst, summarize: bool):
+        self.src, self.dst, self.summarize = src, dst, summarize
+        self.held: list[str] = []  # a traceback being held back
+        self.named_logs = False  # rank 0 named the log files already
+        self.buf = ""
+
+    def run(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.src, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.feed(chunk.decode("utf-8", "replace"))
+        if self.buf:
+            self.feed("\n")
+        os.close(self.src)
+
+    def feed(self, text: str) -> None:
+        self.buf += text
+        *lines, self.buf = self.buf.split("\n")
+        for ln in lines:
+            self.line(ln)
+        if "\r" in self.buf and not self.held:  # a progress bar being drawn: at once
+            self.dst.write(self.buf)
+            self.dst.flush()
+            self.buf = ""
+
+    def line(self, ln: str) -> None:
+        if self.held or ln.startswith("Traceback (most recent call last):"):
+            self.held.append(ln)
+            return
+        if TORCHRUN_LOG.match(ln) or known_line(ln) or (self.summarize and RANK_CAUSE.match(ln)):
+            return
+        self.named_logs |= ln.startswith("[dpo-dist] logs: ")
+        self.dst.write(ln + "\n")
+        self.dst.flush()
+
+    def leftover(self) -> list[str]:
+        """The held traceback, unless it is torchrun's ChildFailedError (the ranks' own lines name the cause)."""
+        if any("ChildFailedError" in ln for ln in self.held):
+            return []
+        return self.held
+
+
+def relay(argv: list[str], env: dict[str, str], output_dir: Path | None) -> int:
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    summarize = output_dir is not None
+    relays = [Relay(proc.stdout.fileno(), sys.stdout, summarize), Relay(proc.stderr.fileno(), sys.stderr, summarize)]
+    for r in relays:
+        r.src = os.dup(r.src)
+    proc.stdout.close()
+    proc.stderr.close()
+    threads = [threading.Thread(target=r.run, daemon=True) for r in relays]
+    for t in threads:
+        t.start()
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        proc.wait()
+        raise
+    for t in threads:
+        t.join(timeout=10)
+    if rc == 0:
+        return 0
+    summary = outcome.summarize(outcome.read_failures(output_dir)) if output_dir is not None else None
+    if summary is None:  # no rank said why: whatever the launcher printed is the best we have
+        for r in relays:
+            if r.leftover():
+                r.dst.write("\n".join(r.leftover()) + "\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return rc
+    text, code = summary
+    logs = outcome.log_paths(output_dir)
+    if logs and not any(r.named_logs for r in relays):
+        print(f"[dpo-dist] logs: {' '.join(logs)}", flush=True)
+    print(text, file=sys.stderr, flush=True)
+    return code
