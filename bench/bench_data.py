@@ -7,7 +7,7 @@ Writes the rows once (a conversational parquet file, and a standard JSONL file w
 max_prompt_length, under
 /tmp/dpo-dist-bench/data), then measures, each in a fresh process so the figures do not share caches or heap:
   open+validate  dpo_dist.data.prepare.load_split (the preflight check on every rank): open memory-mapped, check
-  every row;
+                 every row;
   template       dpo_dist.data.chat_template.check on the prepared dataset (sampled rows through TRL's helpers);
   prepare        dpo_dist.data.prepare.prepare (standard data: every prompt tokenized once to find the ones over
                  max_prompt_length; a datasets map, cached: the second run reads the cache).

@@ -19,12 +19,11 @@ Groups:
                as it was before (the tree of --before-commit, extracted under --work and run from there); the same
                command on the embedded 1M-parameter checkpoint gives each version's runtime baseline.
   fingerprint  dpo_dist.verify.fingerprint (its fused C kernel, cache warm) over every tensor of the checkpoint vs
-  torch.sum
-               over the same tensors, 1 and 2 threads; plus its eager fallback (DPO_DIST_FINGERPRINT_KERNEL=0), the
-               previous implementation, the eager floor (the widening copy alone), a torch.compile fused kernel (on
-               50M elements), and the C kernel's compile time (fresh cache) vs its load from the cache. Timed in pairs
-               (each repetition times all of them back to back; max(--runs, 5) repetitions), ratios = medians of the
-               per-repetition ratios, so a busy moment hits both sides.
+               torch.sum over the same tensors, 1 and 2 threads; plus its eager fallback
+               (DPO_DIST_FINGERPRINT_KERNEL=0), the previous implementation, the eager floor (the widening copy alone),
+               a torch.compile fused kernel (on 50M elements), and the C kernel's compile time (fresh cache) vs its
+               load from the cache. Timed in pairs (each repetition times all of them back to back; max(--runs, 5)
+               repetitions), ratios = medians of the per-repetition ratios, so a busy moment hits both sides.
   kl           peak memory (VmHWM growth, fresh process each) of dpo_dist.verify.kl.token_kl, of its version before
                (per-chunk temporaries, from --before-commit), and of a full-vocabulary log_softmax KL at V = 32k and
                128k, B x T = 2 x 512.

@@ -8,10 +8,9 @@ For each checkpoint it runs, exactly as a user would,
 samples /proc/<pid>/status of the two worker ranks (told apart by RANK in /proc/<pid>/environ) every 0.1 s and keeps
 their VmHWM (the kernel's own high-water mark of the resident set, so sampling cannot miss the peak; it counts mapped
 file pages too), and compares it with `dpo_dist.plan.planner.plan` for the same layout on this machine as a CPU
-cluster:
-ZeRO-3 policy, reference placement zero3, bf16, micro-batch 4, and as max_length the longest tokenized example of
-the embedded data (what the collator pads to; the configured 1024 would plan activations for tokens never seen).
-Only the phases the run reaches are compared: load + init without smoke steps, every phase with them.
+cluster: ZeRO-3 policy, reference placement zero3, bf16, micro-batch 4, and as max_length the longest tokenized
+example of the embedded data (what the collator pads to; the configured 1024 would plan activations for tokens never
+seen). Only the phases the run reaches are compared: load + init without smoke steps, every phase with them.
 
     python bench/planner_vs_reality.py --model dpo_dist/default/tiny-sft --model /tmp/llama-500m --smoke-steps 0 1
     python bench/make_checkpoint.py --out /tmp/llama-500m --layers 37     # ~0.5B random Llama

@@ -1,6 +1,5 @@
 """model.loader: which loader `dpo-dist init` uses for ZeRO-3 models (dpo_dist.load.fastload or from_pretrained),
-decided
-the same on every rank; fast refuses with one line where auto falls back with a warning."""
+decided the same on every rank; fast refuses with one line where auto falls back with a warning."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from dpo_dist.config.names import Sharding
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sharding", default="zero3", choices=Sharding.values())
+    p.add_argument("--sharding", default=Sharding.ZERO3.value, choices=Sharding.values())
     p.add_argument("--num-processes", type=int, default=2, help="processes per machine")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from dpo_dist.cli.common import add_config_args, overrides
+from dpo_dist.config.names import Sharding
 from dpo_dist.launch.sbatch import SlurmSpec, render_sbatch
 
 
@@ -89,8 +90,8 @@ def sharding_name(cfg) -> str:
         return cfg.sharding.name
     if cfg.sharding.ds_config:
         stage = int(json.loads(Path(cfg.sharding.ds_config).read_text()).get("zero_optimization", {}).get("stage", 0))
-        return "zero3" if stage == 3 else "zero2"
-    return "zero3"
+        return Sharding.ZERO3.value if stage == 3 else Sharding.ZERO2.value
+    return Sharding.ZERO3.value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from dpo_dist.config.names import Sharding
 from dpo_dist.config.schema import SHARDING_NAMES
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -55,7 +56,7 @@ def resolve_ds_config(name: str | None, path: str | None) -> tuple[str, dict]:
             p = RESOURCES / "ds_configs" / p.name  # the launch YAMLs name it relative to the repository
         label = p.stem if p.parent.resolve() == (RESOURCES / "ds_configs").resolve() else str(p)
     else:
-        p, label = ds_config_path("zero3"), "zero3"
+        p, label = ds_config_path(Sharding.ZERO3), Sharding.ZERO3.value
     if not p.is_file():
         raise FileNotFoundError(f"DeepSpeed config {p} does not exist: set sharding.name or sharding.ds_config")
     try:

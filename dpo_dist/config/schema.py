@@ -59,9 +59,8 @@ class ModelConfig:
     allow_pickle: bool = False  # safetensors only unless the user opts into pickle .bin files
     pad_policy: Literal["eos", "fail"] = "eos"  # no pad token: set pad = eos with a warning, or fail
     # How ZeRO-3 models are loaded. auto: dpo_dist.load.fastload (each rank reads only its own partition's bytes)
-    # when the
-    # checkpoint allows it under ZeRO-3, else transformers' from_pretrained; fast: refuse to run if fastload cannot
-    # be used; transformers: always from_pretrained.
+    # when the checkpoint allows it under ZeRO-3, else transformers' from_pretrained; fast: refuse to run if fastload
+    # cannot be used; transformers: always from_pretrained.
     loader: Literal["auto", "fast", "transformers"] = "auto"
 
 

@@ -46,7 +46,7 @@ def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, 
     kw["gradient_checkpointing"] = t.gradient_checkpointing  # explicit: TRL's DPOConfig defaults it to True
     if cfg.reference.placement == Placement.RANKS and cfg.reference.batch_requests \
             and cfg.reference.pad_to_multiple_of:
-        # reference ranks batch only requests of equal length (see reference_ranks.group_requests): padding every
+        # reference ranks batch only requests of equal length (see rank_server.group_requests): padding every
         # micro-batch to a multiple makes equal lengths common. Policy and reference see the same padded inputs (but
         # the run is no longer bitwise the unpadded one: padding moves bf16 results).
         kw["pad_to_multiple_of"] = cfg.reference.pad_to_multiple_of

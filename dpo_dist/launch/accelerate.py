@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from dpo_dist.config.names import Sharding
 from dpo_dist.config.resources import ds_config_path, launch_config_path
 
 # Environment that keeps runs offline and quiet everywhere (no hub look-ups at run time).
@@ -25,7 +26,7 @@ CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    sharding: str = "zero3"
+    sharding: str = Sharding.ZERO3.value
     num_processes: int = 2  # per machine
     num_machines: int = 1
     machine_rank: int = 0

@@ -53,6 +53,7 @@ import torch
 from dpo_dist.compat import deepspeed as ds_compat
 from dpo_dist.compat import transformers as hf_compat
 from dpo_dist.compat.deepspeed import broadcast_free_init_supported  # noqa: F401  -- tests and callers ask here
+from dpo_dist.config.names import Dtype
 from dpo_dist.load.checkpoint import DTYPES, TensorEntry, tensor_index
 from dpo_dist.load.key_mapping import account
 
@@ -340,9 +341,10 @@ def _check_built(model, plan: LoadPlan) -> None:
         raise FastLoadRefused(f"the model built under zero.Init differs from the one planned: {diff[:2]}")
 
 
-def load_partitioned(path: str | Path, dtype: str | torch.dtype = "bfloat16", ds_config: dict | None = None, *,
-                     trust_remote_code: bool = False, skip_init_broadcast: bool | None = None,
-                     plan: LoadPlan | None = None, timings: dict | None = None):
+def load_partitioned(path: str | Path, dtype: str | torch.dtype = Dtype.BFLOAT16.value,
+                     ds_config: dict | None = None, *, trust_remote_code: bool = False,
+                     skip_init_broadcast: bool | None = None, plan: LoadPlan | None = None,
+                     timings: dict | None = None):
     """A causal LM from a safetensors checkpoint, ZeRO-3 partitioned, each rank reading only its own bytes.
 
     path: checkpoint directory (config.json + model.safetensors or an index with shards).

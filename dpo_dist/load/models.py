@@ -3,9 +3,8 @@
 Loading goes through transformers' DeepSpeed integration: the DeepSpeed state (our DPOConfig) exists before
 `from_pretrained`, so under ZeRO-3 each rank only ever holds its partition (the other order loads a full copy per rank,
 FAI-RL#66). Under ZeRO-3, by default (model.loader auto), `load_causal_lm` is given a dpo_dist.load.fastload plan
-instead:
-each rank reads only its own partitions' bytes from the safetensors files, with no rank-0 copy (run.py decides, the
-same on every rank). Nothing here gathers a parameter.
+instead: each rank reads only its own partitions' bytes from the safetensors files, with no rank-0 copy
+(init/loader_choice.py decides, the same on every rank). Nothing here gathers a parameter.
 """
 
 from __future__ import annotations
@@ -29,8 +28,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 def load_causal_lm(path: Path, dtype: str, trust_remote_code: bool, allow_pickle: bool, plan=None):
     """from_pretrained under whatever DeepSpeed state exists (ZeRO-3: partitioned while loading), or, given a
     `fastload.plan_load` result, dpo_dist.load.fastload under the registered ZeRO-3 config: each rank reads only its
-    own
-    partition's bytes from the files (same parameters, bitwise, without a full copy on any rank)."""
+    own partition's bytes from the files (same parameters, bitwise, without a full copy on any rank)."""
     if plan is not None:
         import copy
         import dataclasses

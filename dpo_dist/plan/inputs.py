@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpo_dist.config.names import Dtype, Placement
+from dpo_dist.config.names import Dtype, Placement, Sharding
 
 GiB = 1 << 30
 DTYPE_BYTES = {d.value: d.bytes for d in Dtype}
@@ -55,11 +55,11 @@ class RunSettings:
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False  # ZeRO-3 only
-    placement: str = "zero3"
+    placement: str = Placement.ZERO3.value
     micro_batch: int = 4  # prompt pairs per rank (train.per_device_train_batch_size); chosen+rejected doubles it
     max_length: int = 1024  # train.max_length: tokens per sequence
     gradient_checkpointing: bool = False
-    dtype: str = "bfloat16"
+    dtype: str = Dtype.BFLOAT16.value
     ref_ranks: int | None = None  # K for placement "ranks" (None: the planner picks the smallest K that fits)
     lora_rank: int = 16
     logits: str = "fused"  # "fused": TRL 1.x chunked LM head; "full": fp32 [2b, T, V] logits materialized
@@ -86,7 +86,8 @@ class RunSettings:
     def sharding_name(self) -> str:
         """The shipped config that runs this layout, or 'custom' (a sharding.ds_config JSON)."""
         key = (self.zero_stage, self.offload)
-        return {(2, "none"): "zero2", (3, "none"): "zero3", (3, "all"): "zero3_offload"}.get(key, "custom")
+        return {(2, "none"): Sharding.ZERO2.value, (3, "none"): Sharding.ZERO3.value,
+                (3, "all"): Sharding.ZERO3_OFFLOAD.value}.get(key, "custom")
 
     def problems(self) -> list[str]:
         out = []

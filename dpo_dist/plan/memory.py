@@ -159,13 +159,13 @@ def train_role(m: dict[str, Any], s: RunSettings, c: Cluster, p: int, shard_byte
             put("bf16 param buffer", w * t_part, True, PHASES[2:], "ZeRO-2 offload copy-back buffer")
 
     # reference on training ranks
-    ref_note = {"zero3": "ZeRO-3 partition" if z3 else "stage-0 replica under ZeRO-2 (reference.on_zero2)",
-                "precomputed": "only until its log-probs are computed"}
+    ref_note = {Placement.ZERO3: "ZeRO-3 partition" if z3 else "stage-0 replica under ZeRO-2 (reference.on_zero2)",
+                Placement.PRECOMPUTED: "only until its log-probs are computed"}
     if s.placement in (Placement.ZERO3, Placement.PRECOMPUTED):
         ref = w * (_ceil_div(psi, p) if z3 else psi)
         phases = PHASES if s.placement == Placement.ZERO3 else ("load", "init")
         put("reference weights", ref, weights_host and z3, phases, ref_note[s.placement])
-    elif s.placement == "cpu":
+    elif s.placement == Placement.CPU:
         nbytes = w * psi
         comps.append(Component("reference weights", host_shared=nbytes if s.checkpoint_mmap_shared else 0,
                                host=0 if s.checkpoint_mmap_shared else nbytes,
@@ -198,7 +198,7 @@ def train_role(m: dict[str, Any], s: RunSettings, c: Cluster, p: int, shard_byte
     if s.placement in (Placement.ZERO3, Placement.LORA):
         put("reference forward", reference_forward_bytes(m, tokens, w, s.logits), False, ("train",),
             "no-grad forward while the policy's activations are live")
-    elif s.placement == "cpu":
+    elif s.placement == Placement.CPU:
         put("reference forward", reference_forward_bytes(m, tokens, w, s.logits), True, ("train",),
             "the reference's forward runs on the CPU")
     elif s.placement == Placement.PRECOMPUTED:

@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from dpo_dist.config.names import Placement
+from dpo_dist.config.names import Placement, Sharding
 from dpo_dist.plan.inputs import DTYPE_BYTES, PLACEMENTS, Cluster, GiB, RunSettings
 from dpo_dist.plan.memory import PHASES, RolePlan, host_node, reference_role, train_role
 
@@ -248,12 +248,12 @@ def settings_from_run_config(cfg, ds_config: dict[str, Any] | None = None, ref_r
                              **overrides: Any) -> RunSettings:
     """RunSettings of a dpo-dist RunConfig (and its resolved DeepSpeed dict, for stage, offloads and ZeRO-3 knobs)."""
     zo = (ds_config or {}).get("zero_optimization", {})
-    name = cfg.sharding.name or "zero3"
-    stage = int(zo.get("stage", 2 if name == "zero2" else 3))
+    name = cfg.sharding.name or Sharding.ZERO3
+    stage = int(zo.get("stage", 2 if name == Sharding.ZERO2 else 3))
     off_opt = (zo.get("offload_optimizer") or {}).get("device", "none") not in (None, "none")
     off_par = (zo.get("offload_param") or {}).get("device", "none") not in (None, "none")
     if not ds_config:
-        off_opt = off_par = name == "zero3_offload"
+        off_opt = off_par = name == Sharding.ZERO3_OFFLOAD
 
     def num(key: str, default: int) -> int:
         v = zo.get(key, default)

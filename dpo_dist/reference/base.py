@@ -15,6 +15,7 @@ import contextlib
 from typing import Any, ClassVar
 
 from dpo_dist.config.names import Placement
+from dpo_dist.load import models
 from dpo_dist.verify import model_checks, probes, weights
 
 
@@ -103,3 +104,13 @@ class ReferencePlacement:
     def smoke_reference(self, run, trainer):
         """The module whose weights must not move during training (None when the reference is not here)."""
         return trainer.ref_model.module
+
+
+def load_like_policy(run):
+    """zero3 and precomputed: the reference loaded as the policy was, frozen (the fast partitioned loader when the load
+    stage planned it: the policy's plan for the same checkpoint)."""
+    cfg, s = run.cfg, run.state
+    ref = models.load_causal_lm(s.ref_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
+                                plan=s.ref_plan)
+    models.freeze(ref)
+    return ref

@@ -7,8 +7,7 @@ import contextlib
 import gc
 
 from dpo_dist.config.names import Placement
-from dpo_dist.load import models
-from dpo_dist.reference.base import ReferencePlacement
+from dpo_dist.reference.base import ReferencePlacement, load_like_policy
 from dpo_dist.reference.precompute_cache import cached_datasets, check_precomputed_columns
 from dpo_dist.verify import weights
 
@@ -22,11 +21,7 @@ class PrecomputedPlacement(ReferencePlacement):
         return False  # the data is copied to the cache dir first and tokenized there, inside TRL
 
     def load(self, run):
-        cfg, s = run.cfg, run.state
-        ref = models.load_causal_lm(s.ref_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
-                                    plan=s.ref_plan)
-        models.freeze(ref)
-        return ref
+        return load_like_policy(run)
 
     def build_trainer(self, run, train_rows, eval_rows):
         from dpo_dist.reference.trainers import PrecomputedDPOTrainer

@@ -6,8 +6,7 @@ from __future__ import annotations
 import contextlib
 
 from dpo_dist.config.names import Placement
-from dpo_dist.load import models
-from dpo_dist.reference.base import ReferencePlacement
+from dpo_dist.reference.base import ReferencePlacement, load_like_policy
 from dpo_dist.verify import model_checks
 
 
@@ -25,11 +24,7 @@ class Zero3Placement(ReferencePlacement):
 
     def load(self, run):
         """The fast partitioned loader when the load stage planned it (the policy's plan for the same checkpoint)."""
-        cfg, s = run.cfg, run.state
-        ref = models.load_causal_lm(s.ref_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
-                                    plan=s.ref_plan)
-        models.freeze(ref)
-        return ref
+        return load_like_policy(run)
 
     def build_trainer(self, run, train_rows, eval_rows):
         from trl import DPOTrainer

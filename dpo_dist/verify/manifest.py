@@ -20,8 +20,7 @@ def write_manifest(output_dir: str | Path, *, checkpoint: str, placement: str, t
                    fingerprints: dict[str, str], config: dict[str, Any],
                    lineage: dict[str, str] | None = None, run_id: str | None = None) -> Path:
     """lineage: the run identity (dpo_dist.verify.lineage) that every trainer checkpoint of this run is marked with;
-    run_id:
-    the id of the init that wrote it (also in report.json and the output dir's lock)."""
+    run_id: the id of the init that wrote it (also in report.json and the output dir's lock)."""
     path = Path(output_dir) / MANIFEST
     write_json_atomic(path, {"run_id": run_id, "checkpoint": checkpoint, "placement": placement,
                              "tokenizer": tokenizer, "reference_fingerprints": fingerprints, "config": config,
