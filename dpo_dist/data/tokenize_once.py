@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dpo_dist.compat import datasets as datasets_compat
 from dpo_dist.compat import trl as trl_compat
+from dpo_dist.runtime.disk_writes import write_text_atomic
 
 POLL_S = 0.5
 
@@ -46,10 +47,10 @@ def once_per_node(mark: Path, fn, local_main: bool, what: str, note=print, descr
         try:
             out = fn()
         except Exception as e:
-            failed.write_text(f"{type(e).__name__}: {e}")
+            write_text_atomic(failed, f"{type(e).__name__}: {e}")  # a waiter never reads it half-written
             raise
         text = describe(out)
-        ok.write_text(text)
+        write_text_atomic(ok, text)
         return text
     t0, said = time.monotonic(), time.monotonic()
     while not ok.exists():
