@@ -108,6 +108,23 @@ def test_a_rank_that_left_no_record_is_named_from_its_log(tmp_path):
     assert code == 1 and text.startswith("dpo-dist: load failed on rank(s) 1: RuntimeError: injected fault. Fix: ")
 
 
+def test_a_rank_that_vanished_is_named_not_the_one_that_noticed(tmp_path):
+    """Rank 1 died without a word (os._exit, SIGKILL, OOM killer); rank 0 then lost its connection: rank 1 is named."""
+    d = outcome.log_dir(tmp_path)
+    d.mkdir()
+    (d / "rank1.log").write_text("[dpo-dist] rank 1: injected crash at stage 'load'\n")
+    (d / "rank0.log").write_text("noise\ndpo-dist: rank 0 failed in stage 'load': RuntimeError: [gloo] Connection "
+                                 "closed by peer [10.0.0.2]:1234 (ending this rank; the launcher stops the others)\n")
+    text, code = outcome.conclude(tmp_path)
+    assert code == 1 and text.startswith("dpo-dist: load failed on rank(s) 1: ended without a word"), text
+    assert "logs/rank1.log" in text
+    # a rank without a record is not blamed when the others failed for a cause of their own (bad input: torchrun
+    # stopped rank 1 before it wrote)
+    outcome.write_failure(tmp_path, outcome.Failure(0, 2, "input checks", "rejected is empty (row 3)", "fix row 3"))
+    text, code = outcome.conclude(tmp_path)
+    assert code == 2 and text.startswith("dpo-dist: input checks failed on rank(s) 0: rejected is empty"), text
+
+
 def test_split_hint_keeps_the_fix_after_the_where():
     assert outcome.split_hint("model_type 'x' needs remote code (config.json auto_map): set "
                               "model.trust_remote_code: true") == (

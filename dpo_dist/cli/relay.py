@@ -91,7 +91,7 @@ def relay(argv: list[str], env: dict[str, str], output_dir: Path | None) -> int:
         t.join(timeout=10)
     if rc == 0:
         return 0
-    summary = outcome.summarize(outcome.read_failures(output_dir)) if output_dir is not None else None
+    summary = outcome.conclude(output_dir) if output_dir is not None else None
     if summary is None:  # no rank said why: whatever the launcher printed is the best we have
         for r in relays:
             if r.leftover():

@@ -2,7 +2,7 @@
 
 The script is data first: `render_sbatch(SlurmSpec) -> str` is a pure function (tests assert on its text), and
 `dpo_dist.cli.slurm` only loads the config, writes the resolved copy every rank reads, writes the script and, with
-`--submit`, hands it to sbatch. One `srun` task per node runs `accelerate launch` (the argv `launcher.build_launch`
+`--submit`, hands it to sbatch. One `srun` task per node runs `accelerate launch` (the argv `accelerate.build_launch`
 builds), with
 `--machine_rank` from `SLURM_NODEID`, the head node from `scontrol show hostnames`, a port derived from the job id and
 c10d rendezvous. Values come from the Python config; the script never reads the YAML. After srun, the job's exit code
@@ -18,6 +18,8 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from dpo_dist.config.names import Placement, Sharding
 
 # SLURM time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
@@ -37,8 +39,8 @@ class SlurmSpec:
     workdir: str  # the job runs here (relative paths in the config resolve against it)
     nodes: int = 1
     procs_per_node: int = 8  # one per GPU
-    sharding: str = "zero3"
-    placement: str = "zero3"  # for the header comment only: init reads it from the config
+    sharding: str = Sharding.ZERO3.value
+    placement: str = Placement.ZERO3.value  # for the header comment only: init reads it from the config
     job_name: str = "dpo-dist"
     time: str = "01:00:00"
     partition: str | None = None
@@ -92,7 +94,8 @@ def check_spec(spec: SlurmSpec) -> list[str]:
 
 def node_launch(spec: SlurmSpec) -> tuple[list[str], list[str], dict[str, str]]:
     """One node's `accelerate launch` options and its `-m dpo_dist init ...`, as shell words (what follows
-    `python -m accelerate.commands.launch --machine_rank N`), and the environment, from `launcher.build_launch`.
+    `python -m accelerate.commands.launch --machine_rank N`), and the environment, from
+    `dpo_dist.launch.accelerate.build_launch`.
 
     What only the job knows is written as shell variables: the head node, the port, and the shipped accelerate and
     DeepSpeed configs (resolved by the job's own $PYTHON, since the nodes' install path may differ from this one's)."""
@@ -287,7 +290,7 @@ def verdict(report: str, srun_exit: str | int, before: str) -> int:
     print(f"[dpo-dist] job {job}: FAILED (srun exit code {rc}): {why}", flush=True)
     from dpo_dist.runtime import outcome  # the ranks' own cause and exit code, as the job log's last line
 
-    summary = outcome.summarize(outcome.read_failures(path.parent))
+    summary = outcome.conclude(path.parent)
     if summary is not None:
         logs = outcome.log_paths(path.parent)
         if logs:

@@ -16,6 +16,9 @@ from pathlib import Path
 LOG_DIR = "logs"
 # a rank that ends inside a collective stage (dpo_dist.init.stages.abandon) has no time to write a record: its line
 ABANDON = re.compile(r"^dpo-dist: rank (\d+) failed in stage '([^']+)': (.*?)(?: \(ending this rank;.*)?$")
+# what a rank says when a peer vanished under it (gloo, NCCL, our liveness check): then the vanished peer is the cause
+LOST_PEER = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|did not answer within|"
+                       r"remote worker|NCCL (error|communicator was aborted)|Socket Timeout", re.I)
 
 
 @dataclass(frozen=True)
@@ -112,3 +115,21 @@ def log_paths(output_dir: str | Path) -> list[str]:
         return []
     return [os.path.relpath(p) if not Path(output_dir).is_absolute() else str(p)
             for p in sorted(d.glob("rank*.log"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))]
+
+
+def conclude(output_dir: str | Path) -> tuple[str, int] | None:
+    """The line and exit code a launcher ends with. A rank that left a log but no word (killed, crashed, out of
+    memory: os._exit, SIGKILL) while the others failed only because a peer vanished is named as the cause, rather
+    than the rank that noticed."""
+    failures = read_failures(output_dir)
+    if not failures:
+        return None
+    d = log_dir(output_dir)
+    logged = {int(m.group(1)) for p in d.glob("rank*.log") if (m := re.fullmatch(r"rank(\d+)", p.stem))}
+    silent = sorted(logged - {f.rank for f in failures} - {r for f in failures for r in (f.ranks or [])})
+    if silent and all(LOST_PEER.search(f.cause) for f in failures):
+        noticed = ",".join(str(f.rank) for f in failures)
+        logs = ", ".join(f"{LOG_DIR}/rank{r}.log" for r in silent)
+        return line(failures[0].stage, silent, f"ended without a word (killed, crashed or out of memory); rank(s) "
+                    f"{noticed} then lost the connection", f"see {logs} and that node's kernel log (OOM killer)"), 1
+    return summarize(failures)
