@@ -252,7 +252,8 @@ def product_run(ckpt: Path, placement: str, out: Path, log_path: Path, extra_set
         raise RuntimeError(f"dpo-dist init ({placement}) exit {code}, ranks seen {sorted(sampler.by_rank)}: "
                            f"see {log_path}")
     facts = report["facts"]
-    if tree is not None and "loader" in facts:
+    has_loader = any(tree.glob("dpo_dist/**/fastload.py")) if tree is not None else True
+    if tree is not None and "loader" in facts and not has_loader:  # a tree from before model.loader existed
         raise RuntimeError(f"the run from {tree} used the current dpo_dist (it reports a loader): see {log_path}")
     if tree is None and facts.get("loader") != (loader or "fast"):
         raise RuntimeError(f"model.loader {loader or 'auto'}: loaded by {facts.get('loader')} "
