@@ -69,21 +69,30 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def run_cmd(argv: list[str], env_extra: dict[str, str], timeout: float, cwd: Path = ROOT) -> tuple[int, str]:
-    """Run in a new session; on timeout kill the whole process tree (no stray ranks survive a test)."""
+def run_process(argv: list[str], env_extra: dict[str, str], timeout: float, cwd: Path = ROOT,
+                split_stderr: bool = False) -> tuple[int, str, str]:
+    """Run in a new session; on timeout kill the whole process tree (no stray ranks survive a test). Returns (exit
+    code, stdout, stderr); stderr is "" unless split_stderr (then it is not folded into stdout)."""
     env = {**os.environ, **env_extra}
-    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE if split_stderr else subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
         try:
-            out, _ = proc.communicate(timeout=15)
+            out, err = proc.communicate(timeout=15)
         except subprocess.TimeoutExpired:
-            out = "(no output: a process kept the pipe open)"
-        raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}") from None
-    return proc.returncode, out
+            out, err = "(no output: a process kept the pipe open)", ""
+        raise AssertionError(f"timed out after {timeout}s:\n{out[-4000:]}\n{(err or '')[-3000:]}") from None
+    return proc.returncode, out, err or ""
+
+
+def run_cmd(argv: list[str], env_extra: dict[str, str], timeout: float, cwd: Path = ROOT) -> tuple[int, str]:
+    """Run with stderr folded into stdout: (exit code, output)."""
+    code, out, _ = run_process(argv, env_extra, timeout, cwd)
+    return code, out
 
 
 def launch_init(output_dir: Path, *init_args: str, sharding: str = "zero3", nproc: int = 2,

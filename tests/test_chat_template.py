@@ -123,13 +123,13 @@ def test_rows_trl_drops_fail_the_gate(tmp_path):
 
     from trl import DPOConfig
 
-    from dpo_dist.data.tokenize_once import trl_prepare
+    from dpo_dist.compat.trl import prepare_dataset
 
     tok = tokenizer(GOOD)
     rows = [CONV[0], {**CONV[1], "prompt": [{"role": "user", "content": "word " * 40}]}, CONV[2]]
     data = prepare(str(write(tmp_path, rows, "parquet")), "train", "train", tok, 20)
     args = DPOConfig(output_dir=str(tmp_path / "out"), max_length=30, use_cpu=True, report_to="none")
-    tokenized = trl_prepare(data.dataset, tok, args, "train")
+    tokenized = prepare_dataset(data.dataset, tok, args, "train")
     assert len(tokenized) == 2  # TRL dropped the long row
     rr = RankReport(0)
     ok = chat_template.check_tokenized(rr, SimpleNamespace(train_dataset=tokenized, eval_dataset=None),

@@ -15,7 +15,7 @@ from dpo_dist.runtime.distributed import DistContext
 def init_run(loader: str, stage: int = 3, *overrides: str, zero: dict | None = None) -> InitRun:
     cfg = load(None, [parse_override(f"model.loader={loader}"), *map(parse_override, overrides)])
     run = InitRun(cfg, DistContext())
-    run.s.update(stage=stage, ds={"zero_optimization": {"stage": stage, **(zero or {})}})
+    run.state.update(stage=stage, ds={"zero_optimization": {"stage": stage, **(zero or {})}})
     return run
 
 

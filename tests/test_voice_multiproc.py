@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, kill_tree
+from conftest import ROOT, free_port, run_process
 
 from dpo_dist.launch.accelerate import LaunchSpec, build_launch
 
@@ -24,16 +22,7 @@ LINE = re.compile(r"^dpo-dist: .+ failed on rank\(s\) [\d,]+: .+\. Fix: .+$")
 
 
 def run(argv: list[str], timeout: float = 240) -> tuple[int, str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc.pid)
-        out, err = proc.communicate(timeout=15)
-        raise AssertionError(f"timed out after {timeout}s:\n{out[-3000:]}\n{err[-3000:]}") from None
-    return proc.returncode, out, err
+    return run_process(argv, {"PYTHONUNBUFFERED": "1"}, timeout, split_stderr=True)
 
 
 def launch(out: Path, *init_args: str) -> tuple[int, str, str]:

@@ -31,11 +31,6 @@ def marker(dataset, name: str, tok_key: str) -> Path:
     return Path(dataset.cache_files[0]["filename"]).parent / f"dpo-dist-tokenized-{key}"
 
 
-def trl_prepare(dataset, tok, args, name: str):
-    """TRL's own preparation of `dataset`, outside a trainer and without its barriers."""
-    return trl_compat.prepare_dataset(dataset, tok, args, name)
-
-
 def once_per_node(mark: Path, fn, local_main: bool, what: str, note=print, describe=lambda out: "done") -> str:
     """fn() on the node's local main process, which then writes describe(result) to `mark`.done (or the error to
     .failed); the other ranks wait for that file, polling: no collective, so no timeout however long fn takes.
@@ -72,7 +67,7 @@ def tokenize_once(datasets: dict, tok, args, tok_key: str, local_main: bool, not
         if ds is None or not ds.cache_files:
             continue  # in memory: nothing to share
         def run(ds=ds, name=name):
-            return trl_prepare(ds, tok, args, name)
+            return trl_compat.prepare_dataset(ds, tok, args, name)
 
         done[name] = once_per_node(marker(ds, name, tok_key), run, local_main, f"tokenizing the {name} dataset", note,
                                    lambda out: out.cache_files[0]["filename"] if out.cache_files else "")

@@ -71,11 +71,6 @@ class InitRun:
 
             self.state.remote = RemoteReference(ctx.roles, ctx.device)
 
-    @property
-    def s(self) -> InitState:
-        """The stage state under its former name (tests/test_loader_choice.py sets fields with `run.s.update`)."""
-        return self.state
-
     # -- stages -------------------------------------------------------------------------------------------------
     def setup(self) -> bool:
         from transformers import set_seed

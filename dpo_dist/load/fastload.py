@@ -52,13 +52,10 @@ import torch
 
 from dpo_dist.compat import deepspeed as ds_compat
 from dpo_dist.compat import transformers as hf_compat
-from dpo_dist.compat.deepspeed import broadcast_free_init_supported  # noqa: F401  -- tests and callers ask here
 from dpo_dist.config.names import Dtype
 from dpo_dist.load.checkpoint import DTYPES, TensorEntry, tensor_index
 from dpo_dist.load.key_mapping import account
 
-# The deepspeed release whose `Init._zero_init_param` NoBroadcastInit replaces (tests/test_compat.py pins its source).
-PINNED_DEEPSPEED = ds_compat.PINNED
 _STAGING_BYTES = 64 << 20  # host buffer for partitions that live on an accelerator
 
 
@@ -373,7 +370,7 @@ def load_partitioned(path: str | Path, dtype: str | torch.dtype = Dtype.BFLOAT16
     plan = plan or plan_load(path, dtype, trust_remote_code)
     t1 = time.perf_counter()
     if skip_init_broadcast is None:
-        skip_init_broadcast = broadcast_free_init_supported()
+        skip_init_broadcast = ds_compat.broadcast_free_init_supported()
     init = ds_compat.zero_init(ds_config, plan.dtype, skip_init_broadcast)
     _check_init(init)
     with hf_compat.init_contexts(plan.model_class, plan.dtype, init):

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from dpo_dist.compat.transformers import outside_zero3  # noqa: F401  -- reference/ builds whole models with it
 from dpo_dist.load.checkpoint import DTYPES
 
 

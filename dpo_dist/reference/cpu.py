@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
+from dpo_dist.compat.transformers import outside_zero3
 from dpo_dist.config.names import Placement
 from dpo_dist.load import models
 from dpo_dist.reference.base import ReferencePlacement
@@ -18,7 +19,7 @@ class CpuPlacement(ReferencePlacement):
     def load(self, run):
         cfg, s = run.cfg, run.state
         # Built outside ZeRO-3's partitioning context: this copy must stay whole, in host memory.
-        with models.outside_zero3():
+        with outside_zero3():
             ref, shared = models.load_cpu_shared(s.ref_path, cfg.model.dtype, cfg.model.trust_remote_code)
         ref.runs_on_cpu = True
         run.rr.facts["cpu_reference_shared_pages"] = shared

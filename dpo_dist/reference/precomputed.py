@@ -93,7 +93,7 @@ def free_reference(run, trainer) -> None:
     the module object, so waiting for garbage collection would free nothing."""
     import torch
 
-    from dpo_dist.train.kl_monitor import reset_zero3_trace
+    from dpo_dist.compat.deepspeed import reset_zero3_trace
 
     ref = run.state.reference
     engine = trainer.ref_model

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from dpo_dist.compat.transformers import outside_zero3
 from dpo_dist.config.names import Dtype
 from dpo_dist.load import models
 from dpo_dist.runtime.roles import IDLE_WAIT, BridgeError, Roles, die
@@ -49,7 +50,7 @@ def load_reference(cfg, ctx, path) -> tuple[Any, Any]:
     from trl.trainer.utils import add_fused_lm_head
 
     if ctx.world_size == 1:
-        with models.outside_zero3():
+        with outside_zero3():
             model = models.load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
         model.to(ctx.device)
         models.freeze(model)
@@ -123,7 +124,7 @@ class Server:
         repeating its first one where it has fewer."""
         fused = bool(requests[0]["kwargs"].get("fused_lm_head"))
         if self.ctx.world_size > 1 and self.last_fused is not None and fused != self.last_fused:
-            from dpo_dist.train.kl_monitor import reset_zero3_trace
+            from dpo_dist.compat.deepspeed import reset_zero3_trace
 
             reset_zero3_trace(self.forward)  # another kind of forward: the ZeRO-3 prefetch trace no longer holds
         self.last_fused = fused

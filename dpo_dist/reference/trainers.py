@@ -16,7 +16,6 @@ from trl import DPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from dpo_dist.compat import trl as trl_compat
-from dpo_dist.compat.trl import PRECOMPUTE_SIGNATURE, check_trl_hooks  # noqa: F401  -- pinned where they live
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
@@ -36,7 +35,7 @@ class CpuReference(torch.nn.Module):
         cpu = torch.device("cpu")
         args = [a.to(cpu) if torch.is_tensor(a) else a for a in args]
         kwargs = {k: v.to(cpu) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-        from dpo_dist.load.models import outside_zero3
+        from dpo_dist.compat.transformers import outside_zero3
 
         with outside_zero3():  # TRL's fused head would treat this whole CPU model as ZeRO-3 partitioned otherwise
             out = self.module(*args, **kwargs)
