@@ -81,6 +81,15 @@ def test_bad_data_ends_with_our_line_and_exit_2(tmp_path):
     assert len(screen_lines(stdout) + screen_lines(stderr)) <= 4, stdout + stderr
 
 
+def test_a_bad_config_ends_with_our_line_and_exit_2(tmp_path):
+    """No output dir can be read from a bad config, so no rank leaves a record: the ranks' own exit code (2) still
+    comes out of dpo-dist launch, not torchrun's 1."""
+    code, stdout, stderr = launch(tmp_path / "out", "--set", "train.betta=0.2")
+    assert code == 2, (stdout + stderr)[-4000:]
+    last = screen_lines(stderr)[-1]
+    assert LINE.match(last) and "unknown key 'train.betta' (did you mean 'train.beta'?)" in last, last
+
+
 def test_raw_accelerate_launch_says_the_cause_once_from_rank_0(tmp_path):
     out = tmp_path / "out"
     argv, env = build_launch(LaunchSpec(cpu=True, main_process_port=free_port(), init_args=(

@@ -19,6 +19,8 @@ from dpo_dist.runtime.console import known_line
 # the lines the ranks' cause is summarized from (printed once, last, by the launcher)
 TORCHRUN_LOG = re.compile(r"^[EWI]\d{4} \d\d:\d\d:\d\d\.\d+ \d+ \S*torch/distributed/")
 RANK_CAUSE = re.compile(r"^dpo-dist: (rank \d+ failed in stage |.+ failed on rank\(s\) [\d,]+: )")
+# torchrun's failure report names each failed rank's exit code ("exitcode  : 2 (pid: 123)"); torchrun itself exits 1
+EXITCODE = re.compile(r"^\s*exitcode\s*:\s*(\d+)")
 
 
 class Relay:
@@ -92,16 +94,27 @@ def relay(argv: list[str], env: dict[str, str], output_dir: Path | None) -> int:
     if rc == 0:
         return 0
     summary = outcome.conclude(output_dir) if output_dir is not None else None
-    if summary is None:  # no rank said why: whatever the launcher printed is the best we have
+    if summary is None:  # no record (the config itself was bad, or another node's output dir): what the ranks printed
         for r in relays:
             if r.leftover():
                 r.dst.write("\n".join(r.leftover()) + "\n")
         sys.stdout.flush()
         sys.stderr.flush()
-        return rc
+        return ranks_exit_code(relays) or rc
     text, code = summary
     logs = outcome.log_paths(output_dir)
     if logs and not any(r.named_logs for r in relays):
         print(f"[dpo-dist] logs: {' '.join(logs)}", flush=True)
     print(text, file=sys.stderr, flush=True)
     return code
+
+
+def ranks_exit_code(relays: list[Relay]) -> int | None:
+    """The first failed rank's own exit code from torchrun's held-back report (2 bad input, 1 a failed check, ...),
+    where no record says it; None when torchrun named none (a signal gives a negative code: not one of ours)."""
+    for r in relays:
+        for ln in r.held:
+            m = EXITCODE.match(ln)
+            if m and 0 < int(m.group(1)) < 128:
+                return int(m.group(1))
+    return None
