@@ -145,6 +145,49 @@ def test_render_table_cuts_long_values_and_newlines():
     assert "line1 line2" in line and "…" in line and "x" * 20 not in line
 
 
+def test_render_table_keeps_the_tolerance_of_a_long_value():
+    """Issue 24: the step-0 loss row read 'tolerance 1.49e-…' on screen. However narrow the value column, the
+    tolerance that decides the verdict stays whole; report.json (build_report) keeps the full value."""
+    value = ("0.693147 (target 0.693147, |diff| 1.9e-09, tolerance 1.49e-06: float32 rounding of the loss mean: "
+             "(pairs + 4) x 2^-24 x ln 2, policy and reference see the same micro-batch)")
+    rr = RankReport(0)
+    rr.add("step-0 DPO loss = ln 2", True, value, tolerance=1.49e-06, tolerance_source="float32 rounding")
+    report = build_report([rr], {})
+    for width in (30, 45, 60, 80, 120):
+        (line,) = [ln for ln in render_table(report["checks"], width=width).splitlines() if ln.startswith("step-0")]
+        shown = line.split("PASS", 1)[1].strip()
+        assert len(shown) <= width, (width, shown)
+        assert "tolerance 1.49e-06" in shown, (width, shown)
+        assert shown.startswith("0.69"), (width, shown)
+    assert report["checks"][0]["value"] == value  # the JSON keeps it whole
+
+
+def test_render_table_user_set_tolerance_and_kl_row_stay_whole():
+    kl = ("policy vs reference: mean 0.000e+00/token, max seq 0.000e+00 over 412 tokens (tolerance 0.0001 set by the "
+          "user: user: verify.kl_max)")
+    rows = [{"check": "initial KL < limit", "ok": False, "failed_ranks": [0, 1], "value": kl, "hint": "check dropout"}]
+    line = render_table(rows, width=50).splitlines()[2]
+    assert "tolerance 0.0001 set by the user" in line and line.endswith("check dropout")
+    assert "FAIL (ranks 0,1)" in line
+
+
+def test_render_table_fits_the_terminal_width(monkeypatch):
+    value = "x" * 300 + " tolerance 3e-06: measured noise"
+    rows = [{"check": "step-0 DPO loss = ln 2", "ok": True, "failed_ranks": [], "value": value, "hint": ""}]
+    for cols in (100, 140, 200):
+        monkeypatch.setenv("COLUMNS", str(cols))
+        lines = render_table(rows).splitlines()
+        assert all(len(ln) <= cols for ln in lines), (cols, [len(ln) for ln in lines])
+        assert "tolerance 3e-06" in lines[2]
+
+
+def test_render_table_middle_cut_keeps_both_ends_without_a_tolerance():
+    value = "1 differ, first: model.layers.0.mlp.down_proj.weight" + " (detail)" * 20 + " (max abs diff 0.00989)"
+    rows = [{"check": "weights: policy == reference", "ok": False, "failed_ranks": [0], "value": value, "hint": "h"}]
+    line = render_table(rows, width=60).splitlines()[2]
+    assert "1 differ, first" in line and "0.00989)" in line and "…" in line
+
+
 def test_render_table_no_rows():
     out = render_table([])
     assert len(out.splitlines()) == 2

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         print(" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(argv))
         return 0
     env[RUN_ID_ENV] = run_id()  # one id for every rank this launcher starts (rank 0's wins across launchers)
+    if sys.stdout.isatty() and "COLUMNS" not in os.environ:  # the ranks' stdout is a pipe: tell them the width
+        env["COLUMNS"] = str(os.get_terminal_size(sys.stdout.fileno()).columns)
     out = launch_output_dir(init_args) if spec.num_machines == 1 else None  # multi-node: rank 0 takes it
     if out is not None and out.is_dir():
         try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -70,19 +72,48 @@ def merge(rank_reports: list[RankReport]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-def render_table(rows: list[dict[str, Any]], width: int = 60) -> str:
-    def cut(s: str, n: int) -> str:
-        s = s.replace("\n", " ")
-        return s if len(s) <= n else s[: n - 1] + "…"
-
+def render_table(rows: list[dict[str, Any]], width: int | None = None) -> str:
+    """The gate table for the terminal. `width` is the value column's; None fits the terminal (its `COLUMNS`, else
+    160 when the output is not a terminal, as in a rank's log). A value too long for its column is shortened in the
+    middle, never at its tolerance: the part that decides the verdict stays on screen, and report.json keeps it whole.
+    The hint (failing rows only) follows whole; the terminal wraps it."""
     name_w = max([len("check")] + [len(r["check"]) for r in rows])
-    lines = [f"{'check'.ljust(name_w)}  result  {'value'.ljust(width)}  hint", "-" * (name_w + width + 30)]
-    for r in rows:
-        res = "PASS" if r["ok"] else "FAIL"
-        if r["failed_ranks"]:
-            res += f" (ranks {','.join(map(str, r['failed_ranks']))})"
-        lines.append(f"{r['check'].ljust(name_w)}  {res:<6}  {cut(r['value'], width).ljust(width)}  {r['hint']}")
+    results = [("PASS" if r["ok"] else "FAIL") + (f" (ranks {','.join(map(str, r['failed_ranks']))})"
+                                                  if r["failed_ranks"] else "") for r in rows]
+    res_w = max([len("result")] + [len(x) for x in results])
+    if width is None:
+        width = max(32, shutil.get_terminal_size((160, 24)).columns - name_w - res_w - 10)
+    lines = [f"{'check'.ljust(name_w)}  {'result'.ljust(res_w)}  {'value'.ljust(width)}  hint",
+             "-" * (name_w + res_w + width + 10)]
+    for r, res in zip(rows, results, strict=True):
+        value = fit_value(r["value"], width)
+        lines.append(f"{r['check'].ljust(name_w)}  {res.ljust(res_w)}  {value.ljust(width)}  {r['hint']}".rstrip())
     return "\n".join(lines)
+
+
+# "tolerance 1.49e-06", "tolerance 0.0001 set by the user": the bound a numeric row's verdict is decided against
+_TOLERANCE = re.compile(r"tolerance [^\s:,;()]+(?: set by the user)?")
+
+
+def fit_value(text: str, n: int) -> str:
+    """`text` on one line in at most `n` characters. Too long: cut in the middle (the start holds the value, the end
+    often the numbers that decide), and never inside the last `tolerance X`: what comes after it (where the tolerance
+    comes from) is dropped before the tolerance itself is."""
+    text = " ".join(text.split("\n"))
+    if len(text) <= n:
+        return text
+    found = list(_TOLERANCE.finditer(text))
+    if found:
+        m = found[-1]
+        if m.end() <= n - 1:  # the cut falls after the tolerance: keep everything up to the cut
+            return text[: n - 1] + "…"
+        tail = text[m.start():]
+        if len(tail) > (n - 1) // 2:  # keep the tolerance, drop the explanation after it
+            tail = text[m.start():m.end()] + ("…" if m.end() < len(text) else "")
+        head = n - 1 - len(tail)
+        return text[:head] + "…" + tail if head > 0 else tail
+    head = (n - 1) * 2 // 3
+    return text[:head] + "…" + text[len(text) - (n - 1 - head):]
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
