@@ -125,10 +125,11 @@ def test_script_is_valid_bash_and_shellcheck_clean(tmp_path, kw):
     path = tmp_path / "job.sbatch"
     path.write_text(render_sbatch(spec(**kw)))
     subprocess.run(["bash", "-n", str(path)], check=True)
-    if shutil.which("shellcheck"):
-        # SC2016: '$SLURM_NODEID' and '${rank}' are meant to reach the task and torchrun unexpanded
-        out = subprocess.run(["shellcheck", "-e", "SC2016", str(path)], capture_output=True, text=True)
-        assert out.returncode == 0, out.stdout
+    if not shutil.which("shellcheck"):  # a skip, not a silent pass: the lint half did not run
+        pytest.skip("shellcheck is not installed: the script was checked with bash -n only")
+    # SC2016: '$SLURM_NODEID' and '${rank}' are meant to reach the task and torchrun unexpanded
+    out = subprocess.run(["shellcheck", "-e", "SC2016", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
 
 
 # -- the script, run under bash with stand-ins for SLURM ------------------------------------------------------------
@@ -330,11 +331,11 @@ def test_example_8x8_script_is_what_the_command_writes():
     assert out.returncode == 0, out.stderr
     assert EXAMPLE.read_text() == out.stdout, (
         "slurm/example-8x8.sbatch is stale: regenerate it with\n  python -m dpo_dist " + " ".join(EXAMPLE_ARGS)
-        + " > slurm/example-8x8.sbatch\nand paste it into README.md")
+        + " > slurm/example-8x8.sbatch\nand paste it into docs/slurm.md")
 
 
 def test_readme_section_shows_the_example():
-    doc = (ROOT / "README.md").read_text()
+    doc = (ROOT / "docs" / "slurm.md").read_text()
     assert EXAMPLE.read_text() in doc
     assert "dpo-dist slurm" in doc and "sbatch" in doc
 

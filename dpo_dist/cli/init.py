@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="build everything on the meta device (no weights): "
                    "sharding, placement, config checks, trainer arguments, memory plan; --model may be a preset")
     p.add_argument("--force", action="store_true", help="run even if the memory plan says it cannot fit")
+    p.add_argument("--print-config", action="store_true", help="print the run's fully resolved config (YAML: "
+                   "defaults < --config < flags and --set) and exit 0")
     from dpo_dist.plan.planner import parse_bytes
 
     for flag, kind, what in (("--nodes", int, "nodes"), ("--gpus-per-node", int, "ranks per node"),
@@ -45,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
             print(line("config", [rank], e.one_line(), "correct that value in the run YAML or on the command line "
                        "(--set SECTION.KEY=VALUE)"), file=sys.stderr)
         return 2
+    if getattr(args, "print_config", False):
+        from dpo_dist.config.docs import resolved_yaml
+
+        print(resolved_yaml(cfg), end="")
+        return 0
     if "RANK" in os.environ and not args.dry_run:  # launched: one voice on the terminal, every rank in its log
         from dpo_dist.runtime import console
 

@@ -107,11 +107,13 @@ def fit_value(text: str, n: int) -> str:
         m = found[-1]
         if m.end() <= n - 1:  # the cut falls after the tolerance: keep everything up to the cut
             return text[: n - 1] + "…"
-        tail = text[m.start():]
-        if len(tail) > (n - 1) // 2:  # keep the tolerance, drop the explanation after it
-            tail = text[m.start():m.end()] + ("…" if m.end() < len(text) else "")
-        head = n - 1 - len(tail)
-        return text[:head] + "…" + tail if head > 0 else tail
+        tail, room, tol = text[m.start():], n - 1, m.end() - m.start()
+        if tol + 1 >= room:  # too narrow for anything else
+            return text[m.start():m.end()]
+        head = min(max(room - len(tail), room // 2), room - tol - 1, m.start())
+        if len(tail) > room - head:  # the tolerance whole, then as much of where it comes from as fits
+            tail = tail[: room - head - 1] + "…"
+        return text[:head] + "…" + tail
     head = (n - 1) * 2 // 3
     return text[:head] + "…" + text[len(text) - (n - 1 - head):]
 
