@@ -1,6 +1,7 @@
 """Adding a reference placement is one module: every Placement member has its strategy in dpo_dist/reference/<name>.py,
-registered once, and the init stages never name a placement (they ask the strategy). The stage state is typed: a
-mistyped field raises instead of reading None."""
+registered once, and its memory record in dpo_dist/config/placement_memory.py; the init stages never name a placement
+(they ask the strategy) and the planner never does (it reads the record). The stage state is typed: a mistyped field
+raises instead of reading None."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dpo_dist.config import placement_memory
 from dpo_dist.config.names import Placement
 from dpo_dist.init.state import InitState
 from dpo_dist.reference.base import ReferencePlacement
@@ -36,21 +38,96 @@ def test_an_unknown_placement_is_refused_by_name():
         strategy_for("gpu")
 
 
-@pytest.mark.parametrize("path", PLACEMENT_BLIND, ids=lambda p: p.name)
-def test_stages_never_name_or_compare_a_placement(path):
+def placement_uses(path: Path) -> list[str]:
+    """Where a module names or dispatches on a placement: the enum, a placement's name in any string (f-strings too),
+    an import of a strategy module, a comparison, subscript or `match` on anything called `placement`."""
     tree = ast.parse(path.read_text())
     names = set(Placement.values())
     strategy_modules = {f"dpo_dist.reference.{n}" for n in names}
+    found = []
+
+    def mentions_placement(node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Attribute) and n.attr == "placement" or isinstance(n, ast.Name) and
+                   n.id == "placement" for n in ast.walk(node))
+
+    def names_one(node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Constant) and n.value in names or isinstance(n, ast.Attribute) and
+                   isinstance(n.value, ast.Name) and n.value.id == "Placement" for n in ast.walk(node))
+
     for node in ast.walk(tree):
         where = f"{path.name}:{getattr(node, 'lineno', '?')}"
-        assert not (isinstance(node, ast.Name) and node.id == "Placement"), where
-        assert not (isinstance(node, ast.Constant) and node.value in names), f"{where}: {node.value!r}"
+        if isinstance(node, ast.Name) and node.id == "Placement":
+            found.append(f"{where}: names Placement")
+        # 'cpu' is also a device and 'ranks' a count: those two are caught when compared (below), not when spelled
+        if isinstance(node, ast.Constant) and node.value in names - {"cpu", "ranks"}:
+            found.append(f"{where}: spells {node.value!r}")
         if isinstance(node, ast.ImportFrom):
-            assert node.module not in strategy_modules, f"{where}: imports {node.module}"
-            assert not {a.name for a in node.names} & names, f"{where}: imports a placement module"
-        if isinstance(node, ast.Compare):  # `... .placement == x`, `x in (...)` on a placement
-            sides = [node.left, *node.comparators]
-            assert not any(isinstance(s, ast.Attribute) and s.attr == "placement" for s in sides), where
+            if node.module in strategy_modules or {a.name for a in node.names} & names:
+                found.append(f"{where}: imports a placement module")
+        sides = [node.left, *node.comparators] if isinstance(node, ast.Compare) else []
+        if any(mentions_placement(x) for x in sides) and any(names_one(x) for x in sides):
+            found.append(f"{where}: compares a placement")  # `== "lora"`, `in (Placement.ZERO3, ...)`
+        if isinstance(node, ast.Subscript) and mentions_placement(node.slice):
+            found.append(f"{where}: looks a placement up in a table")
+        if isinstance(node, ast.Match) and mentions_placement(node.subject):
+            found.append(f"{where}: matches on a placement")
+    return found
+
+
+@pytest.mark.parametrize("path", PLACEMENT_BLIND, ids=lambda p: p.name)
+def test_stages_never_name_or_compare_a_placement(path):
+    assert placement_uses(path) == []
+
+
+def test_the_placement_scan_catches_what_a_spelling_check_missed(tmp_path):
+    """The scan sees dispatch written any way: a table lookup, a match, a `!=` through a str() call."""
+    src = tmp_path / "m.py"
+    src.write_text(
+        "def f(cfg, x):\n"
+        "    a = x == 'lora'\n"
+        "    b = TABLE[cfg.reference.placement]\n"
+        "    match cfg.reference.placement:\n"
+        "        case _: pass\n"
+        "    if str(cfg.reference.placement) != 'ranks': pass\n")
+    kinds = [u.split(": ", 1)[1] for u in placement_uses(src)]
+    assert sorted(kinds) == ["compares a placement", "looks a placement up in a table", "matches on a placement",
+                             "spells 'lora'"], kinds
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "plan").glob("*.py")), ids=lambda p: p.name)
+def test_the_planner_never_switches_on_a_placement(path):
+    """plan/ reads each placement's memory record; it may list the placements (to plan each) and name the default,
+    never compare or look one up by name."""
+    allowed = {"inputs.py": {"names Placement"}}.get(path.name, set())  # PLACEMENTS = tuple(Placement), the default
+    uses = [u for u in placement_uses(path) if u.split(": ", 1)[1] not in allowed]
+    assert uses == []
+
+
+@pytest.mark.parametrize("placement", list(Placement))
+def test_every_placement_has_a_memory_record(placement):
+    record = placement_memory.memory_of(placement.value)
+    assert record is placement_memory.MEMORY[placement]
+    assert set(placement_memory.MEMORY) == set(Placement)
+    assert set(record.weights_phases) <= set(placement_memory.ALL_PHASES)
+
+
+def test_the_planner_counts_a_placement_by_its_record_alone(monkeypatch):
+    """Give cpu zero3's record and the planner plans cpu exactly as zero3: it reads the record, not the name."""
+    from dpo_dist.plan import planner
+    from dpo_dist.plan.inputs import Cluster, RunSettings
+    from dpo_dist.plan.presets import resolve_model
+
+    conf = resolve_model("llama-3-8b").config
+    cluster = Cluster(nodes=1, gpus_per_node=8, gpu_mem=80 * 10**9, host_mem=10**12, device="gpu")
+
+    def counted(placement):
+        p = planner.plan(conf, cluster, RunSettings(placement=placement, micro_batch=1, max_length=1024))
+        return {role: p.components(role) for role in ("train",)}, p.gpu_peak, p.host_node_peak
+
+    zero3, cpu = counted("zero3"), counted("cpu")
+    assert zero3 != cpu
+    monkeypatch.setitem(placement_memory.MEMORY, Placement.CPU, placement_memory.MEMORY[Placement.ZERO3])
+    assert counted("cpu") == zero3
 
 
 def test_stage_state_refuses_a_mistyped_field():
@@ -79,10 +156,31 @@ def test_shared_rows_keep_their_names_values_and_hints():
     assert "first differing tensor: b" in rr.checks[1].hint
 
 
+def row_names_written(path: Path) -> list[str]:
+    """Every string literal's text in a module, f-strings joined from their literal parts ("{}" for a field)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            out.append(node.value)
+        elif isinstance(node, ast.JoinedStr):
+            out.append("".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values))
+    return out
+
+
+SHARED_ROWS = ("policy trainable", "configs equal", "weights: policy == reference", "no reference parameter moved")
+
+
 def test_shared_rows_are_written_once():
-    """Each shared row is written in one place (verify/model_checks.py), not again in a placement or a stage."""
+    """Each shared row is written in one place (verify/model_checks.py), not again in a placement or a stage, however
+    the name is spelled there (a plain string, an f-string, a prefix)."""
     for path in [*PACKAGE.joinpath("reference").glob("*.py"), *PACKAGE.joinpath("init").glob("*.py")]:
-        src = path.read_text()
-        for row in ('"policy trainable"', '"configs equal"', '"weights: policy == reference"',
-                    '"no reference parameter moved'):
-            assert row not in src, f"{path.name} writes {row} itself"
+        for text in row_names_written(path):
+            for row in SHARED_ROWS:
+                assert not (text.startswith(row) or text.startswith(f"trainer: {row}")), \
+                    f"{path.name} writes {row!r} itself: call verify/model_checks.py"
+
+
+def test_the_row_scan_sees_f_strings(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("def f(rr, n):\n    rr.add(f'policy trainable{n}', True)\n")
+    assert any(t.startswith("policy trainable") for t in row_names_written(src))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpo_dist.config.names import Dtype, Placement, Sharding
+from dpo_dist.config.placement_memory import memory_of
 
 GiB = 1 << 30
 DTYPE_BYTES = {d.value: d.bytes for d in Dtype}
@@ -79,7 +80,7 @@ class RunSettings:
             parts.append("off-opt" if self.offload == "optimizer" else "off-all")
         if self.gradient_checkpointing:
             parts.append("ckpt")
-        ranks = self.placement == Placement.RANKS and self.ref_ranks
+        ranks = memory_of(self.placement).own_ranks and self.ref_ranks if self.placement in PLACEMENTS else False
         ref = self.placement + (f"(K={self.ref_ranks})" if ranks else "")
         return " ".join(parts) + f" ref:{ref}"
 

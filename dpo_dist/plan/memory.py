@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dpo_dist.config.names import Placement
+from dpo_dist.config.placement_memory import memory_of
 from dpo_dist.plan.inputs import DTYPE_BYTES, Cluster, GiB, RunSettings
 
 PHASES = ("load", "init", "train", "step")
@@ -123,7 +123,8 @@ def train_role(m: dict[str, Any], s: RunSettings, c: Cluster, p: int, shard_byte
     w = DTYPE_BYTES[s.dtype]
     psi, big = m["params"], m["largest_layer_params"]
     z3 = s.zero_stage == 3
-    lora = s.placement == Placement.LORA
+    ref = memory_of(s.placement)  # what the placement puts on this rank (config/placement_memory.py)
+    lora = ref.trains_adapters
     trainable = s.lora_rank * m["lora_params_per_rank"] if lora else psi
     t_part = _ceil_div(trainable, p)
     mixed = w < 4  # bf16/fp16: fp32 master copy and fp32 gradients at step time
@@ -159,16 +160,15 @@ def train_role(m: dict[str, Any], s: RunSettings, c: Cluster, p: int, shard_byte
             put("bf16 param buffer", w * t_part, True, PHASES[2:], "ZeRO-2 offload copy-back buffer")
 
     # reference on training ranks
-    ref_note = {Placement.ZERO3: "ZeRO-3 partition" if z3 else "stage-0 replica under ZeRO-2 (reference.on_zero2)",
-                Placement.PRECOMPUTED: "only until its log-probs are computed"}
-    if s.placement in (Placement.ZERO3, Placement.PRECOMPUTED):
-        ref = w * (_ceil_div(psi, p) if z3 else psi)
-        phases = PHASES if s.placement == Placement.ZERO3 else ("load", "init")
-        put("reference weights", ref, weights_host and z3, phases, ref_note[s.placement])
-    elif s.placement == Placement.CPU:
+    if ref.weights == "like_policy":
+        note = ref.weights_note or ("ZeRO-3 partition" if z3 else "stage-0 replica under ZeRO-2 (reference.on_zero2)")
+        put("reference weights", w * (_ceil_div(psi, p) if z3 else psi), weights_host and z3, ref.weights_phases,
+            note)
+    elif ref.weights == "host_mmap":
         nbytes = w * psi
         comps.append(Component("reference weights", host_shared=nbytes if s.checkpoint_mmap_shared else 0,
                                host=0 if s.checkpoint_mmap_shared else nbytes,
+                               phases=ref.weights_phases,
                                note="unsharded in host memory" + (", one mmapped copy per node"
                                                                    if s.checkpoint_mmap_shared else "")))
 
@@ -195,21 +195,15 @@ def train_role(m: dict[str, Any], s: RunSettings, c: Cluster, p: int, shard_byte
     head_trainable = not lora
     put("logits", logits_bytes(m, tokens, w, s.logits, head_trainable), False, ("train",),
         f"{s.logits}: full fp32 logits would be {full_logits_bytes(m, tokens) / GiB:.2f} GiB")
-    if s.placement in (Placement.ZERO3, Placement.LORA):
-        put("reference forward", reference_forward_bytes(m, tokens, w, s.logits), False, ("train",),
-            "no-grad forward while the policy's activations are live")
-    elif s.placement == Placement.CPU:
-        put("reference forward", reference_forward_bytes(m, tokens, w, s.logits), True, ("train",),
-            "the reference's forward runs on the CPU")
-    elif s.placement == Placement.PRECOMPUTED:
-        put("reference forward", reference_forward_bytes(m, tokens, w, s.logits), False, ("init",),
-            "no-grad forwards that precompute the reference log-probs")
+    if ref.forward != "none":
+        put("reference forward", reference_forward_bytes(m, tokens, w, s.logits), ref.forward == "host",
+            (ref.forward_phase,), ref.forward_note)
 
     # loading: ZeRO-3 builds partitioned (zero.Init) and rank 0 reads the files; ZeRO-2 loads full copies per rank
     comps.append(Component("checkpoint pages", host_shared=shard_bytes, phases=("load",),
                            note="largest checkpoint file, mapped while it is read (page cache)"))
     if not z3:
-        n_full = 1 + (1 if s.placement in (Placement.ZERO3, Placement.PRECOMPUTED) else 0)
+        n_full = 1 + (1 if ref.weights == "like_policy" else 0)
         comps.append(Component("full copies while loading", host=n_full * w * psi, phases=("load",),
                                note="ZeRO-2: from_pretrained materializes the whole model on every rank"))
     return RolePlan("train", p, tuple(comps))

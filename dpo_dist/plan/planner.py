@@ -19,7 +19,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from dpo_dist.config.names import Placement, Sharding
+from dpo_dist.config.names import Sharding
+from dpo_dist.config.placement_memory import memory_of
 from dpo_dist.plan.inputs import DTYPE_BYTES, PLACEMENTS, Cluster, GiB, RunSettings
 from dpo_dist.plan.memory import PHASES, RolePlan, host_node, reference_role, train_role
 
@@ -27,8 +28,6 @@ from dpo_dist.plan.memory import PHASES, RolePlan, host_node, reference_role, tr
 PRESET_SHARD_BYTES = 5 * 10**9
 # Preference order among layouts that fit (lower is better): what each choice costs in speed or in method.
 OFFLOAD_COST = {"none": 0.0, "optimizer": 3.0, "all": 6.0}
-PLACEMENT_COST = {Placement.ZERO3: 0.0, Placement.PRECOMPUTED: 0.5, Placement.RANKS: 2.0, Placement.CPU: 4.0,
-                  Placement.LORA: 5.0}
 CHECKPOINTING_COST = 2.0
 ZERO3_COST = 1.0
 
@@ -143,7 +142,7 @@ def _assemble(m: dict[str, Any], c: Cluster, s: RunSettings, roles: tuple[RolePl
                    "largest gathered layer", "live parameters"}
     states = max(sum(x.gpu for x in train.components if x.name in state_names and ph in x.phases)
                  for ph in ("train", "step"))
-    score = (OFFLOAD_COST[s.offload] + PLACEMENT_COST[s.placement] + (ZERO3_COST if s.zero_stage == 3 else 0)
+    score = (OFFLOAD_COST[s.offload] + memory_of(s.placement).cost + (ZERO3_COST if s.zero_stage == 3 else 0)
              + (CHECKPOINTING_COST if s.gradient_checkpointing else 0))
     from dpo_dist.config.schema import IMPLEMENTED_PLACEMENTS
 
@@ -168,7 +167,7 @@ def plan(model_config: dict[str, Any], cluster: Cluster, settings: RunSettings, 
         shard_bytes = min(w * m["params"], PRESET_SHARD_BYTES)
     world = cluster.world
     extra: list[str] = []
-    if settings.placement == Placement.RANKS:
+    if memory_of(settings.placement).own_ranks:
         if world < 2:
             raise ValueError("placement 'ranks' needs at least 2 ranks (K reference + P training)")
         k = settings.ref_ranks or _pick_ref_ranks(m, cluster, settings, headroom, shard_bytes)
@@ -202,11 +201,12 @@ def strategies(world: int, base: RunSettings) -> list[RunSettings]:
         for off in offloads:
             for ckpt in (False, True):
                 for placement in PLACEMENTS:
-                    if placement == Placement.RANKS and world < 2:
+                    own_ranks = memory_of(placement).own_ranks
+                    if own_ranks and world < 2:
                         continue
                     out.append(replace(base, zero_stage=stage, offload_optimizer=off != "none",
                                        offload_params=off == "all", gradient_checkpointing=ckpt, placement=placement,
-                                       ref_ranks=base.ref_ranks if placement == Placement.RANKS else None))
+                                       ref_ranks=base.ref_ranks if own_ranks else None))
     return out
 
 
@@ -262,7 +262,7 @@ def settings_from_run_config(cfg, ds_config: dict[str, Any] | None = None, ref_r
     kw = dict(zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par, placement=cfg.reference.placement,
               micro_batch=cfg.train.per_device_train_batch_size, max_length=cfg.train.max_length,
               gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype,
-              ref_ranks=ref_ranks if ref_ranks is not None or cfg.reference.placement != Placement.RANKS
+              ref_ranks=ref_ranks if ref_ranks is not None or not memory_of(cfg.reference.placement).own_ranks
               else cfg.reference.ranks,
               max_live_parameters=num("stage3_max_live_parameters", 1_000_000_000),
               sub_group_size=num("sub_group_size", 1_000_000_000),

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from dpo_dist.config.names import Placement
+from dpo_dist.config.placement_memory import memory_of
 from dpo_dist.config.schema import RunConfig
 
 
@@ -104,14 +104,15 @@ def dry_run(cfg: RunConfig, cluster_args: ClusterArgs) -> int:
     label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
     problems = []
     # the trainer's world: placement ranks keeps its last reference.ranks processes out of training
-    train_world = cluster.world - (cfg.reference.ranks if cfg.reference.placement == Placement.RANKS else 0)
+    train_world = cluster.world - (cfg.reference.ranks if memory_of(cfg.reference.placement).own_ranks else 0)
     bad_batch = batch_mismatch(ds, cfg, train_world)
     if bad_batch:
         problems.append(bad_batch)
     conf = AutoConfig.for_model(**{k: v for k, v in model_conf.items() if k != "architectures"})
     with torch.device("meta"):  # the real model classes, no weights
         policy = AutoModelForCausalLM.from_config(conf)
-        reference = AutoModelForCausalLM.from_config(conf) if cfg.reference.placement != Placement.LORA else None
+        reference = AutoModelForCausalLM.from_config(conf) if memory_of(cfg.reference.placement).separate_model \
+            else None
     n = sum(p.numel() for p in policy.parameters())
     if reference is not None:
         reference.requires_grad_(False)
