@@ -12,5 +12,5 @@ if [ "$#" -gt 0 ]; then  # a selection of your own (-k, -m, a file): that run al
 fi
 # The default suite, then the tests marked `slow` once (every placement under ZeRO-3 and ZeRO-2 on the deep trained
 # checkpoint, the resume end-to-end; conftest skips them unless selected).
-.venv/bin/python -m pytest -q -p no:cacheprovider tests
-exec .venv/bin/python -m pytest -q -p no:cacheprovider tests -m slow
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests -m slow

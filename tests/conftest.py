@@ -128,3 +128,58 @@ def deep_checkpoint_other(deep_checkpoint) -> Path:
     from deep_checkpoint import cached
 
     return cached("other", extra_steps=5)
+
+
+# -- launches shared across tests (issue 24) ---------------------------------------------------------------------
+# A launch costs 10-20 s on a 2-core machine. A test that only reads a run's result takes it from `launched(...)`:
+# one launch per distinct set of arguments per session. Launch yourself when the test changes the run or its files.
+
+
+@dataclass
+class SharedLaunch(LaunchResult):
+    stdout: str = ""  # the terminal's stdout and stderr apart (`terminal` folds them in order of arrival)
+    stderr: str = ""
+    output_dir: Path = ROOT
+
+
+_LAUNCHED: dict[tuple, SharedLaunch] = {}
+# The passing 2-rank zero3 run on the embedded checkpoint, as README command 1 runs it (launch/demo.sh, which writes
+# runs/demo), with two smoke steps (the placement tests compare the first two losses).
+PASSING_ZERO3 = ("--smoke-steps", "2")
+
+
+def launched(*init_args: str, demo: bool = False, sharding: str = "zero3", nproc: int = 2,
+             timeout: float = 600) -> SharedLaunch:
+    """The result of `dpo-dist launch --cpu` with these init arguments, launched once per session. The output dir
+    exists before the launch and holds an earlier run's failed report (so the launcher holds the dir's lock, and
+    `--overwrite` has something to replace). demo=True runs `bash launch/demo.sh` (README command 1; output runs/demo)
+    instead of `dpo-dist launch`. Treat the result and its output dir as read-only: other tests share them."""
+    import tempfile
+
+    key = (tuple(init_args), demo, sharding, nproc)
+    if key in _LAUNCHED:
+        return _LAUNCHED[key]
+    out = ROOT / "runs" / "demo" if demo else Path(tempfile.mkdtemp(prefix="dpo-dist-launched-")) / "out"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / "report.json").write_text('{"passed": false}')  # an earlier run's, replaced under --overwrite
+    port = str(free_port())
+    if demo:  # demo.sh passes --overwrite itself; sharding and processes are the script's (zero3, 2)
+        argv = ["bash", "launch/demo.sh", *init_args]
+    else:
+        argv = [sys.executable, "-m", "dpo_dist", "launch", "--cpu", "--num-processes", str(nproc), "--sharding",
+                sharding, "--port", port, "--", "--output-dir", str(out), "--overwrite", *init_args]
+    code, stdout, stderr = run_process(argv, {"PYTHONUNBUFFERED": "1", "PORT": port}, timeout, split_stderr=True)
+    rep_path = out / "report.json"
+    report = json.loads(rep_path.read_text()) if rep_path.exists() else None
+    logs = "".join(f"\n==> {p} <==\n{p.read_text(errors='replace')}" for p in sorted((out / "logs").glob("rank*.log")))
+    _LAUNCHED[key] = SharedLaunch(code, stdout + stderr + logs, report, stdout + stderr, stdout, stderr, out)
+    return _LAUNCHED[key]
+
+
+def passing_zero3_run() -> SharedLaunch:
+    """README command 1's run (2 ranks, ZeRO-3, reference zero3, embedded checkpoint and data), shared."""
+    return launched(*PASSING_ZERO3, demo=True)

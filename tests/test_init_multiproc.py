@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, check_row, free_port, launch_init, run_cmd
+from conftest import ROOT, check_row, launch_init, passing_zero3_run
 from safetensors.torch import load_file, save_file
 
 from dpo_dist.config.resources import DEFAULT_CHECKPOINT
@@ -38,15 +38,14 @@ def assert_proofs_passed(report: dict, stage: int) -> None:
         assert check_row(report, name)["ok"], name
 
 
-def test_readme_demo_job_zero3(tmp_path):
-    """README command 1 (launch/demo.sh): ZeRO-3, 2 processes, embedded checkpoint, one smoke step."""
-    out = ROOT / "runs" / "demo"
-    shutil.rmtree(out, ignore_errors=True)
-    code, log = run_cmd(["bash", "launch/demo.sh"], {"PORT": str(free_port())}, timeout=600)
-    assert code == 0, log[-6000:]
-    report = json.loads((out / "report.json").read_text())
+def test_readme_demo_job_zero3():
+    """README command 1 (launch/demo.sh): ZeRO-3, 2 processes, embedded checkpoint, smoke steps (the shared run)."""
+    res = passing_zero3_run()
+    assert res.returncode == 0, res.output[-6000:]
+    report = json.loads((res.output_dir / "report.json").read_text())
+    assert res.output_dir == ROOT / "runs" / "demo" and report == res.report
     assert_proofs_passed(report, stage=3)
-    assert "quality gate PASSED" in log
+    assert "quality gate PASSED" in res.terminal
     assert report["facts"]["loader"] == "fast", report["facts"].get("loader_reason")  # model.loader auto, ZeRO-3
     # the policy is really partitioned: each rank holds about half of it, never a full copy
     full = sum(t.numel() * t.element_size() for t in load_file(str(DEFAULT_CHECKPOINT / "model.safetensors")).values())

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import check_row, launch_init
+from conftest import PASSING_ZERO3, check_row, launch_init, passing_zero3_run
 from safetensors.torch import load_file, save_file
 
 from dpo_dist.config.resources import DEFAULT_CHECKPOINT
@@ -21,8 +21,9 @@ COMMON = ("--smoke-steps", "2")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One launch per placement (each ~15 s here), shared by the assertions below."""
-    out = {}
-    for placement in ("zero3", "cpu", "lora", "precomputed"):
+    out = {"zero3": passing_zero3_run()}  # README command 1's run, shared with other test files
+    assert COMMON == PASSING_ZERO3 and out["zero3"].returncode == 0, out["zero3"].output[-6000:]
+    for placement in ("cpu", "lora", "precomputed"):
         d = tmp_path_factory.mktemp(placement)
         res = launch_init(d / "out", "--placement", placement, *COMMON)
         assert res.returncode == 0, res.output[-6000:]

@@ -102,14 +102,13 @@ def test_ranks_of_separate_launchers_adopt_rank_0s_run_id():
 
 
 @pytest.mark.multiproc
-def test_report_manifest_and_every_rank_carry_one_run_id(tmp_path):
-    from conftest import launch_init
+def test_report_manifest_and_every_rank_carry_one_run_id():
+    from conftest import passing_zero3_run
 
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "report.json").write_text('{"passed": false}')  # an earlier run's: replaced with --overwrite
-    # the dir exists, so `dpo-dist launch` holds the lock while its ranks run, and rank 0 accepts it as its own
-    res = launch_init(out, "--set", "verify.generation=false", "--overwrite", timeout=300)
+    # the shared run's dir existed with an earlier run's report (replaced with --overwrite), so `dpo-dist launch`
+    # held the lock while its ranks ran, and rank 0 accepted it as its own
+    res = passing_zero3_run()
+    out = res.output_dir
     assert res.returncode == 0, res.output[-4000:]
     rid = res.report["run_id"]
     assert rid and json.loads((out / "reference_manifest.json").read_text())["run_id"] == rid

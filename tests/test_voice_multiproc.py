@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, run_process
+from conftest import ROOT, free_port, passing_zero3_run, run_process
 
 from dpo_dist.launch.accelerate import LaunchSpec, build_launch
 
@@ -42,9 +42,9 @@ def bad_data(tmp_path: Path) -> Path:
     return p
 
 
-def test_passing_run_fits_a_screen_and_every_rank_logs_everything(tmp_path):
-    out = tmp_path / "out"
-    code, stdout, stderr = launch(out, "--smoke-steps", "1")
+def test_passing_run_fits_a_screen_and_every_rank_logs_everything():
+    res = passing_zero3_run()  # the demo's run, shared
+    out, code, stdout, stderr = res.output_dir, res.returncode, res.stdout, res.stderr
     assert code == 0, (stdout + stderr)[-6000:]
     lines = screen_lines(stdout) + screen_lines(stderr)
     shape = collections.Counter(re.sub(r"\d+", "N", ln)[:120] for ln in lines)
