@@ -83,16 +83,33 @@ def test_cache_write_interrupted_by_a_full_disk_leaves_no_truncated_file(tmp_pat
     assert sorted(os.listdir(tmp_path / "data")) == before  # no temporary file, no cache file
 
 
-def test_precomputed_trainer_guards_its_cache_write():
-    """Pins the guard to the method TRL calls: PrecomputedDPOTrainer overrides DPOTrainer._precompute_ref_logps."""
-    import inspect
-
+def test_precomputed_trainer_guards_its_cache_write(tmp_path, monkeypatch):
+    """The guard is on the method TRL calls: PrecomputedDPOTrainer._precompute_ref_logps, run with the disk filling
+    inside TRL's own precompute (which writes its cache through a temporary file next to the data, as datasets' map
+    does above), names the cache file and leaves no temporary file behind."""
     from trl import DPOTrainer
 
+    from dpo_dist.reference import trainers
     from dpo_dist.reference.trainers import PrecomputedDPOTrainer
 
-    assert "_precompute_ref_logps" in vars(DPOTrainer)
-    assert "no_leftovers(" in inspect.getsource(PrecomputedDPOTrainer._precompute_ref_logps)
+    assert "_precompute_ref_logps" in vars(DPOTrainer)  # the hook we override is TRL's
+    cache = str(tmp_path / "cache-f00d.arrow")
+    monkeypatch.setattr(trainers.trl_compat, "key_precompute_cache", lambda trainer, ds, digest, key: cache)
+
+    def trl_precompute_on_a_full_disk(self, dataset, name, batch_size):
+        with open(tmp_path / "tmpab12cd", "wb") as f:  # datasets' temporary cache file, truncated
+            f.write(b"partial")
+        raise ENOSPC
+
+    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps", trl_precompute_on_a_full_disk)
+    trainer = object.__new__(PrecomputedDPOTrainer)  # the real class; its __init__ needs models and data
+    trainer._reference_digest, trainer._data_keys = "digest", {"train": "rows"}
+    trainer.cache_hits, trainer.precompute_batch_size = {}, None
+    with pytest.raises(OSError) as e:
+        trainer._precompute_ref_logps(object(), "train", 8)
+    assert e.value.errno == errno.ENOSPC and cache in str(e.value)
+    assert "caching reference log-probs for train" in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # no truncated temporary file, no cache file
 
 
 def test_slurm_job_files_that_cannot_be_written_are_one_line(tmp_path):
