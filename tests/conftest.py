@@ -183,3 +183,27 @@ def launched(*init_args: str, demo: bool = False, sharding: str = "zero3", nproc
 def passing_zero3_run() -> SharedLaunch:
     """README command 1's run (2 ranks, ZeRO-3, reference zero3, embedded checkpoint and data), shared."""
     return launched(*PASSING_ZERO3, demo=True)
+
+
+def edited_checkpoint(tmp: Path, name: str = "edited", tensors: dict | None = None, config: dict | None = None,
+                      src: Path | None = None) -> Path:
+    """A copy of a checkpoint (default: the embedded one) under tmp/name with some tensors and config.json keys
+    changed: tensors maps a tensor name to a function of the tensor, config a key to its new value."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dpo_dist.config.resources import DEFAULT_CHECKPOINT
+
+    dest = tmp / name
+    shutil.copytree(src or DEFAULT_CHECKPOINT, dest)
+    if tensors:
+        weights = load_file(str(dest / "model.safetensors"))
+        for key, edit in tensors.items():
+            weights[key] = edit(weights[key].clone())
+        save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    if config:
+        conf = json.loads((dest / "config.json").read_text())
+        conf.update(config)
+        (dest / "config.json").write_text(json.dumps(conf))
+    return dest

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
-from conftest import ROOT, check_row, launch_init, passing_zero3_run
-from safetensors.torch import load_file, save_file
+from conftest import ROOT, check_row, edited_checkpoint, launch_init, passing_zero3_run
+from safetensors.torch import load_file
 
 from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 from dpo_dist.verify.fingerprint import fingerprint_hex, fingerprint_tensor
@@ -66,15 +65,13 @@ def test_zero2_passes_every_check(tmp_path):
 
 
 def test_perturbed_reference_fails_on_every_rank_naming_the_tensor(tmp_path):
-    copy = tmp_path / "perturbed"
-    shutil.copytree(DEFAULT_CHECKPOINT, copy)
-    tensors = load_file(str(copy / "model.safetensors"))
     victim = "model.layers.1.mlp.down_proj.weight"
-    t = tensors[victim].clone()
-    flat = t.view(-1)
-    flat[123] = flat[123] + torch.tensor(0.5, dtype=t.dtype)
-    tensors[victim] = t
-    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+
+    def nudge(t):
+        t.view(-1)[123] += torch.tensor(0.5, dtype=t.dtype)
+        return t
+
+    copy = edited_checkpoint(tmp_path, "perturbed", tensors={victim: nudge})
     res = launch_init(tmp_path / "out", "--reference", str(copy))
     assert res.returncode != 0
     assert res.report is not None and res.report["passed"] is False
