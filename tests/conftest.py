@@ -207,3 +207,17 @@ def edited_checkpoint(tmp: Path, name: str = "edited", tensors: dict | None = No
         conf.update(config)
         (dest / "config.json").write_text(json.dumps(conf))
     return dest
+
+
+HEAVY = ("torch", "transformers", "deepspeed", "datasets", "trl", "matplotlib")
+
+
+def heavy_imports(code: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    """The heavy libraries a fresh interpreter holds after running `code`: what a command or module pulls in at
+    import time (a login-node command such as `plan --help` must stay light)."""
+    import ast
+
+    probe = f"{code}\nimport sys\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"
+    code_, out, err = run_process([sys.executable, "-c", probe], {"PYTHONPATH": str(ROOT)}, 180, split_stderr=True)
+    assert code_ == 0, err[-3000:]
+    return ast.literal_eval(out.strip().splitlines()[-1])

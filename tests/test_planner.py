@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from conftest import ROOT, heavy_imports
 
 from dpo_dist.plan import memory as plan_memory
 from dpo_dist.plan import planner
@@ -382,17 +383,17 @@ def test_cli_text_filters_and_plot(tmp_path):
     assert code == 2
 
 
-def test_help_is_fast_and_planner_import_is_light():
-    env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "dpo_dist", "plan", "--help"], capture_output=True, text=True, env=env)
+def test_help_and_planner_import_are_light():
+    """`dpo-dist plan --help` and the planner's modules import none of torch, transformers, deepspeed, datasets, trl
+    or matplotlib (what makes them start in a second on a login node; how long they take is bench/'s business)."""
+    help_run = ("from dpo_dist.cli.main import main\ntry:\n    main(['plan', '--help'])\nexcept SystemExit as e:\n"
+                "    assert e.code in (0, None), e.code")
+    assert heavy_imports(help_run) == []
+    assert heavy_imports("import dpo_dist.plan.planner, dpo_dist.cli.plan, dpo_dist.plan.presets, "
+                         "dpo_dist.plan.memory, dpo_dist.config.placement_memory, dpo_dist.cli.main") == []
+    r = subprocess.run([sys.executable, "-m", "dpo_dist", "plan", "--help"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert r.returncode == 0 and "--gpu-mem" in r.stdout and "--plot" in r.stdout
-    assert time.perf_counter() - t0 < 5
-    r = subprocess.run([sys.executable, "-c", "import sys, dpo_dist.plan.planner, dpo_dist.cli.plan, "
-                        "dpo_dist.plan.presets, dpo_dist.cli.main; print(sorted(m for m in ('torch', "
-                        "'transformers', 'deepspeed', 'matplotlib') if m in sys.modules))"],
-                       capture_output=True, text=True, env=env)
-    assert r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
 def test_cli_checks_the_layout_a_run_yaml_asks_for(tmp_path):
