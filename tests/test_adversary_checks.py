@@ -74,3 +74,13 @@ def test_identical_second_copy_is_accepted(tmp_path, capsys):
     shutil.copytree(DEFAULT_CHECKPOINT, d)
     add_index(d, 0.0)
     assert competing_sets(d) is None
+
+
+def test_config_transformers_weights_is_followed_first(tmp_path):
+    """transformers loads config.json's `transformers_weights` before any default name; so must every loader here."""
+    d = tmp_path / "explicit"
+    shutil.copytree(DEFAULT_CHECKPOINT, d)
+    add_index(d, 0.02)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "transformers_weights": INDEX_NAME}))
+    assert [f.name for f in weight_files(d)] == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]

@@ -203,17 +203,20 @@ def competing_sets(d: Path) -> str | None:
     for f in shards:
         b.update(read_safetensors_header(f))
     names = ", ".join(f.name for f in shards)
-    both = f"{SINGLE_NAME} and {INDEX_NAME} (shards {names})"
-    fix = (f"transformers loads {SINGLE_NAME}; remove the stale set ({INDEX_NAME} and its shards, or {SINGLE_NAME}) "
-           f"from {d}")
+    differ = None
     if set(a) != set(b):
-        only = sorted(set(a) ^ set(b))
-        return f"{d} holds two different weight sets, {both}: tensor {only[0]} is in only one of them; {fix}"
-    for name in sorted(a):
-        x, y = a[name], b[name]
-        if (x.dtype, x.shape) != (y.dtype, y.shape) or not _same_probes(x, y):
-            return f"{d} holds two different weight sets, {both}: tensor {name} differs; {fix}"
-    return None
+        differ = f"tensor {sorted(set(a) ^ set(b))[0]} is in only one of them"
+    else:
+        for name in sorted(a):
+            x, y = a[name], b[name]
+            if (x.dtype, x.shape) != (y.dtype, y.shape) or not _same_probes(x, y):
+                differ = f"tensor {name} differs"
+                break
+    if differ is None:
+        return None
+    return (f"{d} holds two different weight sets, {SINGLE_NAME} and {INDEX_NAME} with shards {names} ({differ}); "
+            f"transformers loads {SINGLE_NAME}. Fix: remove the stale set ({INDEX_NAME} and its shards, or "
+            f"{SINGLE_NAME}) from {d}")
 
 
 def _same_probes(x: TensorEntry, y: TensorEntry) -> bool:
