@@ -84,3 +84,28 @@ def test_config_transformers_weights_is_followed_first(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "transformers_weights": INDEX_NAME}))
     assert [f.name for f in weight_files(d)] == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+
+
+# ---------------------------------------------------------------------------------------------------- #37
+
+def test_unset_eval_is_no_eval_set_except_for_the_demo(tmp_path):
+    from dpo_dist.config.schema import load, parse_override
+
+    def cfg(*sets: str):
+        return load(None, [parse_override(s) for s in sets]).data
+
+    assert (cfg().train, cfg().eval) == ("default", "default")  # the demo: embedded model, data unset
+    assert cfg("data.train=my.jsonl").eval is None  # never the demo's eval rows beside a user's train set
+    assert cfg(f"model.path={tmp_path}").eval is None
+    assert cfg(f"model.path={tmp_path}", "data.train=my.jsonl").eval is None
+    assert cfg("data.eval=null").eval is None
+    assert cfg("data.train=my.jsonl", "data.eval=default").eval == "default"  # said explicitly: kept
+
+
+def test_demo_note_names_a_user_model_on_the_demo_data():
+    from dpo_dist.data.sources import demo_note
+
+    assert demo_note("default", "default") is None
+    assert demo_note("/ckpt", "my.jsonl") is None
+    note = demo_note("/ckpt", "default")
+    assert note and "demo" in note and "data.train" in note

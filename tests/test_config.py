@@ -1,5 +1,7 @@
 """Config tree: strict loading, every problem at once, CLI > YAML > defaults."""
 
+import dataclasses
+
 import pytest
 
 from dpo_dist.config.schema import ConfigError, RunConfig, load, merge_overrides, parse_override
@@ -13,7 +15,9 @@ def write(tmp_path, text):
 
 def test_defaults_match_the_seed():
     cfg = load(None)
-    assert cfg == RunConfig()
+    # the demo (embedded model and data) keeps the demo's eval set; a bare DataConfig has none (issue 21, #37)
+    assert cfg.data.eval == "default" and RunConfig().data.eval is None
+    assert cfg == dataclasses.replace(RunConfig(), data=dataclasses.replace(RunConfig().data, eval="default"))
     t = cfg.train
     assert (t.beta, t.learning_rate, t.per_device_train_batch_size, t.gradient_accumulation_steps) == (0.1, 1e-6, 4, 4)
     assert (t.max_length, t.max_prompt_length, t.logging_steps, t.save_steps) == (1024, 512, 10, 100)

@@ -125,8 +125,12 @@ class DataConfig:
     """Preference data (dpo_dist.data.sources): a .jsonl/.json/.parquet/.csv/.arrow file, a `datasets` directory, or
     a dataset name in the local Hugging Face cache; the splits are chosen in a DatasetDict or a cached name."""
 
+    # `default` is the embedded 16+64-row demo set, for the embedded model. An unset eval is no eval set (from_dict
+    # keeps the demo's eval set only for the demo itself: model.path and data.train both `default`); a user's model on
+    # the demo train set is said in the report and on the terminal (data.demo_note), not refused: a first run that
+    # only proves policy == reference on a new checkpoint needs no data of its own.
     train: str = "default"
-    eval: str | None = "default"
+    eval: str | None = None
     train_split: str = "train"
     eval_split: str = "test"  # eval may name the same source as train: then this split of it
 
@@ -374,9 +378,20 @@ def from_dict(data: dict[str, Any] | None, source: str = "config") -> RunConfig:
     problems: list[str] = []
     cfg = _build(RunConfig, data or {}, "", problems)
     if not problems:
+        cfg = _demo_eval(cfg, data or {})
         _check_values(cfg, problems)
     if problems:
         raise ConfigError(problems, source)
+    return cfg
+
+
+def _demo_eval(cfg: RunConfig, data: dict[str, Any]) -> RunConfig:
+    """The demo (model.path and data.train `default`) with data.eval unset evaluates on the demo's eval set; any other
+    run with data.eval unset has no eval set (issue 21, #37: never the demo's rows beside a user's train set)."""
+    section = data.get("data")
+    unset = not isinstance(section, dict) or "eval" not in section
+    if unset and cfg.model.path == "default" and cfg.data.train == "default":
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval="default"))
     return cfg
 
 

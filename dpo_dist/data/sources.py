@@ -182,3 +182,13 @@ def open_cached_name(name: str, role: str, split: str):
     except Exception as e:
         raise DataError(f"data.{role} {name!r} is in the cache ({where}) but cannot be read ({one_line(e)}): "
                         "download it again with datasets.load_dataset") from None
+
+
+def demo_note(model_path: str, train: str) -> str | None:
+    """A user's model on the embedded demo train set (data.train unset or `default`): allowed, since a first init
+    that only proves policy == reference needs no data of its own, but said on the terminal and in the report, since
+    the trainer handed back would train on 64 demo rows (issue 21, #37)."""
+    if train != "default" or model_path == "default":
+        return None
+    return ("data.train is the embedded 64-row demo set, not your data (data.train unset): set data.train to your "
+            "preference data before training")

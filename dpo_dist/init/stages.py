@@ -222,6 +222,7 @@ class InitRun:
         """Every row validated (preflight did too; the API comes straight here), standard prompts cut, and the
         chat-template checks on sampled rows rendered as TRL will render them. Needs only the tokenizer."""
         from dpo_dist.data import chat_template
+        from dpo_dist.data.sources import demo_note
 
         cfg, rr, tok, data = self.cfg, self.rr, self.state.tok, self.cfg.data
         first = self.ctx.local_rank == 0
@@ -230,7 +231,12 @@ class InitRun:
             if data.eval else None
         self.state.data = {"train": train, "eval": evald}
         cut = train.truncated_prompts + (evald.truncated_prompts if evald else 0)
-        rr.add("datasets valid", True, f"train {train.rows} rows ({train.fmt.describe()})"
+        demo = demo_note(cfg.model.path, data.train)
+        if demo:
+            self.ctx.warn(demo)
+        rr.facts["demo_train_data"] = bool(demo)
+        rr.add("datasets valid", True, ("DEMO DATA: " if demo else "")
+               + f"train {train.rows} rows ({train.fmt.describe()})"
                + (f", eval {evald.rows} ({evald.fmt.describe()})" if evald else "")
                + f"; {cut} prompts truncated to {cfg.train.max_prompt_length} tokens (standard prompts; kept their "
                "end)")
