@@ -4,10 +4,15 @@ adversary's input (/work/shared/notes/adversary-2026-12.md) and asserts what a u
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
+import sys
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import check_row, run_cmd
 from safetensors.torch import load_file, save_file
 
 from dpo_dist.cli.main import main
@@ -109,3 +114,102 @@ def test_demo_note_names_a_user_model_on_the_demo_data():
     assert demo_note("/ckpt", "my.jsonl") is None
     note = demo_note("/ckpt", "default")
     assert note and "demo" in note and "data.train" in note
+
+
+# ---------------------------------------------------------------------------------------------------- #55 / #56 / #11
+
+ALL_CONSTANT_LOSSES = ["sigmoid", "ipo", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                       "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm"]
+
+
+@pytest.mark.multiproc
+def test_every_loss_type_passes_step0_and_a_user_model_on_demo_data_is_said(tmp_path):
+    """One real init (a world of one, a real TRL step) with every loss_type TRL 1.16 offers whose step-0 value is a
+    constant, weighted: the logged loss must equal the weighted sum of the formulas in verify.tolerances. The same run
+    is a user's model (a copy of the embedded one) with data unset: it runs on the demo train set, says so, and has
+    no eval set (#37)."""
+    ckpt = tmp_path / "mine"
+    shutil.copytree(DEFAULT_CHECKPOINT, ckpt)
+    out = tmp_path / "out"
+    weights = [1, 0.5, 2, 1, 1, 1, 1, 0.25, 1, 1, 1, 1, 1, 3]
+    code, log = run_cmd([sys.executable, "-m", "dpo_dist", "init", "--model", str(ckpt), "--output-dir", str(out),
+                         "--smoke-steps", "1", "--set", f"train.extra.loss_type={ALL_CONSTANT_LOSSES}",
+                         "--set", f"train.extra.loss_weights={weights}", "--set", "train.extra.label_smoothing=0.1"],
+                        {"PYTHONUNBUFFERED": "1"}, 600)
+    assert code == 0, log[-4000:]
+    rep = json.loads((out / "report.json").read_text())
+    row = check_row(rep, "step-0 DPO loss at policy == reference")
+    assert row["ok"] and "1/(4 beta^2) (ipo)" in row["value"] and "SKIPPED" not in row["value"], row
+    target = rep["facts"]["step0_loss_target"]["value"]
+    b, e = 0.1, 0.1
+    expect = (math.log(2) * (1 + 1 + 1 + 1 + 3) + 0.5 / (4 * b * b) + 2 + (-math.log(2) - math.log(e * (1 - e)) / 2)
+              + 4 * math.log(2) + 0.25 / (2 * b * b) + 2 + (math.log(2) + 1) / 2)
+    assert target == pytest.approx(expect, rel=1e-12)
+    assert rep["facts"]["smoke_losses"][0] == pytest.approx(expect, abs=row["tolerance"])
+    # #37: the demo's train set under a user's model is said; no eval set from the demo
+    assert "WARNING: data.train is the embedded 64-row demo set" in log
+    assert check_row(rep, "datasets valid")["value"].startswith("DEMO DATA: ")
+    assert rep["facts"]["demo_train_data"] is True and rep["facts"]["data_format"]["eval"] is None
+
+
+def test_step0_target_formulas_and_skips():
+    from types import SimpleNamespace as NS
+
+    from dpo_dist.verify.tolerances import step0_target
+
+    def args(types, **kw):
+        return NS(loss_type=types, loss_weights=kw.get("w"), label_smoothing=kw.get("e", 0.0),
+                  use_weighting=kw.get("wpo", False))
+
+    assert step0_target(args(["sigmoid"]), 0.1).value == pytest.approx(math.log(2))
+    assert step0_target(args(["ipo"]), 0.1).value == pytest.approx(25.0)  # the adversary's #55
+    assert step0_target(args(["ipo"]), 0.1).noise_scale is None  # no batching-noise bound derived: skipped there
+    assert step0_target(args(["sppo_hard"]), 0.5).value == pytest.approx(2.0)
+    assert step0_target(args(["robust"], e=0.2), 0.1).noise_scale == pytest.approx(1 / 0.6)
+    t = step0_target(args(["sigmoid", "sft"], w=[1.0, 1.0]), 0.1)
+    assert t.value is None and "sft" in t.formula  # the policy's own NLL: not a constant, a reported skip
+    assert step0_target(args(["sigmoid"], wpo=True), 0.1).value is None
+    assert step0_target(args(["sigmoid"]), 0.1, aux_loss=True).value is None
+
+
+def test_every_trl_loss_type_is_known_to_the_step0_check():
+    """Pins TRL's list: a loss_type TRL adds must get a formula or a reason to skip here."""
+    import inspect
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    from dpo_dist.config.schema import TRL_LOSS_TYPES
+    from dpo_dist.verify.tolerances import STEP0_LOSS, STEP0_UNKNOWN
+
+    src = inspect.getsource(DPOTrainer._compute_loss)
+    trl_types = set(re.findall(r'loss_type == "(\w+)"', src))
+    assert trl_types == set(TRL_LOSS_TYPES) == set(STEP0_LOSS) | set(STEP0_UNKNOWN)
+
+
+@pytest.mark.parametrize("sets, cause", [
+    (["train.extra.precompute_ref_log_probs=true"],
+     "'train.extra.precompute_ref_log_probs' is set by dpo-dist itself (reference.placement: precomputed)"),
+    (["train.extra.disable_dropout=false"], "'train.extra.disable_dropout' is set by dpo-dist itself"),
+    (["train.extra.beta=0.5"], "'train.extra.beta' is set by dpo-dist itself (train.beta)"),
+    (["train.extra.output_dir=/tmp/x"], "(train.output_dir or --output-dir)"),
+    (["train.extra.seed=3"], "(train.seed)"),
+    (["train.extra.loss_type=ipoo"], "'train.extra.loss_type' 'ipoo' is not a loss type of TRL 1.16: did you mean "
+                                     "'ipo'?"),
+    (["train.extra.rpo_alpha=1.0"], "'train.extra.rpo_alpha' is not a DPOConfig field of TRL 1.16. Fix: TRL 1.x "
+                                    "has no rpo_alpha: RPO is loss_type: [sigmoid, sft]"),
+    (["train.extra.warmup_ration=0.1"], "Fix: did you mean 'warmup_steps'?"),
+])
+def test_train_extra_cannot_override_or_misspell(sets, cause, tmp_path, capsys):
+    out = tmp_path / "out"
+    line = one_line_exit(["init", "--output-dir", str(out), *[a for s in sets for a in ("--set", s)]], capsys)
+    assert cause in line, line
+    assert not (out / "report.json").exists()
+
+
+def test_report_to_and_workers_stay_settable():
+    """Logging and input workers touch no proof: train.extra may set them (dpo-dist's values are only defaults)."""
+    from dpo_dist.config.schema import load, parse_override
+
+    cfg = load(None, [parse_override("train.extra.report_to=wandb"),
+                      parse_override("train.extra.dataloader_num_workers=2")])
+    assert cfg.train.extra == {"report_to": "wandb", "dataloader_num_workers": 2}

@@ -52,7 +52,7 @@ def test_every_problem_reported_at_once(tmp_path):
         ("train:\n  learning_rate: -1.0\n", "'train.learning_rate' must be > 0"),
         ("train:\n  max_prompt_length: 1024\n  max_length: 1024\n", "must be < 'train.max_length'"),
         ("train:\n  per_device_train_batch_size: 0\n", "'train.per_device_train_batch_size' must be >= 1"),
-        ("train:\n  extra:\n    beta: 0.3\n", "'train.extra' must not set beta"),
+        ("train:\n  extra:\n    beta: 0.3\n", "'train.extra.beta' is set by dpo-dist itself (train.beta)"),
         ("reference:\n  placement: ranks\n  ranks: 0\n", "'reference.pad_to_multiple_of' must be >= 1"),
         ("reference:\n  lora:\n    r: 0\n", "'reference.lora' needs r >= 1"),
         ("verify:\n  prompts: []\n", "at least one prompt"),
