@@ -135,8 +135,14 @@ def check_one(rr, tok, role: str, data, cfg) -> bool:
                                      "text")
                     break
     n = len(idx)
+    implicit = not data.fmt.explicit and not data.fmt.conversational
+    moved = getattr(data, "moved_prompts", 0)
+    if implicit:
+        rr.facts.setdefault("implicit_prompts_moved", {})[role] = moved
     ok = rr.add(name + "prompt is a token prefix", not bad_prefix,
                 f"{n} sampled rows: prompt tokens are a prefix of prompt+chosen and prompt+rejected"
+                + (f"; {moved} of {data.rows} implicit prompts end earlier than TRL's extract_prompt would end them "
+                   "(moved back to a token boundary)" if implicit else "")
                 if not bad_prefix else bad_prefix[0],
                 ("the template renders the prompt alone differently from the prompt followed by an answer, so TRL "
                  "cuts the prompt where they diverge and trains on a context the model never sees: use a "
