@@ -213,3 +213,91 @@ def test_report_to_and_workers_stay_settable():
     cfg = load(None, [parse_override("train.extra.report_to=wandb"),
                       parse_override("train.extra.dataloader_num_workers=2")])
     assert cfg.train.extra == {"report_to": "wandb", "dataloader_num_workers": 2}
+
+
+# ---------------------------------------------------------------------------------------------------- #40 / #50
+
+def test_failure_line_names_the_tokenizer_before_the_weights():
+    from dpo_dist.verify.report import failure_line
+
+    def row(name, ok, hint=""):
+        return {"check": name, "ok": ok, "failed_ranks": [] if ok else [0], "value": f"{name} value", "hint": hint}
+
+    timeline = [{"stage": "forward proofs", "checks": ["generation: not degenerate", "perplexity below uniform",
+                                                       "tokenizer matches the weights"]}]
+    report = {"checks": [row("generation: not degenerate", True),
+                         row("perplexity below uniform", False, "the checkpoint looks untrained or wrongly loaded"),
+                         row("tokenizer matches the weights", False, "another model's tokenizer")],
+              "timeline": timeline}
+    line = failure_line(report)
+    assert "check 'tokenizer matches the weights'" in line and "another model's tokenizer" in line, line
+    report["checks"][2]["ok"] = True  # perplexity alone: its own hint
+    assert "untrained or wrongly loaded" in failure_line(report)
+
+
+@pytest.mark.multiproc
+def test_fp16_overflow_names_the_dtype_not_a_corrupt_checkpoint(tmp_path):
+    """The adversary's ck/big_values: one weight 99,840 (exact in bf16, beyond float16's 65,504) under model.dtype
+    float16. The files are finite, so the last line must say float16 overflowed and name bfloat16."""
+    ckpt = tmp_path / "big_values"
+    shutil.copytree(DEFAULT_CHECKPOINT, ckpt)
+    ts = load_file(str(ckpt / SINGLE_NAME))
+    name = "model.layers.1.post_attention_layernorm.weight"
+    w = ts[name].clone()
+    w[3] = 99840.0
+    ts[name] = w
+    save_file(ts, str(ckpt / SINGLE_NAME), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, log = run_cmd([sys.executable, "-m", "dpo_dist", "init", "--model", str(ckpt), "--output-dir", str(out),
+                         "--set", "model.dtype=float16"], {"PYTHONUNBUFFERED": "1"}, 600)
+    assert code == 1, log[-4000:]
+    last = log.strip().splitlines()[-1]
+    assert "check 'weights finite: policy'" in last and "the checkpoint files hold no inf/NaN" in last, last
+    assert "set model.dtype: bfloat16" in last and "corrupt" not in last, last
+
+
+# ---------------------------------------------------------------------------------------------------- #25 / #26 / #27
+
+def rows_file(tmp_path: Path, name: str, lines: list[str]) -> Path:
+    p = tmp_path / name
+    p.write_text("".join(line + "\n" for line in lines))
+    return p
+
+
+def good_rows(n: int = 10) -> list[dict]:
+    return [{"prompt": f"Question {i}?", "chosen": f" Answer {i}.", "rejected": f" No {i}."} for i in range(n)]
+
+
+@pytest.fixture
+def own_hf_cache(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+
+
+def test_a_number_where_chosen_should_be_text_names_the_row_and_type(tmp_path, capsys, own_hf_cache):
+    rows = good_rows()
+    rows[7]["chosen"] = 12345
+    p = rows_file(tmp_path, "chosen_number.jsonl", [json.dumps(r) for r in rows])
+    line = one_line_exit(["init", "--output-dir", str(tmp_path / "o"), "--set", f"data.train={p}"], capsys)
+    assert "chosen is a number (12345), not text or a list of messages" in line and "row 7" in line, line
+    assert "mixes" not in line
+
+
+def test_a_json_line_that_is_an_array_names_the_line_and_datasets_stays_quiet(tmp_path, capsys, own_hf_cache):
+    lines = [json.dumps(r) for r in good_rows()]
+    lines[3] = "[1,2,3]"
+    p = rows_file(tmp_path, "row_array.jsonl", lines)
+    line = one_line_exit(["init", "--output-dir", str(tmp_path / "o"), "--set", f"data.train={p}"], capsys)
+    assert "line 4 is an array, not a JSON object" in line, line  # one_line_exit: datasets' ERROR line is gone
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs sysfs, where no process may create a directory")
+def test_an_unwritable_datasets_cache_is_named_not_the_data_file(tmp_path, capsys, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", "/sys/dpo-dist-no-such-cache")
+    p = rows_file(tmp_path, "ok.jsonl", [json.dumps(r) for r in good_rows()])
+    line = one_line_exit(["init", "--output-dir", str(tmp_path / "o"), "--set", f"data.train={p}"], capsys)
+    assert "the datasets cache /sys/dpo-dist-no-such-cache cannot be written ([Errno" in line, line
+    assert "HF_DATASETS_CACHE" in line and "cannot be read as" not in line, line

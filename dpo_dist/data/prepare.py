@@ -97,11 +97,34 @@ def column_kind(ds, name: str, where: str) -> str:
             return "messages"
         if isinstance(item, pa.BaseExtensionType):  # datasets' Json: messages whose keys differ from row to row
             raise odd_messages(ds, name, where)
-    if type(feat).__name__ == "Json":  # datasets' type for a column mixing strings and lists
-        raise row_error(where, None, f"column {name} mixes strings and message lists across rows",
-                        "use one format per dataset: all strings, or all lists of {role, content} messages")
+    if type(feat).__name__ == "Json":  # datasets' type for a column mixing kinds of JSON values across rows
+        raise mixed_column(ds, name, where)
     raise row_error(where, None, f"{name} must be non-empty strings or lists of messages, not {typ}",
                     "make it a string, or a list of {role, content} messages")
+
+
+JSON_KINDS = {str: "a string", list: "a list", dict: "an object", int: "a number", float: "a number",
+              bool: "true/false", type(None): "null"}
+
+
+def mixed_column(ds, name: str, where: str) -> DataError:
+    """A column whose rows hold different kinds of JSON values (datasets types it Json, each cell JSON-encoded): name
+    the first row that is neither text nor a message list, or the first of each kind (a row-by-row scan, only on this
+    failure path; issue 21, #26)."""
+    seen: dict[str, int] = {}
+    for base, batch in chunks(ds, [name]):
+        for i, cell in enumerate(batch.column(name).to_pylist()):
+            value = json.loads(cell) if isinstance(cell, str) else cell
+            kind = JSON_KINDS.get(type(value), type(value).__name__)
+            if not isinstance(value, (str, list)):
+                shown = json.dumps(value)
+                shown = shown if len(shown) <= 40 else shown[:39] + "…"
+                return row_error(where, base + i, f"{name} is {kind} ({shown}), not text or a list of messages",
+                                 f"make {name} a string, or a list of {{role, content}} messages")
+            seen.setdefault(kind, base + i)
+    rows = ", ".join(f"row {r} is {k}" for k, r in seen.items())
+    return row_error(where, None, f"column {name} mixes strings and message lists across rows ({rows})",
+                     "use one format per dataset: all strings, or all lists of {role, content} messages")
 
 
 def odd_messages(ds, name: str, where: str) -> DataError:
