@@ -301,3 +301,30 @@ def test_an_unwritable_datasets_cache_is_named_not_the_data_file(tmp_path, capsy
     line = one_line_exit(["init", "--output-dir", str(tmp_path / "o"), "--set", f"data.train={p}"], capsys)
     assert "the datasets cache /sys/dpo-dist-no-such-cache cannot be written ([Errno" in line, line
     assert "HF_DATASETS_CACHE" in line and "cannot be read as" not in line, line
+
+
+# ---------------------------------------------------------------------------------------------------- #34
+
+def test_a_row_the_template_refuses_outside_the_sample_is_named_in_the_data_stage(tmp_path, own_hf_cache):
+    from transformers import AutoTokenizer
+
+    from dpo_dist.config.schema import from_dict
+    from dpo_dist.data import chat_template
+    from dpo_dist.data.prepare import prepare
+    from dpo_dist.verify.report import RankReport
+
+    def msg(role, text):
+        return {"role": role, "content": text}
+
+    rows = [{"prompt": [msg("user", f"Question {i}?")], "chosen": [msg("assistant", "Yes.")],
+             "rejected": [msg("assistant", "No.")]} for i in range(1500)]
+    rows[1038]["prompt"] = [msg("user", "hi"), msg("assistant", "calling"), msg("tool", "42")]
+    assert 1038 not in chat_template.sample_indices(1500)  # the adversary's case: the sample misses it
+    p = rows_file(tmp_path, "conv_big_tool_unsampled.jsonl", [json.dumps(r) for r in rows])
+    tok = AutoTokenizer.from_pretrained(str(DEFAULT_CHECKPOINT))
+    cfg = from_dict({})
+    rr = RankReport(0)
+    data = prepare(str(p), "train", "train", tok, cfg.train.max_prompt_length)
+    assert not chat_template.check(rr, tok, {"train": data}, cfg)
+    row = next(c for c in rr.checks if c.name == "train: template renders the rows")
+    assert row.value.startswith("row 1038: ") and "Only system, user and assistant" in row.value, row.value

@@ -51,6 +51,29 @@ def trl_rows(example: dict, tok) -> dict:
     return out
 
 
+def shape_rows(ds, columns: list[str]) -> dict[tuple, int]:
+    """The first row of each distinct sequence of turn roles (prompt, chosen, rejected), over every row: a template's
+    control flow follows the roles (an unsupported role, roles out of order), so rendering one row per shape finds
+    a row it refuses that a sample can miss, before the trainer stage fails on it naming no row (issue 21, #34). Reads
+    only the role strings of each chunk: seconds for a million rows; a template that fails on content alone is not
+    caught here."""
+    from dpo_dist.data.prepare import chunks
+
+    cols = [c for c in ("prompt", "chosen", "rejected") if c in columns]
+    first: dict[tuple, int] = {}
+    for base, table in chunks(ds, cols):
+        per_col = []
+        for c in cols:
+            col = table.column(c).combine_chunks()
+            roles = col.flatten().field("role").to_pylist()
+            offsets = col.offsets.to_pylist()  # of the unsliced values: flatten() starts at offsets[0]
+            o = offsets[0]
+            per_col.append([tuple(roles[offsets[i] - o:offsets[i + 1] - o]) for i in range(len(col))])
+        for i, shape in enumerate(zip(*per_col, strict=True)):
+            first.setdefault(shape, base + i)
+    return first
+
+
 def first_difference(a: list[int], b: list[int]) -> int:
     from trl.data_utils import common_prefix_length
 
@@ -95,6 +118,8 @@ def check_one(rr, tok, role: str, data, cfg) -> bool:
     if data.fmt.conversational:
         rr.add(name + "chat template present", True, f"{len(tok.chat_template)} characters")
     idx = sample_indices(len(data.dataset))
+    if data.fmt.conversational:  # one row of each turn-role shape the sample missed: a template raising on it
+        idx = sorted(set(idx) | set(shape_rows(data.dataset, data.fmt.columns).values()))  # names its row here
     rows = data.dataset.select(idx).to_list()
     bad_prefix, bad_bos, bad_eos, lost_turn, empty = [], [], [], [], []
     prompt_lens, completion_lens, over_prompt = [], [], 0
