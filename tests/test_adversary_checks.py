@@ -328,3 +328,34 @@ def test_a_row_the_template_refuses_outside_the_sample_is_named_in_the_data_stag
     assert not chat_template.check(rr, tok, {"train": data}, cfg)
     row = next(c for c in rr.checks if c.name == "train: template renders the rows")
     assert row.value.startswith("row 1038: ") and "Only system, user and assistant" in row.value, row.value
+
+
+# ------------------------------------------------------------------------------------- item 2: control tokens
+
+def test_special_token_text_in_the_data_is_named(tmp_path, own_hf_cache):
+    from transformers import AutoTokenizer
+
+    from dpo_dist.data.chat_template import special_text
+    from dpo_dist.data.prepare import prepare
+
+    tok = AutoTokenizer.from_pretrained(str(DEFAULT_CHECKPOINT))
+    rows = good_rows(6)
+    rows[2]["chosen"] = " Fine.<|eos|>"  # a final EOS: TRL keeps it as the one EOS, nothing to say
+    rows[4]["rejected"] = " Sure.<|eos|> And then more text."  # typed mid-answer: a control token
+    p = rows_file(tmp_path, "special.jsonl", [json.dumps(r) for r in rows])
+    data = prepare(str(p), "train", "train", tok, 512)
+    assert special_text(data.dataset, data.fmt.columns, tok) == {"row": 4, "column": "rejected",
+                                                                "token": "<|eos|>", "rows": 1}
+    def msg(role, text):
+        return {"role": role, "content": text}
+
+    conv = [{"prompt": [msg("user", "Hi")], "chosen": [msg("assistant", "Hello")],
+             "rejected": [msg("assistant", "Bye")]} for _ in range(5)]
+    conv[3]["chosen"] = [msg("assistant", "Hello <|user|> again")]
+    p = rows_file(tmp_path, "special_conv.jsonl", [json.dumps(r) for r in conv])
+    data = prepare(str(p), "train", "train", tok, 512)
+    assert special_text(data.dataset, data.fmt.columns, tok) == {"row": 3, "column": "chosen",
+                                                                "token": "<|user|>", "rows": 1}
+    clean = prepare(str(rows_file(tmp_path, "clean.jsonl", [json.dumps(r) for r in good_rows(6)])),
+                    "train", "train", tok, 512)
+    assert special_text(clean.dataset, clean.fmt.columns, tok) is None

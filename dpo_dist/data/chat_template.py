@@ -198,6 +198,13 @@ def check_one(rr, tok, role: str, data, cfg) -> bool:
     rr.facts.setdefault("length_sample", {})[role] = {"rows": n, "prompt": percentiles(prompt_lens),
                                                       "completion": percentiles(completion_lens),
                                                       "over_max_prompt_length": int(over_prompt)}
+    special = special_text(data.dataset, data.fmt.columns, tok)
+    if special:
+        rr.facts.setdefault("special_token_text", {})[role] = special
+    rr.add(name + "no special-token text in the data", True, "none of the tokenizer's special tokens is typed in "
+           "the text" if not special else f"WARNING: {special['rows']} row(s) hold special-token text, first: row "
+           f"{special['row']} {special['column']} holds {special['token']!r}, which the tokenizer turns into that "
+           "control token (intended only in pre-rendered text)")
     text = shown(tok, first["chosen"])
     rr.add(name + "first row as the model sees it", True,
            repr(text[:SHOWN_CHARS]) + ("…" if len(text) > SHOWN_CHARS else "") + " (in full: report facts)")
@@ -232,3 +239,55 @@ def check_tokenized(rr, trainer, prepared: dict, cfg) -> bool:
                      f"TRL dropped {dropped} rows whose prompt alone has >= max_length {max_len} tokens (their "
                      "completions would be empty): raise train.max_length or shorten those prompts")
     return ok
+
+
+def special_tokens(tok) -> list[str]:
+    """The strings the tokenizer turns into special (control) tokens wherever they appear in text."""
+    found = set(getattr(tok, "all_special_tokens", []) or [])
+    for t in (getattr(tok, "added_tokens_decoder", {}) or {}).values():
+        if getattr(t, "special", False):
+            found.add(str(t))
+    return sorted(t for t in found if t)
+
+
+def special_text(ds, columns: list[str], tok) -> dict | None:
+    """Rows whose text holds a special token's string ("<|im_end|>", "</s>" typed in an answer): the tokenizer makes
+    it the control token, so a completion could end a turn or the text mid-way, unnoticed (issue 21, item 2). Every
+    row, with Arrow's substring search (no Python loop over rows). A warning, not a failure: standard data that is
+    pre-rendered with the chat template holds these strings on purpose, and a check with no way past it would refuse
+    such data outright. Returns {rows, row, column, token} of the first hit, or None."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from dpo_dist.data.prepare import chunks
+
+    tokens = special_tokens(tok)
+    cols = [c for c in ("prompt", "chosen", "rejected") if c in columns]
+    if not tokens or not cols:
+        return None
+    hits, first = np.zeros(len(ds), dtype=bool), None
+    for base, table in chunks(ds, cols):
+        for c in cols:
+            col = table.column(c).combine_chunks()
+            rows_of = None
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                offsets = np.asarray(col.offsets.to_numpy(zero_copy_only=False))
+                rows_of, texts = offsets - offsets[0], col.flatten().field("content")
+            else:
+                texts = col
+            for t in tokens:
+                hit = pc.fill_null(pc.match_substring(texts, t), False)
+                if rows_of is None and c != "prompt" and t == tok.eos_token:  # TRL's add_eos keeps a final EOS
+                    once = pc.and_(pc.equal(pc.count_substring(texts, t), 1), pc.ends_with(texts, t))
+                    hit = pc.and_(hit, pc.invert(pc.fill_null(once, False)))
+                where = np.flatnonzero(np.asarray(hit))
+                if not where.size:
+                    continue
+                rows = where if rows_of is None else np.searchsorted(rows_of, where, side="right") - 1
+                hits[base + rows] = True
+                r = int(base + rows[0])
+                if first is None or r < first["row"]:
+                    first = {"row": r, "column": c, "token": t}
+    if first is None:
+        return None
+    return {**first, "rows": int(hits.sum())}

@@ -243,7 +243,11 @@ class InitRun:
         rr.facts["truncated_prompts"] = cut
         rr.facts["identical_pairs"] = train.identical_pairs
         rr.facts["data_format"] = {"train": train.fmt.describe(), "eval": evald.fmt.describe() if evald else None}
-        return chat_template.check(rr, tok, self.state.data, cfg)
+        ok = chat_template.check(rr, tok, self.state.data, cfg)
+        for role, hit in rr.facts.get("special_token_text", {}).items():
+            self.ctx.warn(f"{hit['rows']} data.{role} row(s) hold special-token text (first: row {hit['row']} "
+                          f"{hit['column']} holds {hit['token']!r}): the tokenizer makes it a control token")
+        return ok
 
     def build(self) -> bool:
         from dpo_dist.data import chat_template
