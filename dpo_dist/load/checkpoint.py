@@ -244,10 +244,37 @@ def preflight(ckpt: str | Path, allow_pickle: bool = False) -> dict:
     if problem:
         raise CheckpointError(problem)
     entries: dict[str, TensorEntry] = {}
+    holder: dict[str, str] = {}
     for f in weight_files(d, allow_pickle):
-        entries.update(read_safetensors_header(f))  # 8 bytes + the JSON header: truncated/corrupt files, early
+        header = read_safetensors_header(f)  # 8 bytes + the JSON header: truncated/corrupt files, early
+        twice = sorted(set(header) & set(entries))
+        if twice:  # which copy a loader takes depends on its order: tensor_index and from_pretrained could differ
+            raise CheckpointError(f"tensor {twice[0]} is in two shards of {d}, {holder[twice[0]]} and {f.name}: "
+                                  "re-save the checkpoint with save_pretrained")
+        entries.update(header)
+        holder.update(dict.fromkeys(header, f.name))
+    check_index_names(d, entries)
     check_vocab_rows(cfg_path, config, entries)
     return config
+
+
+def check_index_names(d: Path, entries: dict[str, TensorEntry]) -> None:
+    """Every tensor the index names is in the shard it names: a weight_map hand-edited or copied from another save
+    names tensors the files lack, and a loader following the index would look for them where they are not."""
+    explicit = _explicit_name(d)
+    if explicit is not None:
+        index = d / explicit if explicit.endswith(".index.json") else None
+    else:
+        index = d / INDEX_NAME if not (d / SINGLE_NAME).is_file() and (d / INDEX_NAME).is_file() else None
+    if index is None:  # weight_files chose a single file (or pickle): no index to hold to
+        return
+    weight_map = json.loads(index.read_text())["weight_map"]
+    for name, fname in sorted(weight_map.items()):
+        e = entries.get(name)
+        if e is None or Path(e.file).name != Path(fname).name:
+            where = "no shard holds it" if e is None else f"it is in {Path(e.file).name}"
+            raise CheckpointError(f"{index} names tensor {name} in {fname}, but {where}: re-save the checkpoint with "
+                                  "save_pretrained (or correct the index)")
 
 
 # Tensor names (suffixes) of token embeddings and LM heads in transformers' causal LMs: one row per vocabulary entry.
