@@ -359,3 +359,21 @@ def test_special_token_text_in_the_data_is_named(tmp_path, own_hf_cache):
     clean = prepare(str(rows_file(tmp_path, "clean.jsonl", [json.dumps(r) for r in good_rows(6)])),
                     "train", "train", tok, 512)
     assert special_text(clean.dataset, clean.fmt.columns, tok) is None
+
+
+# ---------------------------------------------------------------------------------------- item 3: data shapes
+
+@pytest.mark.parametrize("content, cause", [
+    (["x"], "chosen message 0 content is a list, not text"),
+    (7, "chosen message 0 content is a number, not text"),
+])
+def test_message_content_that_is_not_text_names_the_row(content, cause, tmp_path, capsys, own_hf_cache):
+    def msg(role, text):
+        return {"role": role, "content": text}
+
+    rows = [{"prompt": [msg("user", "q")], "chosen": [msg("assistant", "x")], "rejected": [msg("assistant", "y")]}
+            for _ in range(4)]
+    rows[2]["chosen"] = [msg("assistant", content)]
+    p = rows_file(tmp_path, "content.jsonl", [json.dumps(r) for r in rows])
+    line = one_line_exit(["init", "--output-dir", str(tmp_path / "o"), "--set", f"data.train={p}"], capsys)
+    assert cause in line and "row 2)" in line, line

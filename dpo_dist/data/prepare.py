@@ -92,8 +92,7 @@ def column_kind(ds, name: str, where: str) -> str:
                                 f"(their keys: {', '.join(names)})", "every message needs role and content")
             content = item.field(item.get_field_index("content")).type
             if not (pa.types.is_string(content) or pa.types.is_large_string(content)):
-                raise row_error(where, None, f"{name} message content is {content}, not text",
-                                "dpo-dist trains on text conversations: content must be a string")
+                raise bad_content(ds, name, where, str(content))
             return "messages"
         if isinstance(item, pa.BaseExtensionType):  # datasets' Json: messages whose keys differ from row to row
             raise odd_messages(ds, name, where)
@@ -125,6 +124,22 @@ def mixed_column(ds, name: str, where: str) -> DataError:
     rows = ", ".join(f"row {r} is {k}" for k, r in seen.items())
     return row_error(where, None, f"column {name} mixes strings and message lists across rows ({rows})",
                      "use one format per dataset: all strings, or all lists of {role, content} messages")
+
+
+def bad_content(ds, name: str, where: str, arrow_type: str) -> DataError:
+    """Message content that is not text in some row (a list of parts, a number, null): name the first such row and
+    message (a row-by-row scan, only on this failure path), not the Arrow type of the column."""
+    for base, batch in chunks(ds, [name]):
+        for i, msgs in enumerate(batch.column(name).to_pylist()):
+            for j, m in enumerate(msgs or []):
+                value = (m or {}).get("content")
+                value = json.loads(value) if arrow_type.startswith("extension") and isinstance(value, str) else value
+                if not isinstance(value, str):
+                    kind = JSON_KINDS.get(type(value), type(value).__name__)
+                    return row_error(where, base + i, f"{name} message {j} content is {kind}, not text",
+                                     "dpo-dist trains on text conversations: content must be a string")
+    return row_error(where, None, f"{name} message content is {arrow_type}, not text",
+                     "dpo-dist trains on text conversations: content must be a string")
 
 
 def odd_messages(ds, name: str, where: str) -> DataError:
