@@ -51,14 +51,23 @@ def trl_rows(example: dict, tok) -> dict:
     return out
 
 
+CHUNK_ROWS = 65536
+
+
+def chunks(ds, columns: list[str]):
+    """(first row index, pyarrow Table) over the dataset, CHUNK_ROWS at a time, memory-mapped (as prepare.chunks:
+    prepare imports this module, so not the other way round)."""
+    table = ds.select_columns(columns).with_format("arrow")
+    for base in range(0, len(ds), CHUNK_ROWS):
+        yield base, table[base:base + CHUNK_ROWS]
+
+
 def shape_rows(ds, columns: list[str]) -> dict[tuple, int]:
     """The first row of each distinct sequence of turn roles (prompt, chosen, rejected), over every row: a template's
     control flow follows the roles (an unsupported role, roles out of order), so rendering one row per shape finds
     a row it refuses that a sample can miss, before the trainer stage fails on it naming no row (issue 21, #34). Reads
     only the role strings of each chunk: seconds for a million rows; a template that fails on content alone is not
     caught here."""
-    from dpo_dist.data.prepare import chunks
-
     cols = [c for c in ("prompt", "chosen", "rejected") if c in columns]
     first: dict[tuple, int] = {}
     for base, table in chunks(ds, cols):
@@ -258,8 +267,6 @@ def special_text(ds, columns: list[str], tok) -> dict | None:
     such data outright. Returns {rows, row, column, token} of the first hit, or None."""
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from dpo_dist.data.prepare import chunks
 
     tokens = special_tokens(tok)
     cols = [c for c in ("prompt", "chosen", "rejected") if c in columns]
