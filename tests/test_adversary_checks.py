@@ -377,3 +377,33 @@ def test_message_content_that_is_not_text_names_the_row(content, cause, tmp_path
     p = rows_file(tmp_path, "content.jsonl", [json.dumps(r) for r in rows])
     line = one_line_exit(["init", "--output-dir", str(tmp_path / "o"), "--set", f"data.train={p}"], capsys)
     assert cause in line and "row 2)" in line, line
+
+
+def test_step0_tolerance_scales_with_the_loss_and_skips_where_no_bound_is_derived():
+    from types import SimpleNamespace as NS
+
+    from dpo_dist.config.schema import from_dict
+    from dpo_dist.verify.tolerances import loss_tolerance, step0_target, step0_tolerance
+
+    cfg = from_dict({})
+
+    def target(types):
+        return step0_target(NS(loss_type=types, loss_weights=None, label_smoothing=0.0, use_weighting=False), 0.1)
+
+    noise = {"bound": 1e-3, "pairs": 8, "mean_abs_gap": 2e-3, "beta": 0.1}
+    sig, ipo = target(["sigmoid"]), target(["ipo"])
+    assert step0_tolerance(cfg, False, 8, None, sig) == loss_tolerance(cfg, False, 8, None)  # unchanged for sigmoid
+    assert step0_tolerance(cfg, False, 8, noise, sig).value == loss_tolerance(cfg, False, 8, noise).value
+    assert step0_tolerance(cfg, False, 8, None, ipo).value == pytest.approx(
+        loss_tolerance(cfg, False, 8, None).value * 25 / math.log(2))  # float32 rounding is relative
+    assert step0_tolerance(cfg, False, 8, noise, ipo) is None  # precomputed: batching noise has no IPO bound
+    assert step0_tolerance(cfg, True, 8, None, ipo) is None  # cross-device: the setting is in sigmoid-loss units
+
+
+def test_pad_to_multiple_of_is_reserved_under_the_ranks_placement():
+    from dpo_dist.config.schema import ConfigError, load, parse_override
+
+    sets = ["reference.placement=ranks", "reference.pad_to_multiple_of=64", "train.extra.pad_to_multiple_of=8"]
+    with pytest.raises(ConfigError, match="'train.extra.pad_to_multiple_of' is set by dpo-dist itself"):
+        load(None, [parse_override(s) for s in sets])
+    assert load(None, [parse_override("train.extra.pad_to_multiple_of=8")]).train.extra == {"pad_to_multiple_of": 8}

@@ -367,6 +367,10 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
             f"'reference.placement: {cfg.reference.placement}' is not available in this version "
             f"(available: {', '.join(IMPLEMENTED_PLACEMENTS)})"
         )
+    if "pad_to_multiple_of" in t.extra and cfg.reference.placement == Placement.RANKS and \
+            cfg.reference.batch_requests and cfg.reference.pad_to_multiple_of:
+        problems.append("'train.extra.pad_to_multiple_of' is set by dpo-dist itself under reference.placement ranks "
+                        "(reference.pad_to_multiple_of): remove it from train.extra")
     for key in sorted(t.extra):
         owner = reserved_extra_key(key)
         if owner:
