@@ -407,3 +407,17 @@ def test_pad_to_multiple_of_is_reserved_under_the_ranks_placement():
     with pytest.raises(ConfigError, match="'train.extra.pad_to_multiple_of' is set by dpo-dist itself"):
         load(None, [parse_override(s) for s in sets])
     assert load(None, [parse_override("train.extra.pad_to_multiple_of=8")]).train.extra == {"pad_to_multiple_of": 8}
+
+
+def test_whole_dialogues_with_no_shared_opening_turn_name_the_row(tmp_path, capsys, own_hf_cache):
+    """An implicit prompt is the turns both dialogues share: none shared is an empty prompt, which the template refuses
+    only in the trainer stage for a row outside the sample. Checked on every row in the data checks."""
+    def msg(role, text):
+        return {"role": role, "content": text}
+
+    rows = [{"chosen": [msg("user", f"q{i}"), msg("assistant", "yes")],
+             "rejected": [msg("user", f"q{i}"), msg("assistant", "no")]} for i in range(6)]
+    rows[3]["rejected"] = [msg("user", "another question"), msg("assistant", "no")]
+    p = rows_file(tmp_path, "conv_no_shared.jsonl", [json.dumps(r) for r in rows])
+    line = one_line_exit(["init", "--output-dir", str(tmp_path / "o"), "--set", f"data.train={p}"], capsys)
+    assert "chosen and rejected start with different turns" in line and "row 3)" in line, line

@@ -288,11 +288,27 @@ def validate(ds, where: str, role: str = "train") -> tuple[DataFormat, int]:
                 check_messages(arr, name, base, where, starts=False, ends="")
             else:
                 check_messages(arr, name, base, where, starts=True, ends="assistant")
+        if fmt.conversational and not fmt.explicit:
+            check_shared_start(cols["chosen"], cols["rejected"], base, where)
         identical += identical_rows(cols["chosen"], cols["rejected"], fmt.conversational)
     if identical == len(ds):
         raise row_error(where, None, "chosen == rejected in every row: there is no preference to learn",
                         "check that chosen and rejected name the preferred and the dispreferred answer")
     return fmt, identical
+
+
+def check_shared_start(chosen: pa.Array, rejected: pa.Array, base: int, where: str) -> None:
+    """Whole dialogues (implicit prompt): TRL's extract_prompt takes the turns both share as the prompt, so a row
+    whose first turns differ has an empty prompt, which the chat template refuses in the trainer stage (or renders
+    as no context). Vectorized: the first message of each side, compared."""
+    a, b = pc.list_element(chosen, 0), pc.list_element(rejected, 0)
+    same = pc.and_(pc.equal(pc.struct_field(a, "role"), pc.struct_field(b, "role")),
+                   pc.equal(pc.struct_field(a, "content"), pc.struct_field(b, "content")))
+    bad = first(~np.asarray(pc.fill_null(same, False)))
+    if bad is not None:
+        raise row_error(where, base + bad, "chosen and rejected start with different turns, so the implicit prompt "
+                        "(the turns both share) is empty", "start both dialogues with the same prompt turns, or give "
+                        "an explicit prompt column")
 
 
 def chunks(ds, columns: list[str]):
