@@ -149,11 +149,25 @@ def test_template_that_raises_names_the_row(tmp_path):
     assert not ok and row.value.startswith("row 2: ") and "Only system, user and assistant" in row.value
 
 
-def test_standard_implicit_prompt_split_inside_a_word(tmp_path):
-    """TRL's extract_prompt ends a string prompt where chosen and rejected first differ, here inside a word: the
-    prompt's last token then merges with the completion's first, which the prefix check names."""
+def test_standard_implicit_prompt_split_inside_a_word_moves_back_to_a_token_boundary(tmp_path):
+    """TRL's extract_prompt ends a string prompt where chosen and rejected first differ, here inside a word ("...
+    Answer: T"): the prompt's last token would merge with the completion's first. The data stage moves the cut back
+    to the last whitespace where the tokens agree, and says how many rows moved (issue 21, #30/#31)."""
     rows = [{"chosen": "Question: capital of Japan? Answer: The capital is Tokyo.",
-             "rejected": "Question: capital of Japan? Answer: Tokyo Tokyo Tokyo"}]  # shared: "... Answer: T"
+             "rejected": "Question: capital of Japan? Answer: Tokyo Tokyo Tokyo"},  # shared: "... Answer: T"
+            {"chosen": "Question: color of the sky? Answer: Blue.",
+             "rejected": "Question: color of the sky? Answer: Green."}]  # TRL's own cut is a token boundary
+    ok, got = run_stage(tmp_path, rows)
+    row = got["prompt is a token prefix"]
+    assert ok and "1 of 2 implicit prompts end earlier than TRL's extract_prompt" in row.value, row.value
+    assert got["facts"]["implicit_prompts_moved"] == {"train": 1}
+    shown = got["facts"]["first_row_rendered"]["train"]["prompt+chosen"]
+    assert shown == "<|bos|>Question: capital of Japan? Answer: The capital is Tokyo.<|eos|>"  # nothing lost
+
+
+def test_implicit_prompt_with_no_token_boundary_still_fails(tmp_path):
+    """No whitespace before the difference: no boundary to move to, TRL's cut is kept and the check names the row."""
+    rows = [{"chosen": "Q:capital-of-Japan?A:The", "rejected": "Q:capital-of-Japan?A:Tokyo"}]
     ok, got = run_stage(tmp_path, rows)
     row = got["prompt is a token prefix"]
     assert not ok and row.value.startswith("row 0 chosen: token ") and "token boundary" in row.hint

@@ -339,3 +339,31 @@ def test_sharded_checkpoint_tensor_index(tmp_path):
         assert e.dtype == t.dtype and e.shape == tuple(t.shape)
         assert read_elements(e, 0, e.numel) == raw(t)
         assert read_elements(e, 1, e.numel - 2) == elem_bytes(t, 1, e.numel - 2)
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path):
+    """Issue 21, item 3: which copy a loader takes would depend on its order."""
+    d, ts = make_sharded(tmp_path)
+    names = sorted(ts)
+    second = {n: ts[n] for n in names[2:]} | {names[0]: ts[names[0]] + 1}
+    save_file(second, str(d / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=f"tensor {names[0]} is in two shards"):
+        preflight(d)
+
+
+def test_an_index_naming_a_tensor_no_shard_holds_is_refused(tmp_path):
+    d, _ = make_sharded(tmp_path)
+    index = json.loads((d / INDEX_NAME).read_text())
+    index["weight_map"]["phantom.weight"] = "model-00001-of-00002.safetensors"
+    (d / INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="names tensor phantom.weight in model-00001-of-00002.safetensors, but "
+                                              "no shard holds it"):
+        preflight(d)
+
+
+def test_safetensors_shards_win_over_pickle_and_a_bin_index(tmp_path):
+    """transformers' order: safetensors (single, then index) before any pickle file or pickle index."""
+    d, _ = make_sharded(tmp_path)
+    (d / "pytorch_model.bin").write_bytes(b"not read")
+    (d / "pytorch_model.bin.index.json").write_text("{}")
+    assert [f.name for f in weight_files(d)] == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]

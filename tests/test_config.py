@@ -1,5 +1,7 @@
 """Config tree: strict loading, every problem at once, CLI > YAML > defaults."""
 
+import dataclasses
+
 import pytest
 
 from dpo_dist.config.schema import ConfigError, RunConfig, load, merge_overrides, parse_override
@@ -13,7 +15,9 @@ def write(tmp_path, text):
 
 def test_defaults_match_the_seed():
     cfg = load(None)
-    assert cfg == RunConfig()
+    # the demo (embedded model and data) keeps the demo's eval set; a bare DataConfig has none (issue 21, #37)
+    assert cfg.data.eval == "default" and RunConfig().data.eval is None
+    assert cfg == dataclasses.replace(RunConfig(), data=dataclasses.replace(RunConfig().data, eval="default"))
     t = cfg.train
     assert (t.beta, t.learning_rate, t.per_device_train_batch_size, t.gradient_accumulation_steps) == (0.1, 1e-6, 4, 4)
     assert (t.max_length, t.max_prompt_length, t.logging_steps, t.save_steps) == (1024, 512, 10, 100)
@@ -48,7 +52,7 @@ def test_every_problem_reported_at_once(tmp_path):
         ("train:\n  learning_rate: -1.0\n", "'train.learning_rate' must be > 0"),
         ("train:\n  max_prompt_length: 1024\n  max_length: 1024\n", "must be < 'train.max_length'"),
         ("train:\n  per_device_train_batch_size: 0\n", "'train.per_device_train_batch_size' must be >= 1"),
-        ("train:\n  extra:\n    beta: 0.3\n", "'train.extra' must not set beta"),
+        ("train:\n  extra:\n    beta: 0.3\n", "'train.extra.beta' is set by dpo-dist itself (train.beta)"),
         ("reference:\n  placement: ranks\n  ranks: 0\n", "'reference.pad_to_multiple_of' must be >= 1"),
         ("reference:\n  lora:\n    r: 0\n", "'reference.lora' needs r >= 1"),
         ("verify:\n  prompts: []\n", "at least one prompt"),

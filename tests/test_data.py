@@ -189,8 +189,13 @@ def test_every_trl_format(tmp_path, bpe_tok, rows, conversational, explicit):
     assert (got.fmt.conversational, got.fmt.explicit) == (conversational, explicit)
     # extra columns ignored; a string prompt beside whole dialogues is dropped so TRL extracts the prompt itself
     want = (["prompt"] if explicit else []) + ["chosen", "rejected"]
-    assert got.dataset.column_names == want
     assert "source" in got.fmt.ignored and "id" in got.fmt.ignored
+    if not explicit and not conversational:  # split here, once, at a token boundary (issue 21, #30/#31)
+        assert sorted(got.dataset.column_names) == ["chosen", "prompt", "rejected"]
+        assert [{k: r["prompt"] + r[k] for k in ("chosen", "rejected")} for r in rows_of(got.dataset)] == \
+            [{k: r[k] for k in ("chosen", "rejected")} for r in rows]
+        return
+    assert got.dataset.column_names == want
     assert rows_of(got.dataset) == [{k: r[k] for k in want} for r in rows]
 
 

@@ -125,8 +125,12 @@ class DataConfig:
     """Preference data (dpo_dist.data.sources): a .jsonl/.json/.parquet/.csv/.arrow file, a `datasets` directory, or
     a dataset name in the local Hugging Face cache; the splits are chosen in a DatasetDict or a cached name."""
 
+    # `default` is the embedded 16+64-row demo set, for the embedded model. An unset eval is no eval set (from_dict
+    # keeps the demo's eval set only for the demo itself: model.path and data.train both `default`); a user's model on
+    # the demo train set is said in the report and on the terminal (data.demo_note), not refused: a first run that
+    # only proves policy == reference on a new checkpoint needs no data of its own.
     train: str = "default"
-    eval: str | None = "default"
+    eval: str | None = None
     train_split: str = "train"
     eval_split: str = "test"  # eval may name the same source as train: then this split of it
 
@@ -363,10 +367,48 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
             f"'reference.placement: {cfg.reference.placement}' is not available in this version "
             f"(available: {', '.join(IMPLEMENTED_PLACEMENTS)})"
         )
-    reserved = {f.name for f in dataclasses.fields(TrainConfig)} | {"deepspeed", "use_cpu", "bf16", "fp16"}
-    clash = sorted(set(t.extra) & reserved)
-    if clash:
-        problems.append(f"'train.extra' must not set {', '.join(clash)}: use the dedicated keys or sharding config")
+    if "pad_to_multiple_of" in t.extra and cfg.reference.placement == Placement.RANKS and \
+            cfg.reference.batch_requests and cfg.reference.pad_to_multiple_of:
+        problems.append("'train.extra.pad_to_multiple_of' is set by dpo-dist itself under reference.placement ranks "
+                        "(reference.pad_to_multiple_of): remove it from train.extra")
+    for key in sorted(t.extra):
+        owner = reserved_extra_key(key)
+        if owner:
+            problems.append(f"'train.extra.{key}' is set by dpo-dist itself ({owner}): remove it from train.extra")
+    loss = t.extra.get("loss_type")
+    for lt in (loss if isinstance(loss, list) else [loss] if loss is not None else []):
+        if lt not in TRL_LOSS_TYPES:
+            close = difflib.get_close_matches(str(lt), TRL_LOSS_TYPES, n=2)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            problems.append(f"'train.extra.loss_type' {lt!r} is not a loss type of TRL 1.16: {hint}choose from "
+                            f"{', '.join(TRL_LOSS_TYPES)}")
+
+
+# DPOConfig arguments dpo-dist sets itself (config.trl_args.dpo_config_kwargs), and the key that controls each: an
+# entry in train.extra would override it silently (issue 21, #55/#56). report_to and dataloader_num_workers are only
+# defaults there (logging and input workers touch no proof), so train.extra may set them.
+RESERVED_EXTRA = {
+    "data_seed": "train.seed", "bf16": "model.dtype", "fp16": "model.dtype",
+    "deepspeed": "sharding.name or sharding.ds_config", "ddp_timeout": "sharding.timeout_s",
+    "use_cpu": "the launch: dpo-dist launch --cpu, or DS_ACCELERATOR=cpu",
+    "disable_dropout": "always true: dropout would make policy and reference differ at step 0",
+    "precompute_ref_log_probs": "reference.placement: precomputed",
+    "max_prompt_length": "train.max_prompt_length", "resume_from_checkpoint": "train.resume_from",
+}
+# TRL 1.16 DPOTrainer._compute_loss's loss types (verify.tolerances.STEP0_LOSS gives each one's step-0 value)
+TRL_LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+
+
+def reserved_extra_key(key: str) -> str | None:
+    """What controls a DPOConfig argument dpo-dist sets itself, or None if train.extra may set it."""
+    if key in RESERVED_EXTRA:
+        return RESERVED_EXTRA[key]
+    if key == "output_dir":
+        return "train.output_dir or --output-dir"
+    if key in {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}:
+        return f"train.{key}"
+    return None
 
 
 def from_dict(data: dict[str, Any] | None, source: str = "config") -> RunConfig:
@@ -374,9 +416,20 @@ def from_dict(data: dict[str, Any] | None, source: str = "config") -> RunConfig:
     problems: list[str] = []
     cfg = _build(RunConfig, data or {}, "", problems)
     if not problems:
+        cfg = _demo_eval(cfg, data or {})
         _check_values(cfg, problems)
     if problems:
         raise ConfigError(problems, source)
+    return cfg
+
+
+def _demo_eval(cfg: RunConfig, data: dict[str, Any]) -> RunConfig:
+    """The demo (model.path and data.train `default`) with data.eval unset evaluates on the demo's eval set; any other
+    run with data.eval unset has no eval set (issue 21, #37: never the demo's rows beside a user's train set)."""
+    section = data.get("data")
+    unset = not isinstance(section, dict) or "eval" not in section
+    if unset and cfg.model.path == "default" and cfg.data.train == "default":
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval="default"))
     return cfg
 
 

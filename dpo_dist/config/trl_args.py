@@ -59,3 +59,30 @@ def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, 
         if "save_strategy" in t.extra:  # a rehearsal that saves (to test resuming) keeps the config's save_steps
             kw.update(save_strategy=t.extra["save_strategy"], save_steps=t.save_steps)
     return kw
+
+
+# options of older TRL/transformers that users carry over, and what replaced them (a did-you-mean would mislead)
+REMOVED_OPTIONS = {
+    "rpo_alpha": "TRL 1.x has no rpo_alpha: RPO is loss_type: [sigmoid, sft] with loss_weights: [1, ALPHA]; ",
+    "warmup_ratio": "transformers 5 dropped warmup_ratio: warmup_steps takes a fraction below 1 as a ratio; ",
+}
+
+
+def unknown_extra_problems(extra: dict[str, Any]) -> list[str]:
+    """train.extra keys that are not DPOConfig fields, each with a did-you-mean from DPOConfig's own fields: caught
+    with the other input checks (exit 2), not as DPOConfig's TypeError once every rank has loaded the model. Imports
+    TRL (seconds), so it runs in init's preflight, not in every config load (plan, launch)."""
+    import dataclasses
+    import difflib
+
+    if not extra:
+        return []
+    from trl import DPOConfig
+
+    known = sorted(f.name for f in dataclasses.fields(DPOConfig))
+    out = []
+    for key in sorted(set(extra) - set(known)):
+        close = difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+        hint = REMOVED_OPTIONS.get(key) or (f"did you mean {' or '.join(repr(c) for c in close)}? " if close else "")
+        out.append(f"'train.extra.{key}' is not a DPOConfig field of TRL 1.16. Fix: {hint}correct or remove it")
+    return out

@@ -51,6 +51,38 @@ def trl_rows(example: dict, tok) -> dict:
     return out
 
 
+CHUNK_ROWS = 65536
+
+
+def chunks(ds, columns: list[str]):
+    """(first row index, pyarrow Table) over the dataset, CHUNK_ROWS at a time, memory-mapped (as prepare.chunks:
+    prepare imports this module, so not the other way round)."""
+    table = ds.select_columns(columns).with_format("arrow")
+    for base in range(0, len(ds), CHUNK_ROWS):
+        yield base, table[base:base + CHUNK_ROWS]
+
+
+def shape_rows(ds, columns: list[str]) -> dict[tuple, int]:
+    """The first row of each distinct sequence of turn roles (prompt, chosen, rejected), over every row: a template's
+    control flow follows the roles (an unsupported role, roles out of order), so rendering one row per shape finds
+    a row it refuses that a sample can miss, before the trainer stage fails on it naming no row (issue 21, #34). Reads
+    only the role strings of each chunk: seconds for a million rows; a template that fails on content alone is not
+    caught here."""
+    cols = [c for c in ("prompt", "chosen", "rejected") if c in columns]
+    first: dict[tuple, int] = {}
+    for base, table in chunks(ds, cols):
+        per_col = []
+        for c in cols:
+            col = table.column(c).combine_chunks()
+            roles = col.flatten().field("role").to_pylist()
+            offsets = col.offsets.to_pylist()  # of the unsliced values: flatten() starts at offsets[0]
+            o = offsets[0]
+            per_col.append([tuple(roles[offsets[i] - o:offsets[i + 1] - o]) for i in range(len(col))])
+        for i, shape in enumerate(zip(*per_col, strict=True)):
+            first.setdefault(shape, base + i)
+    return first
+
+
 def first_difference(a: list[int], b: list[int]) -> int:
     from trl.data_utils import common_prefix_length
 
@@ -95,6 +127,8 @@ def check_one(rr, tok, role: str, data, cfg) -> bool:
     if data.fmt.conversational:
         rr.add(name + "chat template present", True, f"{len(tok.chat_template)} characters")
     idx = sample_indices(len(data.dataset))
+    if data.fmt.conversational:  # one row of each turn-role shape the sample missed: a template raising on it
+        idx = sorted(set(idx) | set(shape_rows(data.dataset, data.fmt.columns).values()))  # names its row here
     rows = data.dataset.select(idx).to_list()
     bad_prefix, bad_bos, bad_eos, lost_turn, empty = [], [], [], [], []
     prompt_lens, completion_lens, over_prompt = [], [], 0
@@ -135,8 +169,14 @@ def check_one(rr, tok, role: str, data, cfg) -> bool:
                                      "text")
                     break
     n = len(idx)
+    implicit = not data.fmt.explicit and not data.fmt.conversational
+    moved = getattr(data, "moved_prompts", 0)
+    if implicit:
+        rr.facts.setdefault("implicit_prompts_moved", {})[role] = moved
     ok = rr.add(name + "prompt is a token prefix", not bad_prefix,
                 f"{n} sampled rows: prompt tokens are a prefix of prompt+chosen and prompt+rejected"
+                + (f"; {moved} of {data.rows} implicit prompts end earlier than TRL's extract_prompt would end them "
+                   "(moved back to a token boundary)" if implicit else "")
                 if not bad_prefix else bad_prefix[0],
                 ("the template renders the prompt alone differently from the prompt followed by an answer, so TRL "
                  "cuts the prompt where they diverge and trains on a context the model never sees: use a "
@@ -167,6 +207,13 @@ def check_one(rr, tok, role: str, data, cfg) -> bool:
     rr.facts.setdefault("length_sample", {})[role] = {"rows": n, "prompt": percentiles(prompt_lens),
                                                       "completion": percentiles(completion_lens),
                                                       "over_max_prompt_length": int(over_prompt)}
+    special = special_text(data.dataset, data.fmt.columns, tok)
+    rr.facts.setdefault("special_token_text_checked", {})[role] = data.rows  # every row searched
+    if special:  # a row only when found: the passing demo's table stays one screen (issue 16)
+        rr.facts.setdefault("special_token_text", {})[role] = special
+        rr.add(name + "special-token text in the data", True, f"WARNING: {special['rows']} row(s) hold special-token "
+               f"text, first: row {special['row']} {special['column']} holds {special['token']!r}, which the "
+               "tokenizer turns into that control token (intended only in pre-rendered text)")
     text = shown(tok, first["chosen"])
     rr.add(name + "first row as the model sees it", True,
            repr(text[:SHOWN_CHARS]) + ("…" if len(text) > SHOWN_CHARS else "") + " (in full: report facts)")
@@ -201,3 +248,53 @@ def check_tokenized(rr, trainer, prepared: dict, cfg) -> bool:
                      f"TRL dropped {dropped} rows whose prompt alone has >= max_length {max_len} tokens (their "
                      "completions would be empty): raise train.max_length or shorten those prompts")
     return ok
+
+
+def special_tokens(tok) -> list[str]:
+    """The strings the tokenizer turns into special (control) tokens wherever they appear in text."""
+    found = set(getattr(tok, "all_special_tokens", []) or [])
+    for t in (getattr(tok, "added_tokens_decoder", {}) or {}).values():
+        if getattr(t, "special", False):
+            found.add(str(t))
+    return sorted(t for t in found if t)
+
+
+def special_text(ds, columns: list[str], tok) -> dict | None:
+    """Rows whose text holds a special token's string ("<|im_end|>", "</s>" typed in an answer): the tokenizer makes
+    it the control token, so a completion could end a turn or the text mid-way, unnoticed (issue 21, item 2). Every
+    row, with Arrow's substring search (no Python loop over rows). A warning, not a failure: standard data that is
+    pre-rendered with the chat template holds these strings on purpose, and a check with no way past it would refuse
+    such data outright. Returns {rows, row, column, token} of the first hit, or None."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tokens = special_tokens(tok)
+    cols = [c for c in ("prompt", "chosen", "rejected") if c in columns]
+    if not tokens or not cols:
+        return None
+    hits, first = np.zeros(len(ds), dtype=bool), None
+    for base, table in chunks(ds, cols):
+        for c in cols:
+            col = table.column(c).combine_chunks()
+            rows_of = None
+            if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+                offsets = np.asarray(col.offsets.to_numpy(zero_copy_only=False))
+                rows_of, texts = offsets - offsets[0], col.flatten().field("content")
+            else:
+                texts = col
+            for t in tokens:
+                hit = pc.fill_null(pc.match_substring(texts, t), False)
+                if rows_of is None and c != "prompt" and t == tok.eos_token:  # TRL's add_eos keeps a final EOS
+                    once = pc.and_(pc.equal(pc.count_substring(texts, t), 1), pc.ends_with(texts, t))
+                    hit = pc.and_(hit, pc.invert(pc.fill_null(once, False)))
+                where = np.flatnonzero(np.asarray(hit))
+                if not where.size:
+                    continue
+                rows = where if rows_of is None else np.searchsorted(rows_of, where, side="right") - 1
+                hits[base + rows] = True
+                r = int(base + rows[0])
+                if first is None or r < first["row"]:
+                    first = {"row": r, "column": c, "token": t}
+    if first is None:
+        return None
+    return {**first, "rows": int(hits.sum())}

@@ -51,6 +51,7 @@ class PreparedData:
     fmt: DataFormat
     truncated_prompts: int
     identical_pairs: int
+    moved_prompts: int = 0  # implicit prompts whose end split_implicit moved back to a token boundary
 
     @property
     def rows(self) -> int:
@@ -91,16 +92,54 @@ def column_kind(ds, name: str, where: str) -> str:
                                 f"(their keys: {', '.join(names)})", "every message needs role and content")
             content = item.field(item.get_field_index("content")).type
             if not (pa.types.is_string(content) or pa.types.is_large_string(content)):
-                raise row_error(where, None, f"{name} message content is {content}, not text",
-                                "dpo-dist trains on text conversations: content must be a string")
+                raise bad_content(ds, name, where, str(content))
             return "messages"
         if isinstance(item, pa.BaseExtensionType):  # datasets' Json: messages whose keys differ from row to row
             raise odd_messages(ds, name, where)
-    if type(feat).__name__ == "Json":  # datasets' type for a column mixing strings and lists
-        raise row_error(where, None, f"column {name} mixes strings and message lists across rows",
-                        "use one format per dataset: all strings, or all lists of {role, content} messages")
+    if type(feat).__name__ == "Json":  # datasets' type for a column mixing kinds of JSON values across rows
+        raise mixed_column(ds, name, where)
     raise row_error(where, None, f"{name} must be non-empty strings or lists of messages, not {typ}",
                     "make it a string, or a list of {role, content} messages")
+
+
+JSON_KINDS = {str: "a string", list: "a list", dict: "an object", int: "a number", float: "a number",
+              bool: "true/false", type(None): "null"}
+
+
+def mixed_column(ds, name: str, where: str) -> DataError:
+    """A column whose rows hold different kinds of JSON values (datasets types it Json, each cell JSON-encoded): name
+    the first row that is neither text nor a message list, or the first of each kind (a row-by-row scan, only on this
+    failure path; issue 21, #26)."""
+    seen: dict[str, int] = {}
+    for base, batch in chunks(ds, [name]):
+        for i, cell in enumerate(batch.column(name).to_pylist()):
+            value = json.loads(cell) if isinstance(cell, str) else cell
+            kind = JSON_KINDS.get(type(value), type(value).__name__)
+            if not isinstance(value, (str, list)):
+                shown = json.dumps(value)
+                shown = shown if len(shown) <= 40 else shown[:39] + "…"
+                return row_error(where, base + i, f"{name} is {kind} ({shown}), not text or a list of messages",
+                                 f"make {name} a string, or a list of {{role, content}} messages")
+            seen.setdefault(kind, base + i)
+    rows = ", ".join(f"row {r} is {k}" for k, r in seen.items())
+    return row_error(where, None, f"column {name} mixes strings and message lists across rows ({rows})",
+                     "use one format per dataset: all strings, or all lists of {role, content} messages")
+
+
+def bad_content(ds, name: str, where: str, arrow_type: str) -> DataError:
+    """Message content that is not text in some row (a list of parts, a number, null): name the first such row and
+    message (a row-by-row scan, only on this failure path), not the Arrow type of the column."""
+    for base, batch in chunks(ds, [name]):
+        for i, msgs in enumerate(batch.column(name).to_pylist()):
+            for j, m in enumerate(msgs or []):
+                value = (m or {}).get("content")
+                value = json.loads(value) if arrow_type.startswith("extension") and isinstance(value, str) else value
+                if not isinstance(value, str):
+                    kind = JSON_KINDS.get(type(value), type(value).__name__)
+                    return row_error(where, base + i, f"{name} message {j} content is {kind}, not text",
+                                     "dpo-dist trains on text conversations: content must be a string")
+    return row_error(where, None, f"{name} message content is {arrow_type}, not text",
+                     "dpo-dist trains on text conversations: content must be a string")
 
 
 def odd_messages(ds, name: str, where: str) -> DataError:
@@ -249,11 +288,27 @@ def validate(ds, where: str, role: str = "train") -> tuple[DataFormat, int]:
                 check_messages(arr, name, base, where, starts=False, ends="")
             else:
                 check_messages(arr, name, base, where, starts=True, ends="assistant")
+        if fmt.conversational and not fmt.explicit:
+            check_shared_start(cols["chosen"], cols["rejected"], base, where)
         identical += identical_rows(cols["chosen"], cols["rejected"], fmt.conversational)
     if identical == len(ds):
         raise row_error(where, None, "chosen == rejected in every row: there is no preference to learn",
                         "check that chosen and rejected name the preferred and the dispreferred answer")
     return fmt, identical
+
+
+def check_shared_start(chosen: pa.Array, rejected: pa.Array, base: int, where: str) -> None:
+    """Whole dialogues (implicit prompt): TRL's extract_prompt takes the turns both share as the prompt, so a row
+    whose first turns differ has an empty prompt, which the chat template refuses in the trainer stage (or renders
+    as no context). Vectorized: the first message of each side, compared."""
+    a, b = pc.list_element(chosen, 0), pc.list_element(rejected, 0)
+    same = pc.and_(pc.equal(pc.struct_field(a, "role"), pc.struct_field(b, "role")),
+                   pc.equal(pc.struct_field(a, "content"), pc.struct_field(b, "content")))
+    bad = first(~np.asarray(pc.fill_null(same, False)))
+    if bad is not None:
+        raise row_error(where, base + bad, "chosen and rejected start with different turns, so the implicit prompt "
+                        "(the turns both share) is empty", "start both dialogues with the same prompt turns, or give "
+                        "an explicit prompt column")
 
 
 def chunks(ds, columns: list[str]):
@@ -285,7 +340,9 @@ def prepare(spec: str, role: str, split: str, tok, max_prompt_length: int, local
     the node's local main process (`local_main`) while the other ranks wait for its file, then read the cache."""
     ds, fmt, identical, _ = load_split(spec, role, split)
     ds = ds.select_columns(fmt.columns)
-    cut = 0
+    cut = moved = 0
+    if not fmt.explicit and not fmt.conversational:
+        ds, moved = split_implicit(ds, tok, role, local_main)
     if fmt.explicit and not fmt.conversational:
         bound = tokens_within_bytes(ds, tok)
         longest = pc.max(pc.binary_length(ds.with_format("arrow")["prompt"])).as_py() or 0
@@ -303,7 +360,67 @@ def prepare(spec: str, role: str, split: str, tok, max_prompt_length: int, local
             ds = cut_prompts()  # the local main: its cached result; the others: the cache it wrote
             cut = int(pc.sum(ds.with_format("arrow")["prompt_cut"]).as_py() or 0)
             ds = ds.remove_columns("prompt_cut")
-    return PreparedData(ds, fmt, cut, identical)
+    return PreparedData(ds, fmt, cut, identical, moved)
+
+
+def split_implicit(ds, tok, role: str, local_main: bool) -> tuple[object, int]:
+    """Standard data with an implicit prompt, split into prompt/chosen/rejected here, once, before TRL sees it (TRL
+    then skips its own extract_prompt). TRL's extract_prompt ends the prompt where chosen and rejected first differ:
+    inside a word when both answers start with the same letters (Anthropic-HH: "Assistant: Study..." and
+    "Assistant: Studying..."), so the prompt's last token merges with the completion's first and TRL trains on a
+    context the model never sees. Where TRL's cut is not a token boundary of both dialogues, the cut moves back to the
+    start of an earlier whitespace run (where a word-initial token begins) at which the prompt's tokens are a prefix
+    of both dialogues' tokens. Cached beside the source's Arrow files, like the prompt cut: once per node."""
+    def split(ds=ds):
+        return ds.map(split_batch, batched=True, batch_size=1024, fn_kwargs={"tok": tok})
+
+    if ds.cache_files:
+        from dpo_dist.data.keys import tokenizer_key
+        from dpo_dist.data.tokenize_once import marker, once_per_node
+
+        once_per_node(marker(ds, "implicit", tokenizer_key(tok)), split, local_main,
+                      f"splitting the {role} implicit prompts at token boundaries")
+    ds = split()
+    moved = int(pc.sum(ds.with_format("arrow")["prompt_moved"]).as_py() or 0)
+    return ds.remove_columns("prompt_moved"), moved
+
+
+# earlier whitespace runs tried per row before TRL's cut is kept (then the chat-template check names the row)
+BOUNDARY_TRIES = 8
+
+
+def split_batch(batch: dict, tok) -> dict:
+    from trl.data_utils import extract_prompt
+
+    chosen, rejected = batch["chosen"], batch["rejected"]
+    cuts = [len(extract_prompt({"chosen": c, "rejected": r})["prompt"]) for c, r in zip(chosen, rejected, strict=True)]
+    full_c, full_r = tok(chosen)["input_ids"], tok(rejected)["input_ids"]  # TRL's _tokenize: tok(text), specials on
+    prompts = tok([c[:k] for c, k in zip(chosen, cuts, strict=True)])["input_ids"]
+    out = {"prompt": [], "chosen": [], "rejected": [], "prompt_moved": []}
+    for c, r, k, p, fc, fr in zip(chosen, rejected, cuts, prompts, full_c, full_r, strict=True):
+        j = k if fc[:len(p)] == p and fr[:len(p)] == p else boundary(tok, c, k, fc, fr)
+        out["prompt"].append(c[:j])
+        out["chosen"].append(c[j:])
+        out["rejected"].append(r[j:])
+        out["prompt_moved"].append(j != k)
+    return out
+
+
+def boundary(tok, text: str, cut: int, full_c: list[int], full_r: list[int]) -> int:
+    """The latest start of a whitespace run before `cut` whose prefix tokenizes to a prefix of both dialogues'
+    tokens; `cut` itself when none of the last BOUNDARY_TRIES does."""
+    j, tries = cut, 0
+    while tries < BOUNDARY_TRIES:
+        j -= 1
+        while j > 0 and not (text[j].isspace() and not text[j - 1].isspace()):
+            j -= 1
+        if j <= 0:
+            return cut
+        p = tok(text[:j])["input_ids"]
+        if full_c[:len(p)] == p and full_r[:len(p)] == p:
+            return j
+        tries += 1
+    return cut
 
 
 def tokens_within_bytes(ds, tok, sample: int = 512) -> bool:

@@ -8,6 +8,7 @@ Errors are DataError with one line naming the source (and row or split) and the 
 from __future__ import annotations
 
 import codecs
+import errno
 import os
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def quiet_datasets() -> None:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # CRITICAL, not ERROR: a reader's failure is logged as an ERROR above the DataError line that names it better
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 
 def looks_like_path(spec: str) -> bool:
@@ -102,11 +104,32 @@ def open_file(path: Path, role: str):
         # datasets converts the file to Arrow once in its cache (a file lock lets concurrent ranks share that work)
         return load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:
+        cache = cache_write_error(e, path)
+        if cache is not None:
+            raise DataError(f"the datasets cache {cache_root()} cannot be written ([Errno {cache.errno}] "
+                            f"{cache.strerror}) while data.{role} {path} is converted to Arrow: set HF_DATASETS_CACHE "
+                            "to a writable directory with free space on every node") from None
         if "corresponds to no data" in str(e):  # datasets' words for a readable file without rows
             raise DataError(f"the {role} dataset is empty (data.{role} {path}): it needs rows with chosen and "
                             "rejected (and a prompt)") from None
         raise DataError(f"data.{role} {path} cannot be read as {suffix} ({read_error(path, e)}): fix the file or "
                         "give it the extension of its real format") from None
+
+
+CACHE_ERRNOS = (errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EDQUOT)
+
+
+def cache_write_error(e: BaseException, path: Path) -> OSError | None:
+    """The OSError, anywhere in the chain, of datasets failing to write its Arrow cache (read-only, full, no
+    permission: common with a shared cluster cache), not of reading the data file itself (issue 21, #25)."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in CACHE_ERRNOS and str(x.filename or "") != str(path):
+            return x
+        x = x.__cause__ or x.__context__
+    return None
 
 
 def check_utf8(path: Path, role: str) -> None:
@@ -141,9 +164,12 @@ def read_error(path: Path, e: Exception) -> str:
             for lineno, text in enumerate(f, 1):
                 if text.strip():
                     try:
-                        json.loads(text)
+                        row = json.loads(text)
                     except json.JSONDecodeError as je:
                         return f"line {lineno} is not valid JSON: {je.msg}"
+                    if not isinstance(row, dict):  # datasets names "row 0" of its block, not the line
+                        kind = "an array" if isinstance(row, list) else f"a {type(row).__name__}"
+                        return f"line {lineno} is {kind}, not a JSON object: each line must be one row, {{...}}"
     return one_line(cause)
 
 
@@ -182,3 +208,13 @@ def open_cached_name(name: str, role: str, split: str):
     except Exception as e:
         raise DataError(f"data.{role} {name!r} is in the cache ({where}) but cannot be read ({one_line(e)}): "
                         "download it again with datasets.load_dataset") from None
+
+
+def demo_note(model_path: str, train: str) -> str | None:
+    """A user's model on the embedded demo train set (data.train unset or `default`): allowed, since a first init
+    that only proves policy == reference needs no data of its own, but said on the terminal and in the report, since
+    the trainer handed back would train on 64 demo rows (issue 21, #37)."""
+    if train != "default" or model_path == "default":
+        return None
+    return ("data.train is the embedded 64-row demo set, not your data (data.train unset): set data.train to your "
+            "preference data before training")

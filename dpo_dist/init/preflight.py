@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dpo_dist.config.resources import resolve_ds_config, resolve_model_path
 from dpo_dist.config.schema import RunConfig
+from dpo_dist.config.trl_args import unknown_extra_problems
 from dpo_dist.data.prepare import DataError, load_split
 from dpo_dist.load.checkpoint import CheckpointError, preflight
 from dpo_dist.runtime.run_lock import OutputDirBusy, acquire
@@ -93,6 +94,9 @@ def _lock(out: Path) -> None:
 def run_preflight(cfg: RunConfig) -> None:
     """Raise PreflightError naming the first problem; clear a stale report so a failed run cannot look passed."""
     out = check_output_dir(cfg)
+    unknown = unknown_extra_problems(cfg.train.extra)
+    if unknown:
+        raise PreflightError(unknown[0])  # one line: the first, with its fix
     try:
         resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
     except (FileNotFoundError, ValueError) as e:

@@ -222,6 +222,7 @@ class InitRun:
         """Every row validated (preflight did too; the API comes straight here), standard prompts cut, and the
         chat-template checks on sampled rows rendered as TRL will render them. Needs only the tokenizer."""
         from dpo_dist.data import chat_template
+        from dpo_dist.data.sources import demo_note
 
         cfg, rr, tok, data = self.cfg, self.rr, self.state.tok, self.cfg.data
         first = self.ctx.local_rank == 0
@@ -230,14 +231,23 @@ class InitRun:
             if data.eval else None
         self.state.data = {"train": train, "eval": evald}
         cut = train.truncated_prompts + (evald.truncated_prompts if evald else 0)
-        rr.add("datasets valid", True, f"train {train.rows} rows ({train.fmt.describe()})"
+        demo = demo_note(cfg.model.path, data.train)
+        if demo:
+            self.ctx.warn(demo)
+        rr.facts["demo_train_data"] = bool(demo)
+        rr.add("datasets valid", True, ("DEMO DATA: " if demo else "")
+               + f"train {train.rows} rows ({train.fmt.describe()})"
                + (f", eval {evald.rows} ({evald.fmt.describe()})" if evald else "")
                + f"; {cut} prompts truncated to {cfg.train.max_prompt_length} tokens (standard prompts; kept their "
                "end)")
         rr.facts["truncated_prompts"] = cut
         rr.facts["identical_pairs"] = train.identical_pairs
         rr.facts["data_format"] = {"train": train.fmt.describe(), "eval": evald.fmt.describe() if evald else None}
-        return chat_template.check(rr, tok, self.state.data, cfg)
+        ok = chat_template.check(rr, tok, self.state.data, cfg)
+        for role, hit in rr.facts.get("special_token_text", {}).items():
+            self.ctx.warn(f"{hit['rows']} data.{role} row(s) hold special-token text (first: row {hit['row']} "
+                          f"{hit['column']} holds {hit['token']!r}): the tokenizer makes it a control token")
+        return ok
 
     def build(self) -> bool:
         from dpo_dist.data import chat_template

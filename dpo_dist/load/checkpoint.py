@@ -130,24 +130,25 @@ def _entry(path: str, name: str, meta: object) -> tuple[int, int, torch.dtype, t
 
 
 def weight_files(ckpt: str | Path, allow_pickle: bool = False) -> list[Path]:
-    """The safetensors files of a checkpoint, checked to exist; pickle-only checkpoints are refused by default."""
+    """The safetensors files of a checkpoint, checked to exist; pickle-only checkpoints are refused by default.
+
+    The one place that decides a checkpoint's weight set, for the fast loader, preflight and the file fingerprint
+    alike, in transformers' own order (5.23 modeling_utils._get_resolved_checkpoint_files): config.json's
+    `transformers_weights`, then model.safetensors, then the safetensors index, then pickle. Any other order proves
+    and trains other weights than every later from_pretrained(model.path) loads (issue 21, #41)."""
     d = Path(ckpt)
-    index = d / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise CheckpointError(f"{index} is not a valid safetensors index: re-save the checkpoint") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
-            raise CheckpointError(f"{index} is not a valid safetensors index (weight_map must map tensor names to "
-                                  "file names): re-save the checkpoint")
-        files = sorted({d / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names missing shard(s) {', '.join(missing)}: copy them into {d}")
-        return files
+    explicit = _explicit_name(d)
+    if explicit is not None:
+        if explicit.endswith(".index.json"):
+            return _index_files(d, d / explicit)
+        if not (d / explicit).is_file():
+            raise CheckpointError(f"{d / 'config.json'} names transformers_weights {explicit!r}, which is not in {d}: "
+                                  "copy it there or remove the key")
+        return [d / explicit]
     if (d / SINGLE_NAME).is_file():
         return [d / SINGLE_NAME]
+    if (d / INDEX_NAME).is_file():
+        return _index_files(d, d / INDEX_NAME)
     if any((d / p).is_file() for p in PICKLE_NAMES):
         if allow_pickle:
             return []
@@ -156,6 +157,73 @@ def weight_files(ckpt: str | Path, allow_pickle: bool = False) -> list[Path]:
             "or set model.allow_pickle: true if you trust the source"
         )
     raise CheckpointError(f"no weights in {d}: expected {SINGLE_NAME} or {INDEX_NAME}")
+
+
+def _explicit_name(d: Path) -> str | None:
+    """config.json's `transformers_weights` (a file name transformers loads before any default name), if set."""
+    try:
+        name = json.loads((d / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        return None  # preflight names a missing or broken config.json
+    if not isinstance(name, str) or not name.endswith((".safetensors", ".safetensors.index.json")):
+        return None
+    return name
+
+
+def _index_files(d: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"{index} is not a valid safetensors index: re-save the checkpoint") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+        raise CheckpointError(f"{index} is not a valid safetensors index (weight_map must map tensor names to "
+                              "file names): re-save the checkpoint")
+    files = sorted({d / f for f in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names missing shard(s) {', '.join(missing)}: copy them into {d}")
+    return files
+
+
+# bytes compared at the start, middle and end of each tensor when two weight sets sit in one directory: a stale set
+# (an older save, another fine-tune) differs nearly everywhere, and reading every byte twice would cost a 70B load
+PROBE_BYTES = 4096
+
+
+def competing_sets(d: Path) -> str | None:
+    """A directory holding model.safetensors and a safetensors index whose shards hold other tensors or bytes: name
+    both sets. dpo-dist loads what transformers loads (weight_files), but a later tool with another order (or a
+    user) may take the other set, and a stale set beside the real one is nearly always a copy gone wrong."""
+    single, index = d / SINGLE_NAME, d / INDEX_NAME
+    if not (single.is_file() and index.is_file()) or _explicit_name(d) is not None:
+        return None
+    shards = _index_files(d, index)
+    a = read_safetensors_header(single)
+    b: dict[str, TensorEntry] = {}
+    for f in shards:
+        b.update(read_safetensors_header(f))
+    names = ", ".join(f.name for f in shards)
+    differ = None
+    if set(a) != set(b):
+        differ = f"tensor {sorted(set(a) ^ set(b))[0]} is in only one of them"
+    else:
+        for name in sorted(a):
+            x, y = a[name], b[name]
+            if (x.dtype, x.shape) != (y.dtype, y.shape) or not _same_probes(x, y):
+                differ = f"tensor {name} differs"
+                break
+    if differ is None:
+        return None
+    return (f"{d} holds two different weight sets, {SINGLE_NAME} and {INDEX_NAME} with shards {names} ({differ}); "
+            f"transformers loads {SINGLE_NAME}. Fix: remove the stale set ({INDEX_NAME} and its shards, or "
+            f"{SINGLE_NAME}) from {d}")
+
+
+def _same_probes(x: TensorEntry, y: TensorEntry) -> bool:
+    item = torch.empty((), dtype=x.dtype).element_size()
+    n = max(1, PROBE_BYTES // item)
+    starts = sorted({0, max(0, x.numel // 2 - n // 2), max(0, x.numel - n)})
+    return all(read_elements(x, s, min(n, x.numel - s)) == read_elements(y, s, min(n, y.numel - s)) for s in starts)
 
 
 def preflight(ckpt: str | Path, allow_pickle: bool = False) -> dict:
@@ -172,11 +240,41 @@ def preflight(ckpt: str | Path, allow_pickle: bool = False) -> dict:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno}): re-save it") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{cfg_path} must hold a JSON object: re-save the checkpoint")
+    problem = competing_sets(d)
+    if problem:
+        raise CheckpointError(problem)
     entries: dict[str, TensorEntry] = {}
+    holder: dict[str, str] = {}
     for f in weight_files(d, allow_pickle):
-        entries.update(read_safetensors_header(f))  # 8 bytes + the JSON header: truncated/corrupt files, early
+        header = read_safetensors_header(f)  # 8 bytes + the JSON header: truncated/corrupt files, early
+        twice = sorted(set(header) & set(entries))
+        if twice:  # which copy a loader takes depends on its order: tensor_index and from_pretrained could differ
+            raise CheckpointError(f"tensor {twice[0]} is in two shards of {d}, {holder[twice[0]]} and {f.name}: "
+                                  "re-save the checkpoint with save_pretrained")
+        entries.update(header)
+        holder.update(dict.fromkeys(header, f.name))
+    check_index_names(d, entries)
     check_vocab_rows(cfg_path, config, entries)
     return config
+
+
+def check_index_names(d: Path, entries: dict[str, TensorEntry]) -> None:
+    """Every tensor the index names is in the shard it names: a weight_map hand-edited or copied from another save
+    names tensors the files lack, and a loader following the index would look for them where they are not."""
+    explicit = _explicit_name(d)
+    if explicit is not None:
+        index = d / explicit if explicit.endswith(".index.json") else None
+    else:
+        index = d / INDEX_NAME if not (d / SINGLE_NAME).is_file() and (d / INDEX_NAME).is_file() else None
+    if index is None:  # weight_files chose a single file (or pickle): no index to hold to
+        return
+    weight_map = json.loads(index.read_text())["weight_map"]
+    for name, fname in sorted(weight_map.items()):
+        e = entries.get(name)
+        if e is None or Path(e.file).name != Path(fname).name:
+            where = "no shard holds it" if e is None else f"it is in {Path(e.file).name}"
+            raise CheckpointError(f"{index} names tensor {name} in {fname}, but {where}: re-save the checkpoint with "
+                                  "save_pretrained (or correct the index)")
 
 
 # Tensor names (suffixes) of token embeddings and LM heads in transformers' causal LMs: one row per vocabulary entry.

@@ -191,12 +191,23 @@ def timeline(rank_reports: list[RankReport]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+# A failed row whose cause a later failed row names more precisely: the last line names that one. Another model's
+# tokenizer makes the text look like noise to the weights, so generation and perplexity fail too, and their hints
+# (an untrained or wrongly loaded checkpoint) would send the user to the weights (issue 21, #40).
+MORE_SPECIFIC = {
+    "generation: not degenerate": ("tokenizer matches the weights",),
+    "perplexity below uniform": ("tokenizer matches the weights",),
+}
+
+
 def first_failure(report: dict[str, Any]) -> tuple[str, list[int], str, str]:
     """(stage, failed ranks, cause, hint) of the report's first failing check; its stage from the timeline."""
     failed = [r for r in report.get("checks", []) if not r["ok"]]
     if not failed:
         return "", [], "", ""
     r = failed[0]
+    names = {f["check"]: f for f in failed}
+    r = next((names[m] for m in MORE_SPECIFIC.get(r["check"], ()) if m in names), r)
     stage = next((row["stage"] for row in report.get("timeline", [])
                   if row["stage"] == r["check"] or r["check"] in row.get("checks", [])), "checks")
     cause = r["value"] if stage == r["check"] else f"check '{r['check']}': {r['value']}"

@@ -224,6 +224,83 @@ def summarize_noise(measured: list[dict], beta: float, ctx) -> dict[str, Any] | 
             "local_pairs": sum(m["pairs"] for m in measured), "local_equal": sum(m["equal"] for m in measured)}
 
 
+# -- the step-0 loss each TRL 1.16 loss_type gives at policy == reference ------------------------------------------
+# DPOTrainer._compute_loss (trl 1.16): at identical policy and reference every log-ratio is 0, so every f-divergence's
+# scores and their difference are 0, and each loss_type's per-pair loss is a constant of beta (b) and
+# label_smoothing (e); the logged loss is sum_i loss_weights[i] * that constant.
+STEP0_LOSS: dict[str, tuple[str, Any]] = {
+    "sigmoid": ("ln 2", lambda b, e: LN2),
+    "sigmoid_norm": ("ln 2", lambda b, e: LN2),
+    "robust": ("ln 2", lambda b, e: LN2),  # ((1-e) ln 2 - e ln 2) / (1 - 2e)
+    "aot": ("ln 2", lambda b, e: LN2),  # (1-e) ln 2 + e ln 2 on sorted, equal log-ratios
+    "aot_unpaired": ("ln 2", lambda b, e: LN2),
+    "hinge": ("1", lambda b, e: 1.0),  # relu(1 - 0)
+    "ipo": ("1/(4 beta^2)", lambda b, e: 1.0 / (4.0 * b * b)),  # (0 - 1/(2 beta))^2
+    "sppo_hard": ("1/(2 beta^2)", lambda b, e: 1.0 / (2.0 * b * b)),  # (0 - 1/(2 beta))^2 + (0 + 1/(2 beta))^2
+    "nca_pair": ("2 ln 2", lambda b, e: 2.0 * LN2),  # -logsig(0) - 0.5 logsig(0) - 0.5 logsig(0)
+    "bco_pair": ("2 ln 2", lambda b, e: 2.0 * LN2),
+    "apo_zero": ("1", lambda b, e: 1.0),  # (1 - sig(0)) + sig(0)
+    "apo_down": ("1", lambda b, e: 1.0),  # sig(0) + (1 - sig(0))
+    "discopop": ("(ln 2 + 1)/2", lambda b, e: (LN2 + 1.0) / 2.0),  # ln 2 (1 - sig(0)) + exp(0) sig(0)
+    # 1/2 (-ln 2 - ln(1-e)) + 1/2 (-ln 2 - ln e)
+    "exo_pair": ("-ln 2 - ln(e(1-e))/2", lambda b, e: -LN2 - 0.5 * math.log(e * (1.0 - e))),
+}
+# why a loss_type's step-0 value is not a constant of the config: its row is SKIPPED, never a false failure
+STEP0_UNKNOWN = {"sft": "the sft term is the policy's own NLL of the chosen completions, not a constant"}
+# the loss types whose change with a per-pair log-ratio gap n is at most the sigmoid's (|d/dx| <= 1/2, |d2/dx2| <= 1/4
+# in x = beta * n; robust scaled by 1/(1 - 2e); aot sorts, which moves no gap's sum): loss_bound applies to them
+NOISE_BOUNDED = {"sigmoid": lambda e: 1.0, "robust": lambda e: 1.0 / (1.0 - 2.0 * e), "aot": lambda e: 1.0}
+
+
+@dataclass(frozen=True)
+class Step0Target:
+    value: float | None  # None: not knowable in advance (skip)
+    formula: str  # what the value is, or why it is skipped
+    noise_scale: float | None  # multiplies the sigmoid loss bound; None: no bound derived for these losses
+
+
+def step0_target(args, beta: float, aux_loss: bool = False) -> Step0Target:
+    """The step-0 loss at policy == reference for a DPOConfig (loss_type, loss_weights, label_smoothing,
+    use_weighting), or why it cannot be known."""
+    types = args.loss_type if isinstance(args.loss_type, list) else [args.loss_type]
+    weights = list(args.loss_weights or [1.0] * len(types))
+    e = float(getattr(args, "label_smoothing", 0.0) or 0.0)
+    unknown = [f"loss_type {t}: {STEP0_UNKNOWN[t]}" for t in types if t in STEP0_UNKNOWN]
+    unknown += [f"loss_type {t} is not one dpo-dist knows" for t in types if t not in STEP0_LOSS and
+                t not in STEP0_UNKNOWN]
+    if getattr(args, "use_weighting", False):
+        unknown.append("use_weighting (WPO) scales each pair by the policy's own probabilities")
+    if aux_loss:
+        unknown.append("the model adds a router auxiliary loss (MoE), which depends on the inputs")
+    if unknown:
+        return Step0Target(None, "; ".join(unknown), None)
+    value = sum(w * STEP0_LOSS[t][1](beta, e) for t, w in zip(types, weights, strict=True))
+    terms = [f"{'' if w == 1 else f'{w:g} x '}{STEP0_LOSS[t][0]} ({t})" for t, w in zip(types, weights, strict=True)]
+    scale = None
+    if all(t in NOISE_BOUNDED for t in types):
+        scale = sum(abs(w) * NOISE_BOUNDED[t](e) for t, w in zip(types, weights, strict=True))
+    return Step0Target(value, " + ".join(terms), scale)
+
+
+def step0_tolerance(cfg, cross_device: bool, pairs: int, noise: dict[str, Any] | None, target: Step0Target
+                    ) -> Tolerance | None:
+    """loss_tolerance for the target's loss: rounding scales with the target's size; the batching-noise bound and
+    the cross-device setting (both in sigmoid-loss units) with the losses' slope, and are not derived for others:
+    None, so the row is skipped rather than held to a bound that does not apply."""
+    if user_setting(cfg, "loss_tolerance") is not None:
+        return loss_tolerance(cfg, cross_device, pairs, noise)
+    if (cross_device or noise is not None) and target.noise_scale is None:
+        return None
+    tol = loss_tolerance(cfg, cross_device, pairs, noise)
+    size = max(abs(target.value or 0.0), LN2) / LN2  # rounding is relative to the size of the loss
+    if cross_device:
+        return Tolerance(tol.value * target.noise_scale, tol.source, tol.user)
+    if noise is None:
+        return Tolerance(tol.value * size, tol.source, tol.user)
+    rounding = rounding_tolerance(pairs).value * size
+    return Tolerance(noise["bound"] * target.noise_scale + rounding, tol.source, tol.user)
+
+
 def step0_rows(run, trainer, losses: list[float]) -> bool:
     """The step-0 rows: where the reference's log-probs came from other batching, the bitwise tie of the cached values
     to the policy's own, then the loss = ln 2 within the tolerance this run derived (value, tolerance, source)."""
@@ -243,12 +320,20 @@ def step0_rows(run, trainer, losses: list[float]) -> bool:
                      "for the same rows in the same batches: the reference differs (weights, dtype, dropout, "
                      "checkpoint), or the cache is stale (delete reference.cache_dir)", 0.0,
                      "bitwise: same rows, same batching, same weights")
-    tol = loss_tolerance(cfg, run.cross_device(), pairs, noise)
+    target = step0_target(args, float(trainer.beta), bool(getattr(trainer, "aux_loss_enabled", False)))
+    name = "step-0 DPO loss = ln 2" if target.formula == "ln 2 (sigmoid)" else "step-0 DPO loss at policy == reference"
+    rr.facts["step0_loss_target"] = {"value": target.value, "formula": target.formula}
+    tol = step0_tolerance(cfg, run.cross_device(), pairs, noise, target) if target.value is not None else None
+    if target.value is None or tol is None:
+        why = target.formula if target.value is None else (
+            f"{target.formula}: no bound on the reference's {'cross-device' if run.cross_device() else 'batching'} "
+            "noise is derived for this loss_type (only sigmoid, robust and aot)")
+        return ok & rr.add(name, True, f"SKIPPED: {why}" + (f"; logged {losses[0]:.6f}" if losses else ""))
     warn_user_set(tol, ctx)
     if not losses:
-        return rr.add("step-0 DPO loss = ln 2", False, "no loss logged", "no training step logged a loss: check "
+        return rr.add(name, False, "no loss logged", "no training step logged a loss: check "
                       "max_steps and logging_steps") and ok
-    return ok & rr.add("step-0 DPO loss = ln 2", abs(losses[0] - LN2) <= tol.value,
-                       describe(losses[0], LN2, tol),
-                       "the first DPO loss must be ln 2 when policy and reference are identical: they were not "
-                       "(beyond what this run's own numerical noise explains)", tol.value, tol.source)
+    return ok & rr.add(name, abs(losses[0] - target.value) <= tol.value,
+                       f"{target.formula}: " + describe(losses[0], target.value, tol),
+                       f"the first DPO loss must be {target.formula} when policy and reference are identical: they "
+                       "were not (beyond what this run's own numerical noise explains)", tol.value, tol.source)

@@ -43,5 +43,25 @@ def prove_files(rr: RankReport, ctx: DistContext, path: Path, pol, fp_pol: dict[
                  "copy")
     if proof.nonfinite:
         ok &= check_finite(rr, proof.nonfinite, "checkpoint files")
+    elif rr.facts.get("nonfinite_policy"):
+        explain_cast(rr, rr.facts["nonfinite_policy"], pol)
     rr.facts["fingerprints"]["files"] = fp_file
     return ok
+
+
+FP16_MAX = 65504.0
+
+
+def explain_cast(rr: RankReport, nonfinite: dict[str, int], pol) -> None:
+    """The policy holds inf/NaN but the files it was loaded from are finite: the load made them, nearly always a cast
+    to float16 of a weight beyond its range (bf16/fp32 checkpoints hold values up to ~3e38). Rewrite the policy row's
+    hint to say so, instead of calling a sound checkpoint corrupt (issue 21, #50)."""
+    first = next(iter(nonfinite))
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in pol.parameters()})
+    for c in rr.checks:
+        if c.name == "weights finite: policy" and not c.ok:
+            c.value += "; the checkpoint files hold no inf/NaN"
+            c.hint = (f"the checkpoint files are finite, so loading them in {'/'.join(dtypes)} made the inf/NaN "
+                      f"(first: {first}): " + (f"float16 holds at most {FP16_MAX:g}; set model.dtype: bfloat16"
+                                               if dtypes == ["float16"] else
+                                               "check model.dtype and the conversion transformers applied on load"))
