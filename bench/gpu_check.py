@@ -47,7 +47,7 @@ PARTS = {
     "deep": (150, 300, "build the deep trained test checkpoint (timed)"),
     "calibrate": (150, 300, "cross-device noise: ref-on-GPU == policy-on-GPU bitwise, ref-on-CPU vs ref-on-GPU"),
     "selfnoise": (90, 180, "the same forwards repeated on the GPU against the x4 self-noise margin"),
-    "placements": (330, 900, "every placement x {embedded, deep} x {zero3, fsdp2 if shipped}, one smoke step"),
+    "placements": (330, 1500, "every placement x {embedded, deep} x {zero3, fsdp2 if shipped}, one smoke step"),
     "load": (240, 400, "1.3B bf16: load vs floors, peak host/device memory vs ideal, proofs vs one step"),
 }
 PLACEMENTS = ("zero3", "cpu", "lora", "precomputed", "ranks")
@@ -239,23 +239,29 @@ def part_env(ctx: dict) -> list[dict]:
     return rows
 
 
-def deep_checkpoint(ctx: dict) -> tuple[Path, float | None]:
-    """The deep trained checkpoint from the tests' cache (DPO_DIST_TEST_CACHE, else under --work): (path, seconds
-    it took to build here, None when it was already cached)."""
+def deep_checkpoint(ctx: dict) -> tuple[Path, float | None, int]:
+    """The deep trained checkpoint where the tests keep it (DPO_DIST_TEST_CACHE, else under --work): (path, seconds
+    it took to build here or None when it was cached, training threads). Built with up to 8 threads (the tests use
+    2): on a bare GPU machine its build is part of the budget; other threads round other bits, same model."""
     os.environ.setdefault("DPO_DIST_TEST_CACHE", str(Path(ctx["work"]) / "cache"))
     sys.path.insert(0, str(ROOT / "tests"))
-    from deep_checkpoint import cache_root, cached, source_key
+    from deep_checkpoint import build, cache_root, source_key
 
-    built = not (cache_root() / f"deep-ckpt-{source_key()}" / "base" / "deep_checkpoint.json").exists()
+    path = cache_root() / f"deep-ckpt-{source_key()}" / "base"
+    if (path / "deep_checkpoint.json").exists():
+        return path, None, 0
+    threads = min(8, os.cpu_count() or 1)
     t0 = time.perf_counter()
-    path = cached()
-    return path, (time.perf_counter() - t0) if built else None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    build(path, threads=threads, quiet=True)
+    return path, time.perf_counter() - t0, threads
 
 
 def part_deep(ctx: dict) -> list[dict]:
-    path, seconds = deep_checkpoint(ctx)
+    path, seconds, threads = deep_checkpoint(ctx)
     info = json.loads((path / "deep_checkpoint.json").read_text())
-    how = f"built here in {seconds:.1f} s" if seconds is not None else f"reused from the cache ({path})"
+    how = f"built here in {seconds:.1f} s ({threads} threads)" if seconds is not None else \
+        f"reused from the cache ({path})"
     ctx["details"]["deep_checkpoint"] = {"path": str(path), "build_seconds": seconds, **info}
     return [row("deep", "deep trained checkpoint", "PASS", how,
                 f"{info['parameters'] / 1e6:.2f}M parameters, {info['layers']} layers, mean max prob "
@@ -510,23 +516,31 @@ def part_placements(ctx: dict) -> list[dict]:
                         f"{', '.join(Sharding.values())}: add it here when Sharding has fsdp2 (detected, not listed)"))
     paths = checkpoints(ctx)
     # the CPU dry run proves the plumbing: every placement on the embedded checkpoint, the deep one under zero3 only
+    # fsdp2, when it ships: on the deep checkpoint (the numerics), every placement; one it refuses is skipped
     jobs = [(c, s, p) for c in paths for s in shardings for p in PLACEMENTS
-            if not (ctx["cpu"] and c == "deep" and p != "zero3")]
+            if not (ctx["cpu"] and c == "deep" and p != "zero3") and not (s == "fsdp2" and c != "deep")]
     if ctx["cpu"]:
         rows.append(row("placements", "deep checkpoint: cpu, lora, precomputed, ranks", "SKIP", "CPU dry run",
                         "the GPU run does all of them (the same code path as the embedded ones here)"))
     timeout = 200 if not ctx["cpu"] else 420
     results: dict = {}
+    lock = threading.Lock()
+
+    partial = Path(ctx["work"]) / "parts" / "placements.partial.json"
 
     def work(item):
         c, s, p = item
         nproc = 2 if p == "ranks" else 1  # ranks: one policy and one reference process, on the same GPU
-        results[item] = launch(ctx, f"{c}-{s}-{p}", paths[c], p, s, nproc, timeout,
-                               ("--smoke-steps", "1", "--set", "kl.every_steps=1"))
-        log(f"placements: {c} {s} {p}: exit {results[item]['exit']} in {results[item]['wall_s']} s")
+        res = launch(ctx, f"{c}-{s}-{p}", paths[c], p, s, nproc, timeout,
+                     ("--smoke-steps", "1", "--set", "kl.every_steps=1"))
+        with lock:  # what is done so far, for the driver should this part time out
+            results[item] = res
+            done = [launch_row("placements", f"{p_} on {c_} ({s_})", results[k]) for k in jobs if k in results
+                    for c_, s_, p_ in [k]]
+            partial.write_text(json.dumps({"rows": rows + done, "details": {}}))
+        log(f"placements: {c} {s} {p}: exit {res['exit']} in {res['wall_s']} s")
 
     pending = list(jobs)
-    lock = threading.Lock()
 
     def worker():
         while True:
@@ -545,7 +559,12 @@ def part_placements(ctx: dict) -> list[dict]:
     for item in jobs:
         c, s, p = item
         res = results[item]
-        rows.append(launch_row("placements", f"{p} on {c} ({s}{', 2 processes' if p == 'ranks' else ''})", res))
+        label = f"{p} on {c} ({s}{', 2 processes' if p == 'ranks' else ''})"
+        if s == "fsdp2" and res["exit"] == 2 and res["report"] is None:  # refused as bad input: not supported
+            reason = Path(res["log"]).read_text(errors="replace").strip().splitlines()[-1:]
+            rows.append(row("placements", label, "SKIP", "refused by init (exit 2)", " ".join(reason)[:200]))
+        else:
+            rows.append(launch_row("placements", label, res))
         rep = res["report"] or {}
         summary[f"{c}-{s}-{p}"] = {"exit": res["exit"], "wall_s": res["wall_s"], "passed": rep.get("passed"),
                                    "facts": {k: rep.get("facts", {}).get(k) for k in
@@ -817,16 +836,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("/tmp/dpo-dist-gpu-check/out"),
                     help="summary.md, results.json, cross_device_calibration.json, logs.tar.gz (default %(default)s)")
-    ap.add_argument("--work", type=Path, default=None, help="checkpoints and launch outputs (default: <out>/../work)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/dpo-dist-gpu-check/work"),
+                    help="checkpoints and launch outputs, never under --out (default: %(default)s)")
     ap.add_argument("--cpu", action="store_true", help="the dry run on a CPU-only machine: small checkpoint, "
                     "DeepSpeed's CPU accelerator, GPU-only figures skipped")
     ap.add_argument("--only", nargs="+", choices=list(PARTS), metavar="PART", help=f"run these parts only "
                     f"({', '.join(PARTS)}); the others' results in <out>/results.json are kept")
     ap.add_argument("--list", action="store_true", help="list the parts and their timeouts, then exit")
-    ap.add_argument("--jobs", type=int, default=None, help="concurrent launches in the placements part (default: 2 "
+    ap.add_argument("--jobs", type=int, default=None, help="concurrent launches in the placements part (default: 3 "
                     "on a GPU, 1 on CPU)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for all parts together (default 540 on a "
-                    "GPU, 1800 on CPU); a part gets min(its timeout, what is left)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for all parts together (default 480 on a "
+                    "GPU: with the install, inside one 600 s device call; 2700 on CPU); a part gets min(its timeout, "
+                    "what is left)")
     ap.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # internal: run one part in this process
     ap.add_argument("--fetch-wheels", type=Path, metavar="DIR", help="here, with a package registry: download the "
                     "wheels a machine without one needs into DIR (gpu_check.sh installs from .whl), then exit")
@@ -848,11 +869,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.jobs is not None and args.jobs < 1:
         ap.error("--jobs must be at least 1")
-    work = (args.work or args.out.parent / "work").resolve()
+    work = args.work.resolve()
     out = args.out.resolve()
     if args.cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
-    ctx = {"cpu": args.cpu, "out": str(out), "work": str(work), "jobs": args.jobs or (1 if args.cpu else 2),
+    ctx = {"cpu": args.cpu, "out": str(out), "work": str(work), "jobs": args.jobs or (1 if args.cpu else 3),
            "details": {}}
     if args.part:  # one part, in a subprocess of the driver below
         try:
@@ -875,42 +896,47 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    prev = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() and args.only else {}
     todo = args.only or list(PARTS)
-    budget = args.budget or (1800 if args.cpu else 540)
+    budget = args.budget or (2700 if args.cpu else 480)
     t_start = time.perf_counter()
     results = {"rows": [], "details": {}, "parts": {}}
     for name in PARTS:
         if name not in todo:
-            if name in prev.get("parts", {}):  # kept from the last run
-                results["parts"][name] = prev["parts"][name]
-                results["details"].update({k: v for k, v in prev.get("details", {}).items()
-                                           if k in prev["parts"][name].get("detail_keys", [])})
+            kept = work / "parts" / f"{name}.json"  # the last run of this part, kept
+            if kept.exists():
+                part = json.loads(kept.read_text())
+                results["parts"][name] = {"rows": part["rows"], "seconds": part.get("seconds"), "kept": True}
+                results["details"].update(part["details"])
             continue
         left = budget - (time.perf_counter() - t_start)
         limit = min(PARTS[name][1 if args.cpu else 0], left)
         if limit < 10:
             results["parts"][name] = {"rows": [row(name, f"part {name}", "FAIL", "not run: the budget was spent",
-                                                   f"rerun: --only {name}")], "seconds": 0, "detail_keys": []}
+                                                   f"rerun: --only {name}")], "seconds": 0}
             continue
         log(f"part {name} (timeout {limit:.0f} s) ...")
-        (work / "parts" / f"{name}.json").unlink(missing_ok=True)
+        for stale in (f"{name}.json", f"{name}.partial.json"):
+            (work / "parts" / stale).unlink(missing_ok=True)
         cmd = [sys.executable, str(HERE), "--part", name, "--out", str(out), "--work", str(work)]
         cmd += ["--cpu"] if args.cpu else []
         cmd += ["--jobs", str(ctx["jobs"])]
         code, secs = run_tree(cmd, child_env(), limit, work / "logs" / f"{name}.log")
         pj = work / "parts" / f"{name}.json"
         if code is None:
-            part = {"rows": [row(name, f"part {name}", "FAIL", f"timed out after {limit:.0f} s",
-                                 f"log: {work / 'logs' / f'{name}.log'}; rerun: --only {name}")], "details": {}}
+            pp = work / "parts" / f"{name}.partial.json"  # what the part finished before it was stopped
+            done = json.loads(pp.read_text())["rows"] if pp.exists() else []
+            part = {"rows": done + [row(name, f"part {name}", "FAIL", f"timed out after {limit:.0f} s",
+                                        f"log: {work / 'logs' / f'{name}.log'}; rerun: --only {name}")],
+                    "details": {}}
         elif not pj.exists():
             tail = (work / "logs" / f"{name}.log").read_text(errors="replace").strip().splitlines()[-1:]
             part = {"rows": [row(name, f"part {name}", "FAIL", f"exit {code}, no result", " ".join(tail)[:300])],
                     "details": {}}
         else:
             part = json.loads(pj.read_text())
-        results["parts"][name] = {"rows": part["rows"], "seconds": round(secs, 1),
-                                  "detail_keys": list(part["details"])}
+        results["parts"][name] = {"rows": part["rows"], "seconds": round(secs, 1)}
+        if pj.exists():  # with its time, for a later --only run that keeps it
+            pj.write_text(json.dumps({**part, "seconds": round(secs, 1)}, default=str))
         results["details"].update(part["details"])
         log(f"part {name}: {round(secs, 1)} s, " + ", ".join(f"{r['status']} {r['check']}" for r in part["rows"]
                                                               if r["status"] == "FAIL") or "no failure")
@@ -921,7 +947,9 @@ def main(argv: list[str] | None = None) -> int:
     results["rows"].append(row("total", "wall time of the parts run now", "INFO",
                                f"{time.perf_counter() - t_start:.0f} s",
                                ", ".join(f"{n} {results['parts'][n]['seconds']} s" for n in todo
-                                         if n in results["parts"])))
+                                         if n in results["parts"]) + (f"; kept from the last run: "
+                                         f"{', '.join(n for n in results['parts'] if n not in todo)}"
+                                         if set(results["parts"]) - set(todo) else "")))
     v = results["details"].get("versions", {})
     header = (f"dpo-dist gpu_check {time.strftime('%Y-%m-%d %H:%M')} "
               f"{'(CPU dry run)' if args.cpu else ''} on {platform.node()}: torch {v.get('torch', '?')} "
