@@ -41,7 +41,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && [[ " $* " != *" --cpu "* ]]; then
       echo "gpu_check.sh: no CUDA torch for $PY: installing torch==$torch_pin from the registry"
       "$PY" -m pip install -q "torch==$torch_pin" || { echo "gpu_check.sh: could not install torch" >&2; exit 2; }
     fi
-    torch_v=$("$PY" -c "import torch; print(torch.__version__)")
+    # the installed distribution's version (torch.__version__ may carry a +cuXXX that its metadata does not)
+    torch_v=$("$PY" -c "from importlib.metadata import version; print(version('torch'))")
     if "$PY" bench/gpu_check.py --check-install >/dev/null 2>&1; then
       echo "gpu_check.sh: every pinned package already installed; torch $torch_v kept"
     else
