@@ -52,7 +52,9 @@ PARTS = {
 }
 PLACEMENTS = ("zero3", "cpu", "lora", "precomputed", "ranks")
 BIG_GPU = ["--hidden", "2048", "--intermediate", "5632", "--layers", "24", "--heads", "16", "--kv-heads", "8"]
-BIG_CPU = ["--hidden", "256", "--intermediate", "704", "--layers", "4", "--heads", "4", "--kv-heads", "2"]
+# the dry run: 3.5M parameters (a 32k vocabulary made one CPU smoke step take minutes on a busy 2-core box)
+BIG_CPU = ["--hidden", "256", "--intermediate", "704", "--layers", "4", "--heads", "4", "--kv-heads", "2",
+           "--vocab", "1024"]
 MiB = 2**20
 
 
