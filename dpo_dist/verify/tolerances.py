@@ -337,3 +337,23 @@ def step0_rows(run, trainer, losses: list[float]) -> bool:
                        f"{target.formula}: " + describe(losses[0], target.value, tol),
                        f"the first DPO loss must be {target.formula} when policy and reference are identical: they "
                        "were not (beyond what this run's own numerical noise explains)", tol.value, tol.source)
+
+
+# -- cpu placement on an accelerator: tolerances from cross-device noise measured outside the run -------------------
+def cross_device_tolerances(noise: dict[str, Any], beta: float, pairs: int) -> tuple[Tolerance, Tolerance]:
+    """(step-0 loss, initial KL) tolerances for a reference whose forwards run on the CPU beside a policy on an
+    accelerator, from the hardware noise `bench/gpu_check.py` measured there: the same reference weights run on
+    both devices, on the same batches, after the policy and the reference were shown bitwise equal on the
+    accelerator. It cannot be measured inside the run it judges (the gap between the two devices is exactly what the
+    run's rows compare), so it comes from that calibration and says where from. `noise`: kl_mean (the largest mean
+    per-token KL of CPU vs accelerator logits), gap_mean_abs and gap_mean_sq (moments of the per-pair log-ratio gap
+    n, in nats), source. Both carry the SELF_NOISE_MARGIN a noise sample gets against another sample of it; the
+    loss bound is loss_bound's (mean of beta*abs(n)/2 + (beta*n)^2/8, from the moments), plus float32 rounding."""
+    bound = beta * noise["gap_mean_abs"] / 2 + beta**2 * noise["gap_mean_sq"] / 8
+    where = f"cross-device noise measured by {noise['source']}"
+    loss = Tolerance(SELF_NOISE_MARGIN * bound + rounding_tolerance(pairs).value,
+                     f"{SELF_NOISE_MARGIN:g} x the {where} (mean |gap| {noise['gap_mean_abs']:.3g} nats at beta "
+                     f"{beta:g}), plus float32 rounding")
+    kl = Tolerance(SELF_NOISE_MARGIN * noise["kl_mean"], f"{SELF_NOISE_MARGIN:g} x the {where} "
+                   f"({noise['kl_mean']:.3g}/token)")
+    return loss, kl
