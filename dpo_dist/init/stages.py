@@ -180,39 +180,36 @@ class InitRun:
         return ok & check_manifest(self)
 
     def prove_forward(self) -> bool:
-        """Generation smoke test, perplexity, and the initial KL, with every rank in step, before the trainer exists.
-        For lora the policy is wrapped with PEFT first: the reference is that PeftModel with its adapters off, and
-        the trainer is handed the same PeftModel."""
+        """Generation, perplexity, tokenizer order and the initial KL, with every rank in step, before the trainer
+        exists, sharing forwards (dpo_dist.verify.forward_proofs: what each proof costs). For lora the policy is
+        wrapped with PEFT first: the reference is that PeftModel with its adapters off, and the trainer is handed the
+        same PeftModel."""
+        from dpo_dist.verify import forward_proofs
+
         cfg, ctx, rr, tok = self.cfg, self.ctx, self.rr, self.state.tok
         pol = self.placement.forward_policy(self)
         ref = self.state.reference
         ds = self.state.args.hf_deepspeed_config.config
         synced = probes.is_partitioned(pol) and ctx.distributed
+        cross = self.cross_device()
         pol.eval()
         try:
             with contextlib.ExitStack() as stack:
                 p = stack.enter_context(probes.forward_ready(pol, ds, ctx))
                 r = self.placement.forward_reference(self, stack, p, ds)
-                if cfg.verify.generation:
-                    ctx.print0("[dpo-dist] generation smoke test ...")
-                    texts = probes.generation_check(p, tok, list(cfg.verify.prompts), cfg.verify.max_new_tokens,
-                                                    ctx, rr, synced)
-                    rr.facts["sample_generation"] = texts[:2]
-                    rr.facts["perplexity"] = probes.perplexity_check(p, tok, cfg.verify.prompts[0],
-                                                                      cfg.verify.reference_text, ctx, rr)
-                    rr.facts["tokenizer_order"] = probes.tokenizer_order_check(p, tok, list(cfg.verify.prompts),
-                                                                                cfg.verify.reference_text, ctx, rr)
-                ctx.print0("[dpo-dist] initial KL(policy || reference) ...")
-                kl = probes.initial_kl(p, r, tok, list(cfg.verify.prompts), cfg.verify.kl_chunk, ctx)
-                cross = self.cross_device()
-                # the policy against itself, same prompts: the run-to-run noise of this hardware (0 when deterministic)
-                self_kl = None if cross else probes.initial_kl(p, p, tok, list(cfg.verify.prompts),
-                                                               cfg.verify.kl_chunk, ctx)
+                vp, deterministic, counter = forward_proofs.prove(
+                    p, r, tok, cfg.verify, ctx, rr, synced, cross,
+                    lambda s: ctx.print0(f"[dpo-dist] forward proofs: {s}"))
         finally:
             pol.train()
-        rr.facts["initial_kl"] = kl
-        rr.facts["initial_kl_policy_self"] = self_kl
-        return tolerances.kl_row(self, kl, self_kl, cross, pol, ref, self.placement.is_policy_base)
+        rr.facts["forward_counts"] = counter.counts
+        rr.facts["forward_seconds"] = counter.seconds
+        if not cfg.verify.initial_kl:
+            return True
+        rr.facts["initial_kl"] = vp.kl
+        rr.facts["initial_kl_policy_self"] = vp.self_kl
+        return tolerances.kl_row(self, vp.kl, vp.self_kl, cross, pol, ref, self.placement.is_policy_base,
+                                 deterministic)
 
     def cross_device(self) -> bool:
         """The reference's forwards run on other hardware than the policy's (cpu placement on an accelerator)."""
