@@ -24,7 +24,7 @@ from dpo_dist.config.resources import (
 )
 from dpo_dist.config.schema import RunConfig, to_dict
 from dpo_dist.data.keys import tokenizer_key
-from dpo_dist.data.prepare import DataError, prepare
+from dpo_dist.data.sources import DataError
 from dpo_dist.init import loader_choice
 from dpo_dist.init.manifest_check import check_manifest
 from dpo_dist.init.preflight import check_checkpoint
@@ -219,6 +219,7 @@ class InitRun:
         """Every row validated (preflight did too; the API comes straight here), standard prompts cut, and the
         chat-template checks on sampled rows rendered as TRL will render them. Needs only the tokenizer."""
         from dpo_dist.data import chat_template
+        from dpo_dist.data.prepare import prepare  # pyarrow: imported here, after the forward proofs' peak
 
         cfg, rr, tok, data = self.cfg, self.rr, self.state.tok, self.cfg.data
         first = self.ctx.local_rank == 0
@@ -367,11 +368,12 @@ class InitRun:
         os._exit(1)
 
     def run(self) -> InitResult:
-        # every placement, lora too: the forward proofs free their working set before the trainer exists (bench/)
-        for name, stage in (("setup", self.setup), ("tokenizer", self.tokenizer), ("data", self.data),
-                            ("load", self.load),
+        # every placement, lora too: the forward proofs free their working set before the trainer exists (bench/).
+        # The data stage comes after them: it imports datasets and pyarrow (+83 MiB of resident libraries per rank),
+        # which would otherwise sit under the forward proofs' peak; the rows were validated in preflight already.
+        for name, stage in (("setup", self.setup), ("tokenizer", self.tokenizer), ("load", self.load),
                             ("static proofs", self.prove_static), ("forward proofs", self.prove_forward),
-                            ("trainer", self.build), ("smoke steps", self.smoke)):
+                            ("data", self.data), ("trainer", self.build), ("smoke steps", self.smoke)):
             ok = self.attempt(name, stage)
             liveness.mark(f"{name}: done")  # a peer still in the stage itself is then told apart from this rank
             try:
