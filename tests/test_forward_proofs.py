@@ -83,3 +83,23 @@ def test_run_records_the_planned_forwards_and_skips_show(tmp_path, deep_checkpoi
         assert r.get("skipped") and f"verify.{key}: false" in r["value"], r
     assert "SKIPPED" in log
     assert sum(rep["facts"]["forward_counts"].values()) == 2  # the verify pass and the reference's forward
+
+
+def test_load_progress_says_bytes_read_of_the_total_and_the_rate(tmp_path):
+    """Issue 23.6: a long load prints how far it is on rank 0's terminal (here: a read of 2 MiB, ticks of 0.1 s)."""
+    import time
+
+    from dpo_dist.init import progress
+
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"\0" * (2 << 20))
+    lines: list[str] = []
+    with progress.reading("loading policy", 4 << 20, lines.append, every=0.1):
+        for _ in range(5):
+            f.read_bytes()
+            time.sleep(0.08)
+    assert lines and "of ~0.00 GiB read on this rank" in lines[-1] and "MiB/s" in lines[-1]
+    quiet: list[str] = []
+    with progress.reading("loading policy", 4 << 20, quiet.append, every=5.0):
+        pass
+    assert not quiet  # a short stage says nothing

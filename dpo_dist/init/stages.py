@@ -139,12 +139,17 @@ class InitRun:
         s.ref_plan = ref_plan
         how = "fast partitioned loader" if pol_plan is not None else "from_pretrained"
         ctx.print0(f"[dpo-dist] loading policy from {pol_path} (ZeRO-{s.stage}, {how}) ...")
-        policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
-                                       plan=pol_plan)
+        from dpo_dist.init import progress
+
+        share = ctx.world_size if pol_plan is not None else 1  # the fast loader reads this rank's byte ranges only
+        with progress.reading("loading policy", progress.checkpoint_bytes(pol_path) // share, ctx.print0):
+            policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code,
+                                           cfg.model.allow_pickle, plan=pol_plan)
         policy.train()
         s.policy = policy
         ctx.print0(f"[dpo-dist] loading reference ({cfg.reference.placement}) from {ref_path} ...")
-        s.reference = self.placement.load(self)
+        with progress.reading("loading reference", progress.checkpoint_bytes(ref_path) // share, ctx.print0):
+            s.reference = self.placement.load(self)
         rr.facts["load_seconds"] = round(time.perf_counter() - t0, 3)
         rr.facts[f"rank_{ctx.rank}_policy_bytes"] = weights.local_bytes(policy, ctx)
         rr.facts[f"rank_{ctx.rank}_reference_bytes"] = self.placement.reference_bytes(self)
