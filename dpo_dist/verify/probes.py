@@ -124,7 +124,8 @@ def generation_check(model, tok, prompts: list[str], max_new_tokens: int, ctx: D
     mine, real = rank_share(prompts, ctx)
     enc = encode_batch(tok, [render_prompt(tok, p) for p in mine], ctx.device)
     calls = [0]  # forwards generate ran (each a full gather under ZeRO-3): one prefill, then one per new token
-    hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: generate calls the base
+    hook = inner.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     try:  # the KV cache: each further token is a one-position forward, not a forward over the whole text again
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
                              output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
