@@ -235,6 +235,8 @@ def product_run(ckpt: Path, placement: str, out: Path, log_path: Path, extra_set
     init_args = ["--model", str(ckpt), "--output-dir", str(out), "--overwrite", "--placement", placement, "--force",
                  "--set", "verify.generation=false"]  # --force: the memory planner counts a whole training step
     # (optimizer states included) and refuses 0.44B on this 24 GB box; init itself never builds optimizer states
+    if tree is None:  # random weights read as untrained: the proofs that judge trained weights off (keys new in
+        init_args += ["--set", "verify.perplexity=false", "--set", "verify.tokenizer_order=false"]  # issue 23)
     for s in extra_set:
         init_args += ["--set", s]
     if loader:

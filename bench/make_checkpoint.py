@@ -1,7 +1,8 @@
 """Build a Llama-shaped checkpoint with random bf16 weights (default ~0.45B parameters) for benchmarks and GPU runs.
 
 It reuses the embedded tokenizer (a smaller vocabulary than the embedding matrix is allowed), so no download is needed.
-Random weights generate noise: run `dpo-dist init --set verify.generation=false` on it.
+Random weights generate noise: run `dpo-dist init --set verify.generation=false --set verify.perplexity=false
+--set verify.tokenizer_order=false` on it (the proofs that judge trained weights).
 
     python bench/make_checkpoint.py --out /tmp/llama-450m
 """

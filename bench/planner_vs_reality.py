@@ -3,7 +3,8 @@
 For each checkpoint it runs, exactly as a user would,
 
     python -m dpo_dist launch --cpu --num-processes 2 --port <free> -- --model DIR --output-dir OUT \
-        --set verify.generation=false --overwrite [--smoke-steps N]
+        --set verify.generation=false --set verify.perplexity=false --set verify.tokenizer_order=false \
+        --overwrite [--smoke-steps N]
 
 samples /proc/<pid>/status of the two worker ranks (told apart by RANK in /proc/<pid>/environ) every 0.1 s and keeps
 their VmHWM (the kernel's own high-water mark of the resident set, so sampling cannot miss the peak; it counts mapped
@@ -67,11 +68,19 @@ def status_bytes(pid: int) -> dict[str, int]:
     return out
 
 
+def init_args(model: str, out_dir: Path, smoke_steps: int) -> list[str]:
+    """The `dpo-dist init` arguments of a measured run (tests/test_gate.py checks init still accepts them). No
+    --force: the plan must accept the layout at the data's padded length. Random-weight checkpoints (make_checkpoint)
+    read as untrained, so the proofs that judge trained weights are off; the KL and the fingerprints still run."""
+    return ["--model", model, "--output-dir", str(out_dir), "--set", "verify.generation=false", "--set",
+            "verify.perplexity=false", "--set", "verify.tokenizer_order=false", "--overwrite", "--smoke-steps",
+            str(smoke_steps)]
+
+
 def measure(model: str, out_dir: Path, smoke_steps: int, extra_env: dict[str, str], timeout: float) -> dict:
     """Run the real 2-process init and return per-rank peaks (bytes), wall time and exit code."""
     argv = [sys.executable, "-m", "dpo_dist", "launch", "--cpu", "--num-processes", "2", "--port", str(free_port()),
-            "--", "--model", model, "--output-dir", str(out_dir), "--set", "verify.generation=false", "--overwrite",
-            "--smoke-steps", str(smoke_steps)]
+            "--", *init_args(model, out_dir, smoke_steps)]
     log = out_dir.with_suffix(".log")
     t0 = time.perf_counter()
     with open(log, "w") as fh:

@@ -72,3 +72,32 @@ def test_force_runs_a_layout_the_plan_refuses(tmp_path):
     forced = cli("init", "--output-dir", str(tmp_path / "b"), "--force", *tiny)
     assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
     assert json.loads((tmp_path / "b" / "report.json").read_text())["passed"]
+
+
+def test_plan_refusal_plans_at_the_datas_padded_length_not_max_length():
+    """Issue 23.5: a layout refused at train.max_length 1024 fits at the data's longest tokenized row (82 tokens on
+    the embedded data), which is what TRL's collator pads to; the note says which length was used."""
+    from dpo_dist.config.schema import from_dict
+    from dpo_dist.init.plan_length import replan_at_data_length
+    from dpo_dist.plan.refusal import ClusterArgs, plan_for, refusal
+
+    cfg, small = from_dict({}), ClusterArgs(1, 1, 100 * 10**6, 64 * 2**30)
+    problem = refusal(*plan_for(cfg, small)[:2])
+    assert problem and "GPU" in problem  # at 1024 tokens
+    again, note = replan_at_data_length(cfg, small, problem)
+    assert again is None and "82 tokens" in note and "max_length 1024" in note
+    tiny = ClusterArgs(1, 1, 10**6, 64 * 2**30)  # too small at any length: refused, naming the length used
+    again, _ = replan_at_data_length(cfg, tiny, refusal(*plan_for(cfg, tiny)[:2]))
+    assert again and "planned at 82 tokens" in again
+
+
+def test_planner_vs_reality_command_line_is_still_accepted(tmp_path):
+    """bench/planner_vs_reality.py runs `init` with these arguments (no --force): init must accept them."""
+    sys.path.insert(0, str(DEFAULT_CHECKPOINT.parents[2] / "bench"))
+    try:
+        from planner_vs_reality import init_args
+    finally:
+        sys.path.pop(0)
+    out = cli("init", "--dry-run", *init_args(str(DEFAULT_CHECKPOINT), tmp_path / "out", 1))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "forward proofs: 2 full-model forwards per rank" in out.stdout  # the verify pass and the KL's reference

@@ -4,6 +4,7 @@ the deep trained one alike."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -13,9 +14,9 @@ import pytest
 import torch
 
 from dpo_dist.config.resources import DEFAULT_CHECKPOINT
-from dpo_dist.config.schema import DEFAULT_PROMPTS, DEFAULT_REFERENCE_TEXT
+from dpo_dist.config.schema import DEFAULT_PROMPTS, DEFAULT_REFERENCE_TEXT, VerifyConfig
 from dpo_dist.runtime.distributed import DistContext
-from dpo_dist.verify import probes
+from dpo_dist.verify import forward_proofs, probes
 from dpo_dist.verify.report import RankReport
 
 ROW = "tokenizer matches the weights"
@@ -54,13 +55,15 @@ def swapped(src, dst, pairs: int, seed: int, spare_answer: bool = False):
     return dst
 
 
-def order_row(path, tok_path=None):
+def order_row(path, tok_path=None, **verify):
+    """The order row as `init` computes it: the shared verify pass and the shuffled pass, then the row."""
     model, tok = load(path)
     if tok_path is not None:
         _, tok = load(tok_path)
     rr = RankReport(0)
-    facts = probes.tokenizer_order_check(model, tok, list(DEFAULT_PROMPTS), DEFAULT_REFERENCE_TEXT, DistContext(0, 1),
-                                         rr)
+    vcfg = dataclasses.replace(VerifyConfig(), **verify)
+    vp = forward_proofs.run_passes(model, model, tok, vcfg, DistContext(0, 1), forward_proofs.Counter(), True)
+    facts = forward_proofs.order_row(vp, rr)
     row = [c for c in rr.checks if c.name == ROW][0]
     return row, facts
 
@@ -78,3 +81,22 @@ def test_matched_passes_and_twenty_swapped_pairs_fail(which, tmp_path, request):
     print(f"{which}: 10 swapped pairs outside the answer: ratio {spare['ratio']:.3f}")
     print(f"{which}: matched ratio {ok['ratio']:.3f} ({ok['in_order']:.3f} vs {ok['shuffled']:.3f}), 20 swapped "
           f"pairs ratio {bad['ratio']:.3f} ({bad['in_order']:.3f} vs {bad['shuffled']:.3f})")
+
+
+@pytest.mark.parametrize("which", ["embedded", "deep"])
+def test_short_user_prompts_pass_with_the_matched_tokenizer_and_a_swapped_one_still_fails(which, tmp_path, request):
+    """Issue 21 #52: three short prompts and a short answer (~40 tokens) failed a real 135M chat model with its own
+    tokenizer (ratio 0.51); on the embedded model they read 0.69. The probe now scores the built-in texts beside the
+    user's, so short prompts cannot starve it; a swapped tokenizer still fails with the same short prompts."""
+    src = DEFAULT_CHECKPOINT if which == "embedded" else request.getfixturevalue("deep_checkpoint")
+    short = dict(prompts=("Hi", "Thanks!", "Ok"), reference_text="Hi there!")
+    ok_row, ok = order_row(src, **short)
+    assert ok_row.ok, ok_row.value
+    assert ok["tokens"] > 100 and ok_row.tolerance == forward_proofs.ORDER_BAR
+    assert "shuffled" in ok_row.tolerance_source
+    bad_row, _ = order_row(src, swapped(src, tmp_path / "swapped", 20, seed=0), **short)
+    assert not bad_row.ok, bad_row.value
+    spare_row, spare = order_row(src, swapped(src, tmp_path / "spare", 10, seed=0, spare_answer=True), **short)
+    assert not spare_row.ok, spare_row.value
+    print(f"{which}: short prompts: matched ratio {ok['ratio']:.3f} +-{ok['ratio_noise']:.3f}, 10 swapped pairs "
+          f"{spare['ratio']:.3f}")

@@ -72,3 +72,14 @@ def test_report_rows_carry_tolerance_only_for_numeric_checks():
     assert rows[0]["tolerance"] == 2e-6 and rows[0]["tolerance_source"] == "float32 rounding, rank 1"
     assert "tolerance" not in rows[1]
     assert to_dict(r0)["checks"][1] == {"name": "plain", "ok": True, "value": "ok", "hint": ""}
+
+
+def test_initial_kl_on_cpu_is_bitwise_by_device_type_without_a_repeat_forward():
+    """Issue 23: the self-noise repeat forward is skipped where forwards are deterministic; the source says so."""
+    from dpo_dist.plan.forwards import deterministic_device
+
+    cfg = from_dict({})
+    t = kl_tolerance(cfg, False, None, deterministic=True)
+    assert t.value == 0.0 and "device type" in t.source and "bitwise" in t.source
+    assert deterministic_device("cpu") and not deterministic_device("cuda")
+    assert kl_tolerance(cfg, True, None, deterministic=True).source.startswith("verify.kl_max")  # cross-device

@@ -17,7 +17,7 @@ from dpo_dist.launch.accelerate import LaunchSpec, build_launch
 
 pytestmark = pytest.mark.multiproc
 MAX_LINES = 60  # issue 16: a passing demo prints at most ~60 lines
-STAGES = ("setup", "tokenizer", "data", "load", "static proofs", "forward proofs", "trainer", "smoke steps")
+STAGES = ("setup", "tokenizer", "load", "static proofs", "forward proofs", "data", "trainer", "smoke steps")
 LINE = re.compile(r"^dpo-dist: .+ failed on rank\(s\) [\d,]+: .+\. Fix: .+$")
 
 

@@ -149,10 +149,13 @@ def _run_config(args: argparse.Namespace, cfg) -> int:
 
 def _init_owned(args: argparse.Namespace, cfg, cluster_args) -> int:
     """Preflight (rank 0 takes the output dir there), the memory plan, then the run."""
-    from dpo_dist.init.preflight import PreflightError, run_preflight
+    from dpo_dist.init.preflight import PreflightError, check_data_in_subprocess, run_preflight
 
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # rows validated once per node, outside the ranks
     try:
-        run_preflight(cfg)
+        run_preflight(cfg, data=not launched)
+        if launched and os.environ.get("LOCAL_RANK", "0") == "0":
+            check_data_in_subprocess(cfg)
     except PreflightError as e:
         return _fail("input checks", str(e), 2)
     if not args.force:
@@ -160,6 +163,12 @@ def _init_owned(args: argparse.Namespace, cfg, cluster_args) -> int:
 
         try:
             problem = refusal(*plan_for(cfg, cluster_args)[:2])
+            if problem:  # planned at max_length: plan again at what the batches will really pad to
+                from dpo_dist.init.plan_length import replan_at_data_length
+
+                problem, note = replan_at_data_length(cfg, cluster_args, problem)
+                if note and int(os.environ.get("RANK", "0")) == 0:
+                    print(note, flush=True)
         except (OSError, ValueError) as e:  # a config the planner cannot read: the run itself will say more
             problem = None
             print(f"dpo-dist: warning: no memory plan ({e})", file=sys.stderr)

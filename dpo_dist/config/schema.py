@@ -103,14 +103,20 @@ class ShardingConfig:
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    """The proofs run before training: generation, fingerprints, initial KL, optional smoke steps."""
+    """The proofs run before training: generation, fingerprints, initial KL, optional smoke steps. Each forward proof
+    has its own switch; a proof switched off shows as a SKIPPED row. What each costs in full-model forwards:
+    dpo_dist.plan.forwards (printed by `init --dry-run`)."""
 
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     reference_text: str = DEFAULT_REFERENCE_TEXT
     kl_max: float = 1e-4
     kl_chunk: int = 4096
-    generation: bool = True
-    max_new_tokens: int = 24
+    generation: bool = True  # greedy generation with a KV cache: max_new_tokens forwards
+    max_new_tokens: int = 8  # 8: the degenerate-output rule (one token repeated in >80% of >= 8 tokens) still applies
+    perplexity: bool = True  # the reference answer's perplexity against uniform (shares the verify pass)
+    tokenizer_order: bool = True  # the verify texts in order vs shuffled (the verify pass + one shuffled pass)
+    initial_kl: bool = True  # KL(policy || reference) on the verify pass's batch: one reference forward
+    rows_per_forward: int = 32  # at most this many verify rows per forward (bounds the logits' memory)
     fingerprint_files: bool = True
     smoke_steps: int = 0
     smoke_learning_rate: float = 1e-2  # smoke steps only: large enough that every bf16 weight visibly moves
@@ -350,8 +356,12 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
             f"'train.max_prompt_length' ({t.max_prompt_length}) must be < 'train.max_length' ({t.max_length}): "
             "no room would be left for the completion"
         )
-    if v.kl_chunk < 1 or v.max_new_tokens < 1 or v.smoke_steps < 0:
-        problems.append("'verify.kl_chunk' and 'verify.max_new_tokens' must be >= 1, 'verify.smoke_steps' >= 0")
+    if v.kl_chunk < 1 or v.max_new_tokens < 1 or v.smoke_steps < 0 or v.rows_per_forward < 1:
+        problems.append("'verify.kl_chunk', 'verify.max_new_tokens' and 'verify.rows_per_forward' must be >= 1, "
+                        "'verify.smoke_steps' >= 0")
+    if not v.reference_text.strip() and v.perplexity:
+        problems.append("'verify.reference_text' is empty: it must hold an answer to the first verify prompt (its "
+                        "perplexity is measured), or set 'verify.perplexity: false'")
     lo = cfg.reference.lora
     if lo.r < 1 or lo.alpha <= 0 or not lo.target_modules:
         problems.append("'reference.lora' needs r >= 1, alpha > 0 and at least one target module")

@@ -24,7 +24,7 @@ from dpo_dist.config.resources import (
 )
 from dpo_dist.config.schema import RunConfig, to_dict
 from dpo_dist.data.keys import tokenizer_key
-from dpo_dist.data.prepare import DataError, prepare
+from dpo_dist.data.sources import DataError
 from dpo_dist.init import loader_choice
 from dpo_dist.init.manifest_check import check_manifest
 from dpo_dist.init.preflight import check_checkpoint
@@ -139,12 +139,17 @@ class InitRun:
         s.ref_plan = ref_plan
         how = "fast partitioned loader" if pol_plan is not None else "from_pretrained"
         ctx.print0(f"[dpo-dist] loading policy from {pol_path} (ZeRO-{s.stage}, {how}) ...")
-        policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
-                                       plan=pol_plan)
+        from dpo_dist.init import progress
+
+        share = ctx.world_size if pol_plan is not None else 1  # the fast loader reads this rank's byte ranges only
+        with progress.reading("loading policy", progress.checkpoint_bytes(pol_path) // share, ctx.print0):
+            policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code,
+                                           cfg.model.allow_pickle, plan=pol_plan)
         policy.train()
         s.policy = policy
         ctx.print0(f"[dpo-dist] loading reference ({cfg.reference.placement}) from {ref_path} ...")
-        s.reference = self.placement.load(self)
+        with progress.reading("loading reference", progress.checkpoint_bytes(ref_path) // share, ctx.print0):
+            s.reference = self.placement.load(self)
         rr.facts["load_seconds"] = round(time.perf_counter() - t0, 3)
         rr.facts[f"rank_{ctx.rank}_policy_bytes"] = weights.local_bytes(policy, ctx)
         rr.facts[f"rank_{ctx.rank}_reference_bytes"] = self.placement.reference_bytes(self)
@@ -180,39 +185,36 @@ class InitRun:
         return ok & check_manifest(self)
 
     def prove_forward(self) -> bool:
-        """Generation smoke test, perplexity, and the initial KL, with every rank in step, before the trainer exists.
-        For lora the policy is wrapped with PEFT first: the reference is that PeftModel with its adapters off, and
-        the trainer is handed the same PeftModel."""
+        """Generation, perplexity, tokenizer order and the initial KL, with every rank in step, before the trainer
+        exists, sharing forwards (dpo_dist.verify.forward_proofs: what each proof costs). For lora the policy is
+        wrapped with PEFT first: the reference is that PeftModel with its adapters off, and the trainer is handed the
+        same PeftModel."""
+        from dpo_dist.verify import forward_proofs
+
         cfg, ctx, rr, tok = self.cfg, self.ctx, self.rr, self.state.tok
         pol = self.placement.forward_policy(self)
         ref = self.state.reference
         ds = self.state.args.hf_deepspeed_config.config
         synced = probes.is_partitioned(pol) and ctx.distributed
+        cross = self.cross_device()
         pol.eval()
         try:
             with contextlib.ExitStack() as stack:
                 p = stack.enter_context(probes.forward_ready(pol, ds, ctx))
                 r = self.placement.forward_reference(self, stack, p, ds)
-                if cfg.verify.generation:
-                    ctx.print0("[dpo-dist] generation smoke test ...")
-                    texts = probes.generation_check(p, tok, list(cfg.verify.prompts), cfg.verify.max_new_tokens,
-                                                    ctx, rr, synced)
-                    rr.facts["sample_generation"] = texts[:2]
-                    rr.facts["perplexity"] = probes.perplexity_check(p, tok, cfg.verify.prompts[0],
-                                                                      cfg.verify.reference_text, ctx, rr)
-                    rr.facts["tokenizer_order"] = probes.tokenizer_order_check(p, tok, list(cfg.verify.prompts),
-                                                                                cfg.verify.reference_text, ctx, rr)
-                ctx.print0("[dpo-dist] initial KL(policy || reference) ...")
-                kl = probes.initial_kl(p, r, tok, list(cfg.verify.prompts), cfg.verify.kl_chunk, ctx)
-                cross = self.cross_device()
-                # the policy against itself, same prompts: the run-to-run noise of this hardware (0 when deterministic)
-                self_kl = None if cross else probes.initial_kl(p, p, tok, list(cfg.verify.prompts),
-                                                               cfg.verify.kl_chunk, ctx)
+                vp, deterministic, counter = forward_proofs.prove(
+                    p, r, tok, cfg.verify, ctx, rr, synced, cross,
+                    lambda s: ctx.print0(f"[dpo-dist] forward proofs: {s}"))
         finally:
             pol.train()
-        rr.facts["initial_kl"] = kl
-        rr.facts["initial_kl_policy_self"] = self_kl
-        return tolerances.kl_row(self, kl, self_kl, cross, pol, ref, self.placement.is_policy_base)
+        rr.facts["forward_counts"] = counter.counts
+        rr.facts["forward_seconds"] = counter.seconds
+        if not cfg.verify.initial_kl:
+            return True
+        rr.facts["initial_kl"] = vp.kl
+        rr.facts["initial_kl_policy_self"] = vp.self_kl
+        return tolerances.kl_row(self, vp.kl, vp.self_kl, cross, pol, ref, self.placement.is_policy_base,
+                                 deterministic)
 
     def cross_device(self) -> bool:
         """The reference's forwards run on other hardware than the policy's (cpu placement on an accelerator)."""
@@ -222,6 +224,7 @@ class InitRun:
         """Every row validated (preflight did too; the API comes straight here), standard prompts cut, and the
         chat-template checks on sampled rows rendered as TRL will render them. Needs only the tokenizer."""
         from dpo_dist.data import chat_template
+        from dpo_dist.data.prepare import prepare  # pyarrow: imported here, after the forward proofs' peak
         from dpo_dist.data.sources import demo_note
 
         cfg, rr, tok, data = self.cfg, self.rr, self.state.tok, self.cfg.data
@@ -380,11 +383,12 @@ class InitRun:
         os._exit(1)
 
     def run(self) -> InitResult:
-        # every placement, lora too: the forward proofs free their working set before the trainer exists (bench/)
-        for name, stage in (("setup", self.setup), ("tokenizer", self.tokenizer), ("data", self.data),
-                            ("load", self.load),
+        # every placement, lora too: the forward proofs free their working set before the trainer exists (bench/).
+        # The data stage comes after them: it imports datasets and pyarrow (+83 MiB of resident libraries per rank),
+        # which would otherwise sit under the forward proofs' peak; the rows were validated in preflight already.
+        for name, stage in (("setup", self.setup), ("tokenizer", self.tokenizer), ("load", self.load),
                             ("static proofs", self.prove_static), ("forward proofs", self.prove_forward),
-                            ("trainer", self.build), ("smoke steps", self.smoke)):
+                            ("data", self.data), ("trainer", self.build), ("smoke steps", self.smoke)):
             ok = self.attempt(name, stage)
             liveness.mark(f"{name}: done")  # a peer still in the stage itself is then told apart from this rank
             try:

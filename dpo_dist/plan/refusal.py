@@ -137,6 +137,7 @@ def dry_run(cfg: RunConfig, cluster_args: ClusterArgs) -> int:
     ]
     if assumption:
         lines.append(f"  {assumption}")
+    lines += forward_lines(cfg, train_world, cluster.device)
     refuse = refusal(plan, cluster)
     if refuse:
         problems.append(refuse)
@@ -144,3 +145,15 @@ def dry_run(cfg: RunConfig, cluster_args: ClusterArgs) -> int:
     lines.append(f"  ({time.perf_counter() - t0:.1f} s)")
     print("\n".join(lines), flush=True)
     return 0 if not problems else 2
+
+
+def forward_lines(cfg: RunConfig, world: int, device: str) -> list[str]:
+    """The forward proofs' cost in full-model forwards per rank (under ZeRO-3 each gathers the whole model), per proof,
+    from dpo_dist.plan.forwards: what the run will record in report.json's facts.forward_counts."""
+    from dpo_dist.plan.forwards import planned_forwards
+
+    plan = planned_forwards(cfg.verify, world, deterministic=device == "cpu")
+    lines = [f"  forward proofs: {plan.total} full-model forwards per rank"
+             f"{' (on CPU: no self-noise repeat, forwards are deterministic)' if device == 'cpu' else ''}"]
+    lines += [f"    {name}: {n}" for name, n in plan.counts.items()]
+    return lines

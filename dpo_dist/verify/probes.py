@@ -1,4 +1,5 @@
-"""Forward-pass checks: greedy generation, perplexity, and the initial KL(policy || reference).
+"""Forward-pass helpers: the proofs' temporary engines, greedy generation, and the KL monitor's per-prompt KL (the
+forward proofs' shared passes: dpo_dist.verify.forward_proofs).
 
 ZeRO-3 runs a forward as a collective (each layer's weights are gathered from every rank), so every rank runs exactly
 the same number of forwards here: prompts are split over ranks and the short shards are padded with a masked-out
@@ -122,8 +123,16 @@ def generation_check(model, tok, prompts: list[str], max_new_tokens: int, ctx: D
     """Greedy generation from this rank's prompts; fails on NaN/inf logits or degenerate (empty/repetitive) text."""
     mine, real = rank_share(prompts, ctx)
     enc = encode_batch(tok, [render_prompt(tok, p) for p in mine], ctx.device)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
-                         output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    calls = [0]  # forwards generate ran (each a full gather under ZeRO-3): one prefill, then one per new token
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: generate calls the base
+    hook = inner.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:  # the KV cache: each further token is a one-position forward, not a forward over the whole text again
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
+                             use_cache=True)
+    finally:
+        hook.remove()
+    rr.facts["generation_forwards"] = calls[0]
     finite = all(bool(torch.isfinite(lg.float()).all()) for lg in out.logits)
     gen = out.sequences[:, enc["input_ids"].shape[1]:]
     texts, degenerate = [], []
@@ -145,22 +154,6 @@ def generation_check(model, tok, prompts: list[str], max_new_tokens: int, ctx: D
 
 
 @torch.no_grad()
-def perplexity_check(model, tok, prompt: str, text: str, ctx: DistContext, rr: RankReport) -> float:
-    """Perplexity of a reference answer to `prompt`, in the chat format the SFT model was tuned on, counting only the
-    answer's tokens, against the uniform baseline (vocab size): a trained model is far below it."""
-    head = render_prompt(tok, prompt) if getattr(tok, "chat_template", None) else ""
-    n_head = len(tok(head, add_special_tokens=False)["input_ids"]) if head else 0
-    enc = tok(head + text, return_tensors="pt", add_special_tokens=not head).to(ctx.device)
-    labels = enc["input_ids"].clone()
-    labels[:, :n_head] = -100
-    loss = model(**enc, labels=labels).loss.float().item()
-    ppl, uniform = math.exp(loss), float(model.config.vocab_size)
-    rr.add("perplexity below uniform", ppl < uniform, f"{ppl:.2f} vs uniform {uniform:.0f}",
-           "perplexity is no better than chance: the checkpoint looks untrained or wrongly loaded (check paths)")
-    return ppl
-
-
-@torch.no_grad()
 def initial_kl(policy, reference, tok, prompts: list[str], chunk: int, ctx: DistContext) -> dict[str, float]:
     """Token-level KL(pi_theta || pi_ref) in fp32 over non-pad positions of the prompts, all-reduced."""
     mine, real = rank_share(prompts, ctx)
@@ -179,45 +172,3 @@ def initial_kl(policy, reference, tok, prompts: list[str], chunk: int, ctx: Dist
     mx = ctx.all_reduce(mx, "max")
     mean = (tot[0] / tot[1]).item() if tot[1] > 0 else float("nan")
     return {"mean": mean, "max_seq_mean": mx.item(), "tokens": int(tot[1].item())}
-
-
-ORDER_SHUFFLES = 8  # random orders per text; their mean NLL is the "same tokens, no order" level
-
-
-@torch.no_grad()
-def tokenizer_order_check(model, tok, prompts: list[str], reference_text: str, ctx: DistContext,
-                          rr: RankReport) -> dict[str, float]:
-    """Do the tokenizer's ids mean to the weights what they mean to the tokenizer?
-
-    A tokenizer whose ids are swapped against the embeddings (another model's, or edited) still gives a perplexity
-    far below uniform on a trained model, so that bar is too weak (issue 13.5). Here the verify texts are scored
-    twice: in their real order, and with the same tokens shuffled (ORDER_SHUFFLES random orders, one batch per text,
-    no padding). With matched ids the real order explains most of the loss; with mismatched ids the text reads to
-    the model as a scramble, and its loss approaches the shuffled level. The decision needs no tuned constant: the
-    real-order loss per token must be closer to a perfect prediction (0) than to its own shuffled level, i.e.
-    ratio = real / shuffled < 1/2. Every rank scores the same texts (the same forwards under ZeRO-3)."""
-    texts = [render_prompt(tok, prompts[0]) + reference_text] + [render_prompt(tok, p) for p in prompts]
-    gen = torch.Generator().manual_seed(0)
-    real = shuffled = 0.0
-    count = 0
-    for text in texts:
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        if ids.numel() < 3:
-            continue
-        rows = torch.stack([ids] + [ids[torch.randperm(ids.numel(), generator=gen)] for _ in range(ORDER_SHUFFLES)])
-        rows = rows.to(ctx.device)
-        logits = model(input_ids=rows, attention_mask=torch.ones_like(rows)).logits[:, :-1]
-        nll = torch.stack([torch.logsumexp(lg.float(), -1) - lg.float().gather(-1, r[1:, None])[:, 0]
-                           for lg, r in zip(logits, rows, strict=True)])  # one row at a time: fp32 memory of one
-        real += nll[0].sum().item()
-        shuffled += nll[1:].mean(0).sum().item()
-        count += nll.shape[1]
-    real, shuffled = real / max(count, 1), shuffled / max(count, 1)
-    ratio = real / shuffled if shuffled > 0 else float("inf")
-    rr.add("tokenizer matches the weights", ratio < 0.5,
-           f"verify texts: {real:.3f} nats/token in order vs {shuffled:.3f} shuffled (ratio {ratio:.2f}, a matched "
-           f"tokenizer is below 0.5) over {count} tokens",
-           "the text reads to the model about as well shuffled as in order: the tokenizer's ids do not match the "
-           "embeddings (another model's tokenizer, or an edited tokenizer.json); use the tokenizer saved with this "
-           "checkpoint")
-    return {"in_order": real, "shuffled": shuffled, "ratio": ratio, "tokens": count}

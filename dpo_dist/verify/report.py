@@ -27,9 +27,11 @@ class Check:
     # bitwise, or a user's verify.* setting); None for other checks, and then absent from the JSON
     tolerance: float | None = None
     tolerance_source: str | None = None
+    skipped: bool = False  # a check switched off: shown as SKIPPED with the reason as its value, never absent
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in NUMERIC_KEYS or v is not None}
+        return {k: v for k, v in asdict(self).items() if (k not in NUMERIC_KEYS or v is not None)
+                and (k != "skipped" or v)}
 
 
 NUMERIC_KEYS = ("tolerance", "tolerance_source")
@@ -48,6 +50,11 @@ class RankReport:
         self.checks.append(Check(name, bool(ok), str(value), "" if ok else hint, tolerance, tolerance_source))
         return bool(ok)
 
+    def skip(self, name: str, reason: str) -> bool:
+        """A check that did not run: a SKIPPED row saying why (it does not fail the gate)."""
+        self.checks.append(Check(name, True, f"skipped: {reason}", skipped=True))
+        return True
+
 
 def merge(rank_reports: list[RankReport]) -> list[dict[str, Any]]:
     """One row per check: passed on all ranks, the failing ranks, rank 0's value, the first failing rank's hint (and,
@@ -58,6 +65,8 @@ def merge(rank_reports: list[RankReport]) -> list[dict[str, Any]]:
             row = rows.get(c.name)
             if row is None:
                 row = rows[c.name] = {"check": c.name, "ok": True, "failed_ranks": [], "value": c.value, "hint": ""}
+                if c.skipped:
+                    row["skipped"] = True
                 row.update({k: getattr(c, k) for k in NUMERIC_KEYS if getattr(c, k) is not None})
             if not c.ok:
                 row["ok"] = False
@@ -78,8 +87,8 @@ def render_table(rows: list[dict[str, Any]], width: int | None = None) -> str:
     middle, never at its tolerance: the part that decides the verdict stays on screen, and report.json keeps it whole.
     The hint (failing rows only) follows whole; the terminal wraps it."""
     name_w = max([len("check")] + [len(r["check"]) for r in rows])
-    results = [("PASS" if r["ok"] else "FAIL") + (f" (ranks {','.join(map(str, r['failed_ranks']))})"
-                                                  if r["failed_ranks"] else "") for r in rows]
+    results = [("SKIPPED" if r.get("skipped") else "PASS" if r["ok"] else "FAIL")
+               + (f" (ranks {','.join(map(str, r['failed_ranks']))})" if r["failed_ranks"] else "") for r in rows]
     res_w = max([len("result")] + [len(x) for x in results])
     if width is None:
         width = max(32, shutil.get_terminal_size((160, 24)).columns - name_w - res_w - 10)

@@ -77,25 +77,33 @@ def loss_tolerance(cfg, cross_device: bool, pairs: int, noise: dict[str, Any] | 
                      f"beta {noise['beta']:g}), plus float32 rounding")
 
 
-def kl_tolerance(cfg, cross_device: bool, self_kl: dict[str, float] | None) -> Tolerance:
+DETERMINISTIC_SOURCE = ("bitwise: forwards on CPU are deterministic (by device type: no repeat forward run), so "
+                        "the reference's logits on the same batch must equal the policy's")
+
+
+def kl_tolerance(cfg, cross_device: bool, self_kl: dict[str, float] | None, deterministic: bool = False) -> Tolerance:
     user = user_setting(cfg, "kl_max")
     if user is not None:
         return Tolerance(user, "user: verify.kl_max", True)
+    if deterministic and not cross_device:
+        return Tolerance(0.0, DETERMINISTIC_SOURCE)
     if cross_device or self_kl is None:
         return Tolerance(cfg.verify.kl_max, "verify.kl_max (reference on CPU, policy on the accelerator: other "
                          "kernels; a setting, not measured by this run)")
     noise = max(abs(self_kl["mean"]), 0.0)
     if noise == 0.0:
-        return Tolerance(0.0, "bitwise: the policy's logits run twice are identical, so the reference's must be")
+        return Tolerance(0.0, "bitwise: the policy's logits run twice on the same batch are identical, so the "
+                         "reference's must be")
     return Tolerance(SELF_NOISE_MARGIN * noise, f"{SELF_NOISE_MARGIN:g} x the policy's own run-to-run KL "
-                     f"({noise:.3g}/token, same prompts run twice)")
+                     f"({noise:.3g}/token, the same batch run twice)")
 
 
-def kl_row(run, kl: dict, self_kl: dict | None, cross: bool, pol, ref, lora: bool) -> bool:
+def kl_row(run, kl: dict, self_kl: dict | None, cross: bool, pol, ref, lora: bool,
+           deterministic: bool = False) -> bool:
     """The initial KL row: the KL within the tolerance this run derived, the cause named when it is not."""
     from dpo_dist.load.models import training_modules
 
-    tol = kl_tolerance(run.cfg, cross, self_kl)
+    tol = kl_tolerance(run.cfg, cross, self_kl, deterministic)
     warn_user_set(tol, run.ctx)
     what = "adapters on vs off" if lora else "policy vs reference"
     in_train = training_modules(ref) if ref is not None else []
