@@ -336,7 +336,7 @@ def step0_rows(run, trainer, losses: list[float]) -> bool:
         why = target.formula if target.value is None else (
             f"{target.formula}: no bound on the reference's {'cross-device' if run.cross_device() else 'batching'} "
             "noise is derived for this loss_type (only sigmoid, robust and aot)")
-        return ok & rr.add(name, True, f"SKIPPED: {why}" + (f"; logged {losses[0]:.6f}" if losses else ""))
+        return ok & rr.skip(name, why + (f"; logged {losses[0]:.6f}" if losses else ""))
     warn_user_set(tol, ctx)
     if not losses:
         return rr.add(name, False, "no loss logged", "no training step logged a loss: check "
