@@ -645,9 +645,10 @@ def part_load(ctx: dict) -> list[dict]:
         return [row("load", "build the checkpoint", "FAIL", f"exit {r.returncode}", r.stderr.strip()[-300:])]
     params = sum(e.numel for e in tensor_index(big).values())
     wbytes = 2 * params
-    rows.append(row("load", "checkpoint built here", "INFO", f"{params / 1e9:.2f}B parameters, {wbytes / 2**30:.2f} "
-                    "GiB bf16", f"{'built' if built else 'reused'} in {time.perf_counter() - t0:.1f} s "
-                    "(bench/make_checkpoint.py, random weights)"))
+    size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
+    rows.append(row("load", "checkpoint built here", "INFO", f"{size} parameters, {wbytes / 2**30:.2f} GiB bf16",
+                    f"{'built' if built else 'reused'} in {time.perf_counter() - t0:.1f} s (bench/make_checkpoint.py, "
+                    "random weights)"))
     fl = floors(big, gpu)
     gbs = lambda s: f"{fl['bytes'] / s / 1e9:.1f} GB/s ({s:.2f} s)"  # noqa: E731
     rows.append(row("load", "floor: page cache -> pinned host" if gpu else "floor: page cache -> host (not pinned: "
@@ -671,7 +672,7 @@ def part_load(ctx: dict) -> list[dict]:
         base_how = "the same launch on the embedded checkpoint"
     res = launch(ctx, "load-big", big, "zero3", "zero3", 1, 200 if gpu else 300,
                  ("--set", "verify.generation=false", "--smoke-steps", "1"))
-    rows.append(launch_row("load", f"zero3 on {params / 1e9:.2f}B, 1 process, 1 smoke step", res))
+    rows.append(launch_row("load", f"zero3 on {size}, 1 process, 1 smoke step", res))
     rep = res["report"] or {}
     load_s = (rep.get("facts") or {}).get("load_seconds")
     if load_s:
@@ -937,8 +938,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             part = json.loads(pj.read_text())
         results["parts"][name] = {"rows": part["rows"], "seconds": round(secs, 1)}
-        if pj.exists():  # with its time, for a later --only run that keeps it
-            pj.write_text(json.dumps({**part, "seconds": round(secs, 1)}, default=str))
+        # kept for a later --only run (a timed-out or failed part too: its rows say so)
+        pj.write_text(json.dumps({**part, "seconds": round(secs, 1)}, default=str))
         results["details"].update(part["details"])
         log(f"part {name}: {round(secs, 1)} s, " + ", ".join(f"{r['status']} {r['check']}" for r in part["rows"]
                                                               if r["status"] == "FAIL") or "no failure")
