@@ -645,9 +645,10 @@ def part_load(ctx: dict) -> list[dict]:
         return [row("load", "build the checkpoint", "FAIL", f"exit {r.returncode}", r.stderr.strip()[-300:])]
     params = sum(e.numel for e in tensor_index(big).values())
     wbytes = 2 * params
-    rows.append(row("load", "checkpoint built here", "INFO", f"{params / 1e9:.2f}B parameters, {wbytes / 2**30:.2f} "
-                    "GiB bf16", f"{'built' if built else 'reused'} in {time.perf_counter() - t0:.1f} s "
-                    "(bench/make_checkpoint.py, random weights)"))
+    size = f"{params / 1e9:.2f}B" if params >= 1e8 else f"{params / 1e6:.1f}M"
+    rows.append(row("load", "checkpoint built here", "INFO", f"{size} parameters, {wbytes / 2**30:.2f} GiB bf16",
+                    f"{'built' if built else 'reused'} in {time.perf_counter() - t0:.1f} s (bench/make_checkpoint.py, "
+                    "random weights)"))
     fl = floors(big, gpu)
     gbs = lambda s: f"{fl['bytes'] / s / 1e9:.1f} GB/s ({s:.2f} s)"  # noqa: E731
     rows.append(row("load", "floor: page cache -> pinned host" if gpu else "floor: page cache -> host (not pinned: "
@@ -671,7 +672,7 @@ def part_load(ctx: dict) -> list[dict]:
         base_how = "the same launch on the embedded checkpoint"
     res = launch(ctx, "load-big", big, "zero3", "zero3", 1, 200 if gpu else 300,
                  ("--set", "verify.generation=false", "--smoke-steps", "1"))
-    rows.append(launch_row("load", f"zero3 on {params / 1e9:.2f}B, 1 process, 1 smoke step", res))
+    rows.append(launch_row("load", f"zero3 on {size}, 1 process, 1 smoke step", res))
     rep = res["report"] or {}
     load_s = (rep.get("facts") or {}).get("load_seconds")
     if load_s:
@@ -847,9 +848,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list the parts and their timeouts, then exit")
     ap.add_argument("--jobs", type=int, default=None, help="concurrent launches in the placements part (default: 3 "
                     "on a GPU, 1 on CPU)")
-    ap.add_argument("--budget", type=float, default=None, help="seconds for all parts together (default 480 on a "
-                    "GPU: with the install, inside one 600 s device call; 2700 on CPU); a part gets min(its timeout, "
-                    "what is left)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for all parts together (default 530 on a "
+                    "GPU: with the install (~40 s), inside one 600 s device call; 2700 on CPU); a part gets "
+                    "min(its timeout, what is left)")
     ap.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # internal: run one part in this process
     ap.add_argument("--fetch-wheels", type=Path, metavar="DIR", help="here, with a package registry: download the "
                     "wheels a machine without one needs into DIR (gpu_check.sh installs from .whl), then exit")
@@ -899,9 +900,35 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     todo = args.only or list(PARTS)
-    budget = args.budget or (2700 if args.cpu else 480)
+    budget = args.budget or (2700 if args.cpu else 530)
     t_start = time.perf_counter()
     results = {"rows": [], "details": {}, "parts": {}}
+    def write_outputs() -> str:
+        """summary.md, results.json, logs.tar.gz from what ran so far: after every part, so a device call stopped at
+        its limit still brings back the parts that finished."""
+        results["rows"] = [r for name in PARTS if name in results["parts"] for r in results["parts"][name]["rows"]]
+        results["rows"] += cross_rows(results, args.cpu)
+        results["rows"].append(row("total", "wall time of the parts run now", "INFO",
+                                   f"{time.perf_counter() - t_start:.0f} s",
+                                   ", ".join(f"{n} {results['parts'][n]['seconds']} s" for n in todo
+                                             if n in results["parts"]) + (f"; kept from the last run: "
+                                             f"{', '.join(n for n in results['parts'] if n not in todo)}"
+                                             if set(results["parts"]) - set(todo) else "")))
+        v = results["details"].get("versions", {})
+        header = (f"dpo-dist gpu_check {time.strftime('%Y-%m-%d %H:%M')} "
+                  f"{'(CPU dry run)' if args.cpu else ''} on {platform.node()}: torch {v.get('torch', '?')} "
+                  f"(CUDA {v.get('cuda')}), deepspeed {v.get('deepspeed', '?')}, transformers "
+                  f"{v.get('transformers', '?')}, trl {v.get('trl', '?')}")
+        table = render(results["rows"], header)
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+        (out / "summary.md").write_text(table)
+        with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:  # every log and report, not the checkpoints
+            for p in sorted(work.rglob("*")):
+                logs = p.suffix in (".log", ".json") and "cache" not in p.parts
+                if p.is_file() and logs and not p.name.startswith(("config", "tokenizer", "generation", "model")):
+                    tar.add(p, arcname=str(p.relative_to(work)))
+        return table
+
     for name in PARTS:
         if name not in todo:
             kept = work / "parts" / f"{name}.json"  # the last run of this part, kept
@@ -937,34 +964,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             part = json.loads(pj.read_text())
         results["parts"][name] = {"rows": part["rows"], "seconds": round(secs, 1)}
-        if pj.exists():  # with its time, for a later --only run that keeps it
-            pj.write_text(json.dumps({**part, "seconds": round(secs, 1)}, default=str))
+        # kept for a later --only run (a timed-out or failed part too: its rows say so)
+        pj.write_text(json.dumps({**part, "seconds": round(secs, 1)}, default=str))
         results["details"].update(part["details"])
+        write_outputs()
         log(f"part {name}: {round(secs, 1)} s, " + ", ".join(f"{r['status']} {r['check']}" for r in part["rows"]
                                                               if r["status"] == "FAIL") or "no failure")
-    for name in PARTS:
-        if name in results["parts"]:
-            results["rows"] += results["parts"][name]["rows"]
-    results["rows"] += cross_rows(results, args.cpu)
-    results["rows"].append(row("total", "wall time of the parts run now", "INFO",
-                               f"{time.perf_counter() - t_start:.0f} s",
-                               ", ".join(f"{n} {results['parts'][n]['seconds']} s" for n in todo
-                                         if n in results["parts"]) + (f"; kept from the last run: "
-                                         f"{', '.join(n for n in results['parts'] if n not in todo)}"
-                                         if set(results["parts"]) - set(todo) else "")))
-    v = results["details"].get("versions", {})
-    header = (f"dpo-dist gpu_check {time.strftime('%Y-%m-%d %H:%M')} "
-              f"{'(CPU dry run)' if args.cpu else ''} on {platform.node()}: torch {v.get('torch', '?')} "
-              f"(CUDA {v.get('cuda')}), deepspeed {v.get('deepspeed', '?')}, transformers "
-              f"{v.get('transformers', '?')}, trl {v.get('trl', '?')}")
-    table = render(results["rows"], header)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    (out / "summary.md").write_text(table)
-    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:  # every log and report, not the checkpoints
-        for p in sorted(work.rglob("*")):
-            if p.is_file() and (p.suffix in (".log", ".json") or p.name == "terminal.log") and "cache" not in p.parts \
-                    and not p.name.startswith(("config", "tokenizer", "generation", "model")):
-                tar.add(p, arcname=str(p.relative_to(work)))
+    table = write_outputs()
     print(table)
     failed = [r for r in results["rows"] if r["status"] == "FAIL"]
     log(f"{len(failed)} check(s) failed; wrote {out}/summary.md, results.json, logs.tar.gz" if failed else
