@@ -67,8 +67,11 @@ def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, 
     if smoke_steps:
         # A rehearsal: N real steps, a loss logged at every step, nothing saved, and a learning rate large enough
         # that a bf16 weight visibly moves (a 1e-6 Adam step is below bf16 resolution for most weights).
+        # Its own schedule: full rate from the first step (a warmup would make step 1 a no-op), linear decay, and
+        # whatever a rehearsal that saves wrote is kept.
         kw.update(max_steps=smoke_steps, logging_steps=1, save_strategy="no",
-                  learning_rate=cfg.verify.smoke_learning_rate, eval_strategy="no")
+                  learning_rate=cfg.verify.smoke_learning_rate, eval_strategy="no", warmup_steps=0,
+                  lr_scheduler_type="linear", save_total_limit=None)
         if "save_strategy" in t.extra:  # a rehearsal that saves (to test resuming) keeps the config's save_steps
             kw.update(save_strategy=t.extra["save_strategy"], save_steps=t.save_steps)
     return kw

@@ -27,7 +27,7 @@ def build_dpo_config(cfg: RunConfig, ds: dict[str, Any] | None, smoke_steps: int
 # What the smoke steps set differently from training (trl_args.dpo_config_kwargs), and what TrainingArguments derives
 # from those: after the smoke steps the trainer's own arguments take these values from the training DPOConfig.
 SMOKE_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "logging_steps", "save_strategy", "save_steps",
-                "eval_strategy", "eval_steps", "do_eval")
+                "eval_strategy", "eval_steps", "do_eval", "warmup_steps", "lr_scheduler_type", "save_total_limit")
 
 
 def training_fields(train_args) -> dict[str, Any]:
