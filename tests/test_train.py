@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.multiproc]
 # 3 steps of 2 x 1 pairs per rank, a checkpoint at step 2 (and the last), KL measured and an eval at every other step
 RUN = ("--train", "--set", "verify.generation=false", "--set", "train.max_steps=3", "--set", "train.save_steps=2",
        "--set", "train.logging_steps=1", "--set", "kl.every_steps=1", "--set", "train.learning_rate=1e-3",
-       "--set", "train.per_device_train_batch_size=2", "--set", "train.gradient_accumulation_steps=1")
+       "--set", "train.per_device_train_batch_size=2", "--set", "train.gradient_accumulation_steps=1",
+       "--set", "train.warmup_ratio=0")
 
 
 def trained(res, out):
@@ -24,7 +25,7 @@ def trained(res, out):
     assert t["steps"] == 3 and [e["step"] for e in t["loss"]] == [1, 2, 3]
     assert [e["step"] for e in t["kl"]] == [1, 2, 3] and t["kl_limit"] == 0.1
     assert [e["step"] for e in t["reward_margin"]] == [1, 2, 3]
-    assert [e["step"] for e in t["eval_loss"]] == [2]  # the eval set that was given, evaluated every eval_steps
+    assert 2 in [e["step"] for e in t["eval_loss"]]  # the eval set that was given, evaluated every eval_steps
     assert t["checkpoints"] == ["checkpoint-2", "checkpoint-3"]
     for step in (2, 3):  # checkpoints carry the lineage marker and the KL monitor's state
         assert (out / f"checkpoint-{step}" / "dpo_dist_lineage.json").is_file()
@@ -67,8 +68,11 @@ def test_zero3_smoke_steps_leave_no_trace_and_resume_continues(tmp_path):
 @pytest.mark.parametrize("placement", ["lora", "precomputed"])
 def test_gate_then_train_checkpoint_and_resume(tmp_path, placement):
     out = tmp_path / "run"
-    res = launch_init(out, *RUN, "--placement", placement, "--smoke-steps", "1")
+    control = ("--set", "kl.control=adaptive") if placement == "lora" else ()  # adaptive beta through this path too
+    res = launch_init(out, *RUN, *control, "--placement", placement, "--smoke-steps", "1")
     rep = trained(res, out)
+    if control:
+        assert "beta_changes" in rep["training"] and all("lr_scale" in e for e in rep["training"]["kl"])
     final = out / "final"
     if placement == "lora":  # the adapters, loadable with PEFT onto the SFT checkpoint
         assert (final / "adapter_model.safetensors").is_file() and (final / "adapter_config.json").is_file()
@@ -78,8 +82,26 @@ def test_gate_then_train_checkpoint_and_resume(tmp_path, placement):
         model = AutoModelForCausalLM.from_pretrained(str(final))
         assert model.num_parameters() > 0
     first = rep["training"]["loss"]
-    res = launch_init(out, *RUN, "--placement", placement, "--set", f"train.resume_from={out / 'checkpoint-2'}")
+    res = launch_init(out, *RUN, *control, "--placement", placement,
+                      "--set", f"train.resume_from={out / 'checkpoint-2'}")
     assert res.returncode == 0, res.output[-6000:]
     t = res.report["training"]
     assert [e["step"] for e in t["loss"]] == [3]
     assert t["loss"][0]["value"] == pytest.approx(first[2]["value"], abs=1e-4)
+
+
+@pytest.mark.multiproc
+def test_training_that_fails_after_a_passed_gate_exits_5(tmp_path):
+    """A world of one (cheap; the exit-code contract needs no second rank): the gate passes, training fails (the test
+    hook raises at its start), exit 5 and a line saying so; a failed gate (1) would have trained nothing."""
+    import sys
+
+    from conftest import run_cmd
+
+    out = tmp_path / "run"
+    code, log = run_cmd([sys.executable, "-m", "dpo_dist", "init", "--output-dir", str(out), *RUN],
+                        {"DPO_DIST_TEST_FAULT": "training:0", "PYTHONUNBUFFERED": "1"}, 300)
+    assert code == 5, log[-4000:]
+    assert "quality gate PASSED" in log
+    assert "[dpo-dist] training FAILED after a passed gate on rank 0" in log
+    assert not (out / "final").exists()

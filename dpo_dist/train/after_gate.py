@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_dist.runtime.distributed import DistContext
+from dpo_dist.runtime.faults import inject_fault
 from dpo_dist.train.trainer import use_training_fields
 from dpo_dist.verify.report import write_json_atomic
 
@@ -41,6 +42,7 @@ def run(trainer, cfg, ctx: DistContext, train_fields: dict[str, Any] | None = No
                f" (keeping {args.save_total_limit or 'all'})")
     t0 = time.perf_counter()
     try:
+        inject_fault("training", ctx.rank)  # test hook (tests/test_train.py), inert unless DPO_DIST_TEST_FAULT
         result = trainer.train(resume_from_checkpoint=cfg.train.resume_from)
         final = out / FINAL_DIR
         trainer.save_model(str(final))  # ZeRO-3: gathered to rank 0 (stage3_gather_16bit_weights_on_model_save)
@@ -61,6 +63,7 @@ def run(trainer, cfg, ctx: DistContext, train_fields: dict[str, Any] | None = No
         if tok is not None and not (final / "tokenizer_config.json").exists():
             tok.save_pretrained(str(final))
         history = summarize(trainer.state.log_history, monitor, cfg, result.global_step, seconds, final)
+        history["train_loss"] = result.training_loss  # the mean over the run (TRL's 'train_loss')
         history["plot"] = plot_kl(history, out / PLOT)
         _add_to_report(out / "report.json", history)
         print(f"[dpo-dist] training done: {result.global_step} steps in {seconds} s; final policy: {final}; "
