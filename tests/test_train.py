@@ -5,10 +5,14 @@ policy in Hugging Face format and the training history in report.json, for zero3
 from __future__ import annotations
 
 import pytest
-from conftest import launch_init
+from conftest import launch_init as _launch_init
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.multiproc]
+
+
+def launch_init(out, *args):
+    return _launch_init(out, *args, timeout=600)  # gate and training in one launch: twice a gate's time
 
 # 3 steps of 2 x 1 pairs per rank, a checkpoint at step 2 (and the last), KL measured and an eval at every other step
 RUN = ("--train", "--set", "verify.generation=false", "--set", "train.max_steps=3", "--set", "train.save_steps=2",
