@@ -44,6 +44,29 @@ def test_adaptive_beta_rules():
     assert [c["step"] for c in a.changes if c["what"] == "beta"] == [1, 2, 5, 6, 7]
 
 
+def test_monitor_snapshot_restore_undoes_measurements():
+    """What the smoke steps measure is undone before training (dpo_dist.train.rewind): history, warnings, margins and
+    the adaptive controller's beta, brake and change log come back as they were."""
+    from dpo_dist.runtime.distributed import DistContext
+    from dpo_dist.train.kl_monitor import KLMonitor
+
+    adaptive = AdaptiveBeta(0.1, limit=0.1, warn_fraction=0.8, beta_min=0.01, beta_max=2.0)
+    m = KLMonitor(None, None, None, ["p"], DistContext(), 0.1, 0.8, 1, 16, adaptive)
+    m.history.append({"step": 0, "kl": 0.0})
+    saved = m.snapshot()
+    before = (json.dumps(m.history), adaptive.beta, adaptive.lr_scale, adaptive.prev_kl, list(adaptive.changes))
+    m.history.append({"step": 1, "kl": 0.09})
+    m.warnings.append("w")
+    m.margins.append(1.0)
+    m._spent = 3.0
+    adaptive.update(0.09, [1.0], 1, spent=1e-3, ahead=1e-3)
+    assert adaptive.changes and adaptive.beta != 0.1
+    m.restore(saved)
+    assert (json.dumps(m.history), adaptive.beta, adaptive.lr_scale, adaptive.prev_kl, adaptive.changes) == before
+    assert m.warnings == [] and m.margins == [] and m._spent == 0.0
+    assert m.adaptive is adaptive  # the same controller object, put back in place
+
+
 def test_learning_rate_brake_holds_the_kl_budget():
     """The brake's model: sqrt(KL) grows linearly with the learning rate spent. Unbraked, this drift crosses the limit
     at step 6; braked, it approaches the warning level (0.08) and stays under it; it recovers when KL stops growing."""

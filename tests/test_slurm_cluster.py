@@ -308,6 +308,22 @@ def test_one_node_two_processes(slurm_cluster, tmp_path):
     assert not no_rank_left(out)
 
 
+def test_gate_then_train_job(slurm_cluster, tmp_path):
+    """`dpo-dist slurm --train`: 2 nodes x 1 process gate, then train 2 steps in the same job; the trained policy in
+    <output_dir>/final and the job's last line saying both parts passed (exit 0; training's failure would be 5)."""
+    out = tmp_path / "run"
+    script = generate(slurm_cluster, out, 2, 1, "--train", "--set", "verify.generation=false",
+                      "--set", "train.max_steps=2", "--set", "train.save_steps=2",
+                      "--set", "train.per_device_train_batch_size=2", "--set", "train.gradient_accumulation_steps=1")
+    assert " --train" in script.read_text()
+    job = run_job(slurm_cluster, ["sbatch", "--wait", str(script)], out)
+    assert job.returncode == 0, job.log[-6000:]
+    assert job.report["passed"] is True and job.report["training"]["steps"] == 2
+    assert (out / "final" / "model.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+    assert "quality gate PASSED, training done (2 steps)" in job.log.strip().splitlines()[-1]
+    assert not no_rank_left(out)
+
+
 def test_a_crashed_rank_ends_the_job_and_is_named(slurm_cluster, tmp_path):
     """Rank 1 (on node2) dies abruptly at the start of stage 'load': srun --kill-on-bad-exit ends node1's task."""
     out = tmp_path / "run"

@@ -1,7 +1,8 @@
 """`dpo-dist init`: the run config, the memory plan, then the stages on this rank (dpo_dist.init.stages).
 
 Exit codes: 0 every check passed; 1 a check failed (the report says which); 2 bad input (one line); 3 the ranks never
-all met; 4 an unexpected error (one line, the traceback with --debug).
+all met; 4 an unexpected error (one line, the traceback with --debug); with --train, 5 training failed after a passed
+gate (0: the gate passed and training finished).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="run even if the memory plan says it cannot fit")
     p.add_argument("--print-config", action="store_true", help="print the run's fully resolved config (YAML: "
                    "defaults < --config < flags and --set) and exit 0")
+    p.add_argument("--train", action="store_true", help="after a passed gate, train in the same processes with the "
+                   "trainer it proved; exit 5 if training fails (docs/training.md)")
     from dpo_dist.plan.planner import parse_bytes
 
     for flag, kind, what in (("--nodes", int, "nodes"), ("--gpus-per-node", int, "ranks per node"),
@@ -193,9 +196,15 @@ def _init_owned(args: argparse.Namespace, cfg, cluster_args) -> int:
             finally:
                 ctx.teardown()
         try:
-            result = InitRun(cfg, ctx, debug=args.debug).run()
+            train = getattr(args, "train", False)
+            result = InitRun(cfg, ctx, debug=args.debug, keep_serving=train).run()
             _FAILURE["report"] = result.report
-            return finish(result, ctx, cfg.train.output_dir)
+            code = finish(result, ctx, cfg.train.output_dir)
+            if train:  # dpo_dist.train.after_gate: 0 trained, 5 training failed; a failed gate (1) trains nothing
+                from dpo_dist.api import gate_then_train
+
+                code = gate_then_train(result, code, args.debug)
+            return code
         finally:
             ctx.teardown()
     except Exception as e:  # one line for the user; the traceback only when asked for

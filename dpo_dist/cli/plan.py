@@ -19,6 +19,7 @@ from dpo_dist.plan.planner import (
     mem_total,
     parse_bytes,
     plan_all,
+    recommended_config,
     settings_from_run_config,
 )
 
@@ -55,6 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=int, default=0, help="show only the N best rows (default: all)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--plot", metavar="PNG", help="stacked bar chart per strategy against capacity (matplotlib)")
+    p.add_argument("--write-config", metavar="YAML", help="write the recommended layout's config keys as a run YAML "
+                   "to start from (refuses to overwrite an existing file)")
 
 
 def _inputs(args: argparse.Namespace) -> tuple[dict, str, Any, Cluster, RunSettings]:
@@ -101,6 +104,13 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
                              ("--max-live-parameters", args.max_live_parameters, 1)):
         if value < low:
             return f"{flag} {value} is below {low} ({flag}): give a whole number >= {low}"
+    if args.write_config:
+        target = Path(args.write_config).expanduser()
+        if target.exists():
+            return (f"{target} exists (--write-config): choose a new file name, or delete it first (it is never "
+                    "overwritten)")
+        if not target.resolve().parent.is_dir():
+            return f"no directory {target.resolve().parent} for --write-config: create it or choose another path"
     if args.plot:
         folder = Path(args.plot).expanduser().resolve().parent
         if not folder.is_dir():
@@ -143,13 +153,19 @@ def run(args: argparse.Namespace) -> int:
             print(f"dpo-dist plan: could not write the plot ({args.plot}: {e.strerror or e}): choose a writable "
                   "path for --plot", file=sys.stderr)
             return 2
+    grad_accum = _grad_accum(args)
     if args.json:
         data = ps.to_dict()
         if requested is not None:
             data["requested"] = requested.to_dict()
+        if ps.recommended is not None:
+            keys, batch, notes = recommended_config(ps.recommended, grad_accum)
+            data["recommended_config"] = {"keys": keys, "global_batch": batch, "notes": notes}
         print(json.dumps(data, indent=1))
     else:
         print(render(ps, top=args.top))
+        if ps.recommended is not None:
+            print("\n" + recommendation_text(ps.recommended, grad_accum))
         if requested is not None:
             verdict = "fits" if requested.fits else "does NOT fit: " + "; ".join(requested.problems)
             print(f"\nyour config ({args.config}): {requested.label} {verdict}")
@@ -157,7 +173,59 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  instead: {requested.alternative.label}")
         if args.plot:
             print(f"\nplot: {args.plot}")
+    if args.write_config:
+        if ps.recommended is None:
+            print("dpo-dist plan: nothing fits, so no config was written (--write-config)", file=sys.stderr)
+            return 1
+        try:
+            write_config(ps, args.write_config, grad_accum)
+        except OSError as e:
+            print(f"dpo-dist plan: could not write {args.write_config} ({e.strerror or e}): choose a writable path "
+                  "for --write-config", file=sys.stderr)
+            return 2
+        if not args.json:
+            print(f"\nconfig to start from: {args.write_config} (set model.path, data and train.output_dir)")
     return 0
+
+
+def _grad_accum(args: argparse.Namespace) -> int:
+    if args.config:
+        from dpo_dist.config.schema import load
+
+        return load(args.config).train.gradient_accumulation_steps
+    from dpo_dist.config.schema import TrainConfig
+
+    return TrainConfig.gradient_accumulation_steps
+
+
+def recommendation_text(rec, grad_accum: int) -> str:
+    """The recommended label spelled out as the config keys that run it, and the global batch they give."""
+    import yaml
+
+    keys, batch, notes = recommended_config(rec, grad_accum)
+    t = keys["train"]
+    policy = batch // (t["per_device_train_batch_size"] * t["gradient_accumulation_steps"])
+    lines = [f"recommended config keys ({rec.label}):"]
+    lines += ["  " + ln for ln in yaml.safe_dump(keys, sort_keys=False).splitlines()]
+    lines.append(f"global batch: {t['per_device_train_batch_size']} x {t['gradient_accumulation_steps']} x "
+                 f"{policy} policy ranks = {batch:,} prompt pairs per optimizer step")
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def write_config(ps: PlanSet, path: str, grad_accum: int) -> None:
+    """A run YAML with the recommended layout's keys (exclusive create: never overwrites)."""
+    import yaml
+
+    rec = ps.recommended
+    keys, batch, notes = recommended_config(rec, grad_accum)
+    c = ps.cluster
+    head = [f"# Written by `dpo-dist plan` for {ps.source} on {c.nodes} node(s) x {c.gpus_per_node} "
+            f"({rec.label}); global batch {batch:,}.", "# Add model.path, data.train/eval and train.output_dir; "
+            "every other key keeps its default (docs/training.md)."]
+    head += [f"# {n}" for n in notes]
+    with open(path, "x") as f:
+        f.write("\n".join(head) + "\n" + yaml.safe_dump(keys, sort_keys=False))
 
 
 def render(ps: PlanSet, top: int = 0) -> str:

@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port-base", type=int, default=20000, help="rendezvous port = base + job id %% 10000")
     g.add_argument("--rdzv-timeout", type=int, help="seconds the nodes may take to join (default: "
                    "sharding.timeout_s)")
+    g.add_argument("--train", action="store_true", help="gate, then train in the same job (`dpo-dist init "
+                   "--train`): exit 0 trained, 5 training failed after a passed gate, else the gate's")
     act = g.add_mutually_exclusive_group()
     act.add_argument("--dry-run", action="store_true", help="print the script, write nothing")
     act.add_argument("--submit", action="store_true", help="write the script and submit it with sbatch")
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         cpus_per_task=args.cpus_per_task, exclusive=not args.shared, cpu=args.cpu, python=args.python,
         port_base=args.port_base, timeout_s=cfg.sharding.timeout_s,
         rdzv_timeout_s=args.rdzv_timeout or cfg.sharding.timeout_s, sbatch_args=tuple(args.sbatch_arg),
-        env=tuple(tuple(e.split("=", 1)) for e in args.env),
+        env=tuple(tuple(e.split("=", 1)) for e in args.env), train=args.train,
     )
     try:
         text = render_sbatch(spec)

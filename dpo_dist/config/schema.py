@@ -178,6 +178,15 @@ class TrainConfig:
     max_prompt_length: int = 512  # TRL 1.x dropped it; we truncate prompts (keeping their end) in data prep
     logging_steps: int = 10
     save_steps: int = 100
+    # the schedule of a real run (docs/training.md); transformers' own defaults differ: 3 epochs, linear, no warmup
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # > 0: this many optimizer steps, whatever num_train_epochs says
+    warmup_ratio: float = 0.1  # share of the steps that warm the learning rate up from 0
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
+                               "polynomial", "inverse_sqrt"] = "cosine"
+    eval_strategy: Literal["auto", "no", "steps", "epoch"] = "auto"  # auto: every eval_steps when data.eval is given
+    eval_steps: int | None = None  # None: save_steps (each checkpoint has an eval beside it)
+    save_total_limit: int | None = 2  # checkpoints kept (oldest deleted); null keeps all (~1 TB each for 70B + Adam)
     output_dir: str = "runs/dpo-dist"
     seed: int = 42
     gradient_checkpointing: bool = False
@@ -305,6 +314,8 @@ def _non_finite(value: Any, where: str) -> tuple[str, float] | None:
 FLOAT_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "train.beta": (0.0, False, None, False),
     "train.learning_rate": (0.0, False, None, False),
+    "train.num_train_epochs": (0.0, False, None, False),
+    "train.warmup_ratio": (0.0, True, 1.0, False),
     "verify.kl_max": (0.0, False, 1.0, False),
     "verify.smoke_learning_rate": (0.0, False, None, False),
     "verify.loss_tolerance": (0.0, False, None, False),
@@ -351,6 +362,13 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
                  "max_length", "max_prompt_length", "logging_steps", "save_steps"):
         if getattr(t, name) < 1:
             problems.append(f"'train.{name}' must be >= 1, got {getattr(t, name)}")
+    for name in ("eval_steps", "save_total_limit"):
+        if getattr(t, name) is not None and getattr(t, name) < 1:
+            problems.append(f"'train.{name}' must be >= 1 or null, got {getattr(t, name)}")
+    if t.max_steps == 0 or t.max_steps < -1:
+        problems.append(f"'train.max_steps' must be > 0, or -1 for num_train_epochs, got {t.max_steps}")
+    if t.eval_strategy in ("steps", "epoch") and not cfg.data.eval:
+        problems.append(f"'train.eval_strategy: {t.eval_strategy}' needs an eval set: set data.eval, or 'auto'/'no'")
     if t.max_prompt_length >= t.max_length:
         problems.append(
             f"'train.max_prompt_length' ({t.max_prompt_length}) must be < 'train.max_length' ({t.max_length}): "

@@ -17,6 +17,12 @@ def accelerator_is_cpu() -> bool:
     return get_accelerator().device_name() == "cpu"
 
 
+def eval_strategy(cfg: RunConfig) -> str:
+    """auto: the eval set that was given is evaluated during training (every eval_steps), none: no evaluation."""
+    e = cfg.train.eval_strategy
+    return ("steps" if cfg.data.eval else "no") if e == "auto" else e
+
+
 def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, precompute: bool = False
                       ) -> dict[str, Any]:
     """Keyword arguments of TRL's DPOConfig. CPU-only follows DeepSpeed's accelerator (set by the launch env)."""
@@ -31,6 +37,13 @@ def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, 
         max_length=t.max_length,
         logging_steps=t.logging_steps,
         save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float in [0, 1) is the share of the steps
+        lr_scheduler_type=t.lr_scheduler_type,
+        eval_strategy=eval_strategy(cfg),
+        eval_steps=t.eval_steps or t.save_steps,
         seed=t.seed,
         data_seed=t.seed,
         bf16=cfg.model.dtype == Dtype.BFLOAT16,
@@ -54,8 +67,11 @@ def dpo_config_kwargs(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, 
     if smoke_steps:
         # A rehearsal: N real steps, a loss logged at every step, nothing saved, and a learning rate large enough
         # that a bf16 weight visibly moves (a 1e-6 Adam step is below bf16 resolution for most weights).
+        # Its own schedule: full rate from the first step (a warmup would make step 1 a no-op), linear decay, and
+        # whatever a rehearsal that saves wrote is kept.
         kw.update(max_steps=smoke_steps, logging_steps=1, save_strategy="no",
-                  learning_rate=cfg.verify.smoke_learning_rate, eval_strategy="no")
+                  learning_rate=cfg.verify.smoke_learning_rate, eval_strategy="no", warmup_steps=0,
+                  lr_scheduler_type="linear", save_total_limit=None)
         if "save_strategy" in t.extra:  # a rehearsal that saves (to test resuming) keeps the config's save_steps
             kw.update(save_strategy=t.extra["save_strategy"], save_steps=t.save_steps)
     return kw

@@ -35,7 +35,8 @@ from dpo_dist.reference.registry import strategy_for
 from dpo_dist.runtime import console, liveness
 from dpo_dist.runtime.distributed import DistContext
 from dpo_dist.runtime.faults import inject_fault
-from dpo_dist.train.trainer import LossRecorder, build_dpo_config
+from dpo_dist.train import rewind
+from dpo_dist.train.trainer import LossRecorder, build_dpo_config, training_fields, use_training_fields
 from dpo_dist.verify import lineage, model_checks, probes, tolerances, weight_checks, weights
 from dpo_dist.verify.report import RankReport, build_report, failure_line, render_table, timed, write_json_atomic
 
@@ -50,6 +51,8 @@ class InitResult:
     report: dict[str, Any]
     trainer: Any = None
     state: InitState = field(default_factory=InitState)
+    cfg: Any = None  # the RunConfig and DistContext it ran with (training after the gate goes on with them)
+    ctx: Any = None
 
     @property
     def passed(self) -> bool:
@@ -91,6 +94,8 @@ class InitRun:
         set_seed(cfg.train.seed)
         smoke = self.placement.smoke_steps(cfg.verify.smoke_steps)
         self.state.smoke_steps = smoke
+        if smoke:  # training after the gate runs under the config's own schedule: built (and checked) now, first
+            self.state.train_fields = training_fields(build_dpo_config(cfg, None, 0, self.placement.trl_precompute))
         self.state.args = build_dpo_config(cfg, ds, smoke, precompute=self.placement.trl_precompute)
         self.rr.facts.update(sharding=label, zero_stage=stage, placement=placement, world_size=self.ctx.world_size,
                              output_dir=str(Path(cfg.train.output_dir)), smoke_steps=smoke,
@@ -318,6 +323,8 @@ class InitRun:
         model = trainer.model
         trainable = {nm for nm, p in model.named_parameters() if p.requires_grad}
         pol_before = weights.model_fingerprints(model, ctx)
+        monitor = self.state.kl_monitor
+        before = rewind.take(trainer, ctx.rank, monitor)  # training after the gate starts here, not after the smoke
         rec = LossRecorder()
         trainer.add_callback(rec)
         ctx.print0(f"[dpo-dist] {n} smoke training step(s) ...")
@@ -328,15 +335,23 @@ class InitRun:
         rr.facts["smoke_seconds"] = round(time.perf_counter() - t0, 3)
         if remote is not None:  # placement ranks: how long this rank waited for reference answers while training
             rr.facts[f"rank_{ctx.rank}_reference_wait_seconds"] = round(remote.wait_s - waited, 3)
+        trainer.remove_callback(rec)
         losses = rec.losses
         rr.facts["kl_logged"] = rec.kl_logged
-        monitor = self.state.kl_monitor
         if monitor is not None:
             rr.facts["kl_history"] = monitor.history
             rr.facts["kl_warnings"] = monitor.warnings
             if monitor.adaptive is not None:
                 rr.facts["beta_changes"] = monitor.adaptive.changes
         rr.facts["smoke_losses"] = losses
+        try:
+            return self.smoke_rows(trainer, n, losses, model, trainable, pol_before, ref_module, ref_before)
+        finally:  # the trainer handed back (and trained after the gate) starts from the proven state
+            rewind.restore(before, trainer, monitor)
+            use_training_fields(trainer, self.state.train_fields)  # under the run's schedule, not the smoke's
+
+    def smoke_rows(self, trainer, n, losses, model, trainable, pol_before, ref_module, ref_before) -> bool:
+        ctx, rr = self.ctx, self.rr
         if self.cfg.train.resume_from:  # a resumed policy is trained: its first loss is not ln 2
             ran = rr.add("resumed training ran", bool(losses), f"{len(losses)} steps after resuming, losses "
                          f"{[round(x, 4) for x in losses]}", "no step ran after resuming: check max_steps")
@@ -406,7 +421,7 @@ class InitRun:
         rep = build_report(reports, to_dict(self.cfg))
         if remote is not None and not self.keep_serving:
             remote.close(rep["passed"])
-        return InitResult(rep, self.state.trainer, self.state)
+        return InitResult(rep, self.state.trainer, self.state, self.cfg, self.ctx)
 
 
 def finish(result: InitResult, ctx: DistContext, output_dir: str) -> int:

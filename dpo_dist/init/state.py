@@ -16,6 +16,7 @@ class InitState:
     stage: int | None = None  # its ZeRO stage
     smoke_steps: int = 0  # steps the smoke stage runs (the placement may raise the configured number)
     args: Any = None  # trl.DPOConfig
+    train_fields: dict[str, Any] | None = None  # with smoke steps: the schedule training runs under after them
     # tokenizer
     pol_path: Path | None = None
     ref_path: Path | None = None

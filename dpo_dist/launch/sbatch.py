@@ -57,6 +57,7 @@ class SlurmSpec:
     sbatch_args: tuple[str, ...] = ()  # more `#SBATCH` options, e.g. "--qos=high"
     env: tuple[tuple[str, str], ...] = ()  # more exports
     init_args: tuple[str, ...] = ()  # more `dpo-dist init` arguments, after --config
+    train: bool = False  # gate, then train (`dpo-dist init --train`); the exit code says which part failed
 
 
 def check_spec(spec: SlurmSpec) -> list[str]:
@@ -104,7 +105,7 @@ def node_launch(spec: SlurmSpec) -> tuple[list[str], list[str], dict[str, str]]:
     argv, env = build_launch(LaunchSpec(
         sharding=spec.sharding, num_processes=spec.procs_per_node, num_machines=spec.nodes, machine_rank=0,
         main_process_ip="HEAD_NODE", main_process_port=spec.port_base, cpu=spec.cpu, python=spec.python,
-        init_args=("--config", spec.config_file, *spec.init_args),
+        init_args=("--config", spec.config_file, *spec.init_args, *(("--train",) if spec.train else ())),
     ))
     if argv[1:3] != ["-m", "accelerate.commands.launch"]:
         raise ValueError(f"unexpected launch command: {argv[:3]}")
@@ -168,14 +169,16 @@ def render_sbatch(spec: SlurmSpec) -> str:
     log_file = f"{spec.log_dir}/%x-%j.out"
     head = [
         "#!/bin/bash",
-        f"# dpo-dist init on {spec.nodes} node(s) x {spec.procs_per_node} {unit} = {world} rank(s), {spec.sharding}, "
-        f"reference placement {spec.placement}.",
+        f"# dpo-dist init{' --train' if spec.train else ''} on {spec.nodes} node(s) x {spec.procs_per_node} {unit} = "
+        f"{world} rank(s), {spec.sharding}, reference placement {spec.placement}.",
         "# Written by `dpo-dist slurm` from the run config: regenerate it rather than edit it.",
         f"#   run config (resolved; every rank reads it): {spec.config_file}",
         f"#   quality-gate report (rank 0):              {spec.report}",
         f"#   log of every rank ('node: [rank r]: ...'):  {log_file} (an existing folder)",
         f"#   collective timeout {spec.timeout_s} s (sharding.timeout_s), rendezvous timeout {spec.rdzv_timeout_s} s",
-        "# Exit code: the quality gate's verdict, 0 only if every rank passed every check.",
+        *(["# Exit code: 0 the gate passed and training finished; 5 training failed after a passed gate; any other:",
+           "# the quality gate's (it failed, or a rank ended before it); the job log's last line names which."]
+          if spec.train else ["# Exit code: the quality gate's verdict, 0 only if every rank passed every check."]),
         f"#SBATCH --job-name={spec.job_name}",
         f"#SBATCH --nodes={spec.nodes}",
         "#SBATCH --ntasks-per-node=1",
@@ -241,7 +244,7 @@ def render_sbatch(spec: SlurmSpec) -> str:
         "# The job's exit code: srun's failure, or the verdict of rank 0's report written in this job.",
         "exec \"$PYTHON\" -c 'import sys; from dpo_dist.launch.sbatch import verdict; "
         "sys.exit(verdict(*sys.argv[1:]))' \\",
-        '  "$REPORT" "$SRUN_EXIT" "$BEFORE"',
+        '  "$REPORT" "$SRUN_EXIT" "$BEFORE"' + (" train" if spec.train else ""),
         "",
     ]
     return "\n".join(head + body)
@@ -258,10 +261,14 @@ def report_stamp(report: str | Path) -> str:
     return f"{st.st_ino}:{int(st.st_mtime)}:{st.st_size}"
 
 
-def verdict(report: str, srun_exit: str | int, before: str) -> int:
+TRAIN_FAILED = 5  # dpo_dist.train.after_gate.TRAIN_FAILED (not imported: this module stays free of torch)
+
+
+def verdict(report: str, srun_exit: str | int, before: str, mode: str = "gate") -> int:
     """Run by the job after srun: print the verdict and return the job's exit code. 0 only if srun succeeded and rank 0
     wrote a passing report during this job (`before`: the report's stamp before srun; an older report is not this
-    job's verdict)."""
+    job's verdict). mode "train" (a gate-then-train job): a passed gate must also have its training in the report
+    ("training", written when training finished), else exit 5 and a last line saying training failed."""
     import json
     import os
 
@@ -278,6 +285,15 @@ def verdict(report: str, srun_exit: str | int, before: str) -> int:
             if not row.get("ok"):
                 ranks = ",".join(map(str, row.get("failed_ranks") or [])) or "?"
                 print(f"[dpo-dist] FAILED on rank(s) {ranks}: {row.get('check')}: {row.get('value')}", flush=True)
+    if rep is not None and rep.get("passed") is True and mode == "train":
+        trained = rep.get("training")
+        if rc == 0 and trained:
+            print(f"[dpo-dist] job {job}: quality gate PASSED, training done ({trained.get('steps')} steps); final "
+                  f"policy {trained.get('final_dir')}; report {path}", flush=True)
+            return 0
+        print(f"[dpo-dist] job {job}: training FAILED after a passed gate (srun exit code {rc}; exit "
+              f"{TRAIN_FAILED}): the failing rank's line is above; report {path}", flush=True)
+        return TRAIN_FAILED
     if rc == 0 and rep is not None and rep.get("passed") is True:
         print(f"[dpo-dist] job {job}: quality gate PASSED on all {rep.get('world_size', '?')} ranks; report {path}",
               flush=True)

@@ -320,3 +320,31 @@ def parse_bytes(text: str) -> int:
 
 __all__ = ["Cluster", "RunSettings", "Plan", "PlanSet", "plan", "plan_all", "check", "strategies",
            "settings_from_run_config", "local_cpu_cluster", "detect_cluster", "parse_bytes"]
+
+
+def recommended_config(p: Plan, gradient_accumulation_steps: int = 4) -> tuple[dict[str, Any], int, list[str]]:
+    """The run-config keys a plan's layout implies (sharding, placement, gradient checkpointing, offload, batch), the
+    global batch they give, and notes for what the keys cannot say (a layout no shipped sharding config runs). The
+    planner's label ('ZeRO-3 ckpt ref:zero3') is these keys in short; `dpo-dist plan --write-config` writes them."""
+    s = p.settings
+    notes: list[str] = []
+    name = s.sharding_name()
+    if name == "custom":
+        sharding: dict[str, Any] = {"ds_config": f"ds_zero{s.zero_stage}_offload_optimizer.json"}
+        notes.append(f"sharding.ds_config: write that JSON from ds_configs/zero{s.zero_stage}.json with "
+                     "zero_optimization.offload_optimizer.device: cpu (no shipped config offloads only the optimizer)")
+    else:
+        sharding = {"name": str(getattr(name, "value", name))}
+    reference: dict[str, Any] = {"placement": str(getattr(s.placement, "value", s.placement))}
+    policy_ranks = p.cluster.world
+    if memory_of(s.placement).own_ranks and s.ref_ranks:
+        reference["ranks"] = s.ref_ranks
+        policy_ranks -= s.ref_ranks
+    keys = {
+        "model": {"dtype": str(getattr(s.dtype, "value", s.dtype))},
+        "reference": reference,
+        "sharding": sharding,
+        "train": {"gradient_checkpointing": s.gradient_checkpointing, "per_device_train_batch_size": s.micro_batch,
+                  "gradient_accumulation_steps": gradient_accumulation_steps, "max_length": s.max_length},
+    }
+    return keys, s.micro_batch * gradient_accumulation_steps * policy_ranks, notes

@@ -138,6 +138,23 @@ class KLMonitor(TrainerCallback):
         self._spent = 0.0  # learning rate applied since the last measurement (summed over steps)
         self._applied: float | None = None  # the learning rate the optimizer used at the last step (read back)
 
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a measurement changes (for dpo_dist.train.rewind: the smoke steps leave no trace)."""
+        import copy
+
+        keep = ("history", "warnings", "margins", "_seen", "_scheduled", "_spent", "_applied")
+        return copy.deepcopy({"own": {k: getattr(self, k) for k in keep},
+                              "adaptive": vars(self.adaptive) if self.adaptive is not None else None})
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        import copy
+
+        saved = copy.deepcopy(saved)
+        for k, v in saved["own"].items():
+            setattr(self, k, v)
+        if self.adaptive is not None and saved["adaptive"] is not None:
+            vars(self.adaptive).update(saved["adaptive"])
+
     @torch.no_grad()
     def measure(self) -> dict[str, float]:
         engine = self.trainer.model_wrapped

@@ -13,10 +13,32 @@ from dpo_dist.config.schema import RunConfig
 from dpo_dist.config.trl_args import dpo_config_kwargs
 
 
-def build_dpo_config(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, precompute: bool = False):
+def build_dpo_config(cfg: RunConfig, ds: dict[str, Any] | None, smoke_steps: int = 0, precompute: bool = False):
+    """ds None: the arguments without DeepSpeed (training_fields reads the schedule from them). transformers keeps one
+    global ZeRO-3 config, set by the last DPOConfig made with DeepSpeed and unset by one without: build those first."""
     from trl import DPOConfig
 
-    return DPOConfig(**dpo_config_kwargs(cfg, ds, smoke_steps, precompute))
+    kw = dpo_config_kwargs(cfg, ds or {}, smoke_steps, precompute)
+    if ds is None:
+        kw.pop("deepspeed")
+    return DPOConfig(**kw)
+
+
+# What the smoke steps set differently from training (trl_args.dpo_config_kwargs), and what TrainingArguments derives
+# from those: after the smoke steps the trainer's own arguments take these values from the training DPOConfig.
+SMOKE_FIELDS = ("max_steps", "num_train_epochs", "learning_rate", "logging_steps", "save_strategy", "save_steps",
+                "eval_strategy", "eval_steps", "do_eval", "warmup_steps", "lr_scheduler_type", "save_total_limit")
+
+
+def training_fields(train_args) -> dict[str, Any]:
+    return {name: getattr(train_args, name) for name in SMOKE_FIELDS}
+
+
+def use_training_fields(trainer, fields: dict[str, Any] | None) -> None:
+    """Switch the gate's trainer from the smoke steps' schedule to the run's (same object: whatever the trainer set on
+    its arguments stays)."""
+    for name, value in (fields or {}).items():
+        setattr(trainer.args, name, value)
 
 
 def describe_ref_engine(trainer) -> dict[str, Any]:
