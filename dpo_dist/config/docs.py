@@ -55,7 +55,14 @@ MEANINGS: dict[str, str] = {
                      "default, it replaces the tolerance the run derives "
                      "([gate.md](gate.md#tolerances-bitwise-or-measured))",
     "verify.kl_chunk": "vocabulary chunk of the KL's log-softmaxes (memory does not grow with the vocabulary)",
-    "verify.generation": "run the greedy generation check and the tokenizer-order check",
+    "verify.generation": "run the greedy generation check (with a KV cache: max_new_tokens forwards)",
+    "verify.perplexity": "measure the reference answer's perplexity against the uniform baseline (shares the verify "
+    "pass); off: a SKIPPED row",
+    "verify.tokenizer_order": "check the tokenizer matches the weights: the verify texts in order vs shuffled; off: a "
+    "SKIPPED row",
+    "verify.initial_kl": "measure KL(policy || reference) on the verify pass's batch (one reference forward); off: a "
+    "SKIPPED row",
+    "verify.rows_per_forward": "at most this many verify rows in one forward (bounds the logits' memory)",
     "verify.max_new_tokens": "tokens generated per prompt by the generation check",
     "verify.fingerprint_files": "also compare the weights with the checkpoint's safetensors files",
     "verify.smoke_steps": "real training steps after the checks (the step-0 loss, policy moved, reference did not)",
@@ -66,7 +73,8 @@ MEANINGS: dict[str, str] = {
                                           "(other kernels on other hardware)",
     "data.train": "training preference data: a file, a `datasets` directory or a cached dataset name "
                   "([data.md](data.md))",
-    "data.eval": "evaluation preference data, as `data.train`; null = none",
+    "data.eval": "evaluation preference data, as `data.train`; null = none (the embedded demo keeps its eval set "
+    "only when model.path and data.train are both `default`)",
     "data.train_split": "the split of a DatasetDict directory or a cached dataset name for `data.train`",
     "data.eval_split": "the split for `data.eval` (which may name the same source as `data.train`)",
     "train.beta": "DPO beta, or a preset: `conservative` (0.25), `standard` (0.1), `aggressive` (0.05)",
@@ -83,6 +91,13 @@ MEANINGS: dict[str, str] = {
     "train.seed": "the seed on every rank",
     "train.gradient_checkpointing": "recompute activations in the backward pass to save memory",
     "train.resume_from": "a `checkpoint-N` of this run to resume from; the reference is re-verified first",
+    "train.num_train_epochs": "passes over the train set (ignored when train.max_steps > 0)",
+    "train.max_steps": "optimizer steps to train; -1: train.num_train_epochs decides",
+    "train.warmup_ratio": "share of the training steps that warm the learning rate up from 0",
+    "train.lr_scheduler_type": "the learning-rate schedule after warmup",
+    "train.eval_strategy": "`auto`: evaluate the eval set every eval_steps when data.eval is given, else never",
+    "train.eval_steps": "steps between evaluations (null: train.save_steps)",
+    "train.save_total_limit": "checkpoints kept, the oldest deleted (null keeps all: ~1 TB each for 70B with Adam)",
     "train.extra": "any other DPOConfig field, checked against DPOConfig",
     "kl.limit": "the KL(policy || reference) budget during training",
     "kl.warn_fraction": "warn when the KL reaches this fraction of the limit",
@@ -107,6 +122,7 @@ RANGES: dict[str, str] = {
     "verify.prompts": "at least one",
     "verify.kl_chunk": ">= 1",
     "verify.max_new_tokens": ">= 1",
+    "verify.rows_per_forward": ">= 1",
     "verify.smoke_steps": ">= 0",
     "train.per_device_train_batch_size": ">= 1",
     "train.per_device_eval_batch_size": ">= 1",
@@ -115,6 +131,9 @@ RANGES: dict[str, str] = {
     "train.max_prompt_length": ">= 1, < train.max_length",
     "train.logging_steps": ">= 1",
     "train.save_steps": ">= 1",
+    "train.max_steps": "-1, or >= 1",
+    "train.eval_steps": "null, or >= 1",
+    "train.save_total_limit": "null, or >= 1",
     "train.extra": "no key that has its own setting",
     "kl.every_steps": ">= 1",
 }

@@ -422,6 +422,7 @@ RESERVED_EXTRA = {
     "disable_dropout": "always true: dropout would make policy and reference differ at step 0",
     "precompute_ref_log_probs": "reference.placement: precomputed",
     "max_prompt_length": "train.max_prompt_length", "resume_from_checkpoint": "train.resume_from",
+    "warmup_steps": "train.warmup_ratio (dpo-dist passes it as warmup_steps, which transformers 5 reads as a ratio)",
 }
 # TRL 1.16 DPOTrainer._compute_loss's loss types (verify.tolerances.STEP0_LOSS gives each one's step-0 value)
 TRL_LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
