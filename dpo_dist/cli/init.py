@@ -45,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
             print(line("config", [rank], e.one_line(), "correct that value in the run YAML or on the command line "
                        "(--set SECTION.KEY=VALUE)"), file=sys.stderr)
         return 2
+    if not args.dry_run:  # before anything is written there (the logs): is the output dir this run's to write?
+        refused = _claim(cfg, rank)
+        if refused:
+            return refused
     if "RANK" in os.environ and not args.dry_run:  # launched: one voice on the terminal, every rank in its log
         from dpo_dist.runtime import console
 
@@ -55,6 +59,25 @@ def run(args: argparse.Namespace) -> int:
         if code == 2 and rank != 0:
             _let_rank0_speak(cfg.train.output_dir, rank)
     return code
+
+
+def _claim(cfg, rank: int) -> int:
+    """0, or 2 after one line when the output dir is not this run's to write (someone else's files, a live run's
+    dir, a finished run's report without --overwrite): then nothing was written there, no log, no record."""
+    from dpo_dist.runtime.run_lock import OutputDirRefused, claim, release
+
+    try:
+        claim(cfg.train.output_dir, rank, bool(cfg.overwrite or cfg.train.resume_from))
+    except OutputDirRefused as e:
+        release(cfg.train.output_dir)
+        if rank == 0 or not e.every_rank:
+            print(_line("input checks", rank, str(e)), file=sys.stderr, flush=True)
+        elif "RANK" in os.environ:  # rank 0 says it; the launcher would stop it once this rank ended: a moment first
+            import time
+
+            time.sleep(5)
+        return 2
+    return 0
 
 
 def _let_rank0_speak(output_dir: str, rank: int, wait_s: float = 10.0) -> None:

@@ -6,6 +6,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from dpo_dist.cli import init as init_cli
 from dpo_dist.cli.common import add_voice_args, overrides, voice_mode
@@ -19,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--main-process-ip")
     p.add_argument("--port", type=int, default=29500)
+    p.add_argument("--rdzv-timeout", type=int, default=600, metavar="S",
+                   help="several machines: seconds the rendezvous waits for every machine to join")
     p.add_argument("--cpu", action="store_true", help="CPU-only machine: DeepSpeed CPU accelerator + gloo")
     p.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     add_voice_args(p)
@@ -41,27 +44,27 @@ def run(args: argparse.Namespace) -> int:
         mode = "quiet"
     spec = LaunchSpec(sharding=args.sharding, num_processes=args.num_processes, num_machines=args.num_machines,
                       machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
-                      main_process_port=args.port, cpu=args.cpu, init_args=tuple(init_args))
+                      main_process_port=args.port, cpu=args.cpu, init_args=tuple(init_args),
+                      rdzv_timeout_s=args.rdzv_timeout)
     try:
         argv, env = build_launch(spec)
     except ValueError as e:
         print(f"dpo-dist: {e}", file=sys.stderr)
         return 2
-    from dpo_dist.runtime.run_lock import RUN_ID_ENV, OutputDirBusy, acquire, run_id
+    from dpo_dist.runtime.run_lock import RENDEZVOUS_ENV, RUN_ID_ENV, run_id
 
     if args.dry_run:
         print(" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(argv))
         return 0
     env[RUN_ID_ENV] = run_id()  # one id for every rank this launcher starts (rank 0's wins across launchers)
-    out = launch_output_dir(init_args) if spec.num_machines == 1 else None  # multi-node: rank 0 takes it
-    if out is not None and out.is_dir():
-        try:
-            acquire(out)  # held while the ranks run; rank 0 sees this run's id in it and goes on
-        except OutputDirBusy as e:
-            print(f"dpo-dist: {e}", file=sys.stderr)
-            return 2
-        except OSError:  # not writable: init's preflight says so
-            pass
+    if spec.num_machines > 1:  # the machines of one launch share it: their ranks know each other's lock by it
+        env[RENDEZVOUS_ENV] = os.environ[RENDEZVOUS_ENV] = f"{spec.main_process_ip}:{spec.main_process_port}"
+    cfg = launch_config(init_args)
+    out = Path(cfg.train.output_dir) if cfg is not None else None
+    refused = take_output_dir(out, spec.machine_rank, cfg is not None and bool(cfg.overwrite or cfg.train.resume_from))
+    if refused:
+        print(f"dpo-dist: {refused}", file=sys.stderr)
+        return 2
     from dpo_dist.cli.relay import relay
     from dpo_dist.runtime.console import install_warning_filter
 
@@ -71,16 +74,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"[dpo-dist] {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(argv)}", flush=True)
         return subprocess.call(argv, env={**os.environ, **env})
     if mode != "quiet":
-        print(f"[dpo-dist] launching {spec.num_processes * spec.num_machines} rank(s), {spec.sharding}"
+        where = "" if spec.num_machines == 1 else \
+            f" of {spec.num_processes * spec.num_machines} (machine rank {spec.machine_rank} of {spec.num_machines})"
+        print(f"[dpo-dist] launching {spec.num_processes} rank(s){where}, {spec.sharding}"
               f"{' on CPU' if spec.cpu else ''} (the full command: --verbose)", flush=True)
-    return relay(argv, {**os.environ, **env}, out)
+    return relay(argv, {**os.environ, **env}, out, spec)
 
 
-def launch_output_dir(init_args: list[str]):
-    """The output dir the launched `init` will use, or None if its arguments or config are bad (init says why)."""
+def launch_config(init_args: list[str]):
+    """The run config the launched `init` will read, or None if its arguments or config are bad (init says why)."""
     import contextlib
     import io
-    from pathlib import Path
 
     from dpo_dist.config.schema import ConfigError, load
 
@@ -89,6 +93,36 @@ def launch_output_dir(init_args: list[str]):
             parser = argparse.ArgumentParser(prog="dpo-dist init")
             init_cli.add_arguments(parser)
             args = parser.parse_args(init_args)
-        return Path(load(args.config, overrides(args)).train.output_dir)
+        return load(args.config, overrides(args))
     except (SystemExit, ConfigError):
         return None
+
+
+def take_output_dir(out: Path | None, machine_rank: int, replace: bool) -> str | None:
+    """Before any rank starts: why this launch may not write into the output dir, or None. Machine rank 0's launcher
+    holds the lock while its ranks run (rank 0 sees this run's id or rendezvous in it and goes on); another machine's
+    only checks that no other launch holds it. A dir of someone else's files is refused before a lock file is put
+    into it."""
+    from dpo_dist.runtime.run_lock import (
+        OutputDirBusy,
+        OutputDirRefused,
+        acquire,
+        check_foreign,
+        check_holder,
+        check_report,
+    )
+
+    if out is None or not out.is_dir():
+        return None
+    try:
+        check_foreign(out)
+        check_report(out, replace)
+        if machine_rank == 0:
+            acquire(out)
+        else:
+            check_holder(out)
+    except (OutputDirBusy, OutputDirRefused) as e:
+        return str(e)
+    except OSError:  # not writable: init's preflight says so
+        pass
+    return None

@@ -31,6 +31,7 @@ class Relay:
         self.src, self.dst, self.summarize = src, dst, summarize
         self.held: list[str] = []  # a traceback being held back
         self.named_logs = False  # rank 0 named the log files already
+        self.causes: list[str] = []  # the ranks' cause lines held back for the summary (shown if no record says it)
         self.buf = ""
 
     def run(self) -> None:
@@ -60,7 +61,10 @@ class Relay:
         if self.held or ln.startswith("Traceback (most recent call last):"):
             self.held.append(ln)
             return
-        if TORCHRUN_LOG.match(ln) or known_line(ln) or (self.summarize and RANK_CAUSE.match(ln)):
+        if self.summarize and RANK_CAUSE.match(ln):
+            self.causes.append(ln)
+            return
+        if TORCHRUN_LOG.match(ln) or known_line(ln):
             return
         self.named_logs |= ln.startswith("[dpo-dist] logs: ")
         self.dst.write(ln + "\n")
@@ -73,7 +77,28 @@ class Relay:
         return self.held
 
 
-def relay(argv: list[str], env: dict[str, str], output_dir: Path | None) -> int:
+def launcher_failure(relays: list[Relay], spec) -> tuple[str, int] | None:
+    """One line and exit code for what failed in accelerate/torchrun itself, before any rank ran (their traceback
+    held back): the machines never met (exit 3, as init's rendezvous), or the head's port is taken (exit 2)."""
+    held = "\n".join(ln for r in relays for ln in r.held)
+    if spec is None or not held:
+        return None
+    where = f"{spec.main_process_ip or '127.0.0.1'}:{spec.main_process_port}"
+    who = f"dpo-dist: rendezvous failed on machine rank {spec.machine_rank}"
+    if "RendezvousTimeoutError" in held:
+        return (f"{who}: not all {spec.num_machines} machines joined the rendezvous at {where} within --rdzv-timeout "
+                f"({spec.rdzv_timeout_s} s). Fix: start `dpo-dist launch` with the same --num-machines, "
+                "--main-process-ip and --port on every machine, each with its own --machine-rank (0 on the head)"), 3
+    if "RendezvousConnectionError" in held or "RendezvousError" in held:
+        return (f"{who}: could not reach the rendezvous at {where}. Fix: check --main-process-ip (the head machine's "
+                "address, reachable from this one) and --port, and start machine rank 0 first"), 3
+    if "Tried to launch distributed communication on port" in held:
+        return (f"dpo-dist: launch failed on machine rank {spec.machine_rank}: port {spec.main_process_port} is in "
+                "use on this machine. Fix: choose a free --port (the same on every machine)"), 2
+    return None
+
+
+def relay(argv: list[str], env: dict[str, str], output_dir: Path | None, spec=None) -> int:
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     summarize = output_dir is not None
     relays = [Relay(proc.stdout.fileno(), sys.stdout, summarize), Relay(proc.stderr.fileno(), sys.stderr, summarize)]
@@ -94,7 +119,15 @@ def relay(argv: list[str], env: dict[str, str], output_dir: Path | None) -> int:
     if rc == 0:
         return 0
     summary = outcome.conclude(output_dir) if output_dir is not None else None
+    if summary is None:
+        summary = launcher_failure(relays, spec)
+        if summary is not None:
+            print(summary[0], file=sys.stderr, flush=True)
+            return summary[1]
     if summary is None:  # no record (the config itself was bad, or another node's output dir): what the ranks printed
+        for r in relays:
+            if r.causes:
+                r.dst.write("\n".join(dict.fromkeys(r.causes)) + "\n")
         for r in relays:
             if r.leftover():
                 r.dst.write("\n".join(r.leftover()) + "\n")

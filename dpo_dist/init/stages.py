@@ -35,6 +35,7 @@ from dpo_dist.reference.registry import strategy_for
 from dpo_dist.runtime import console, liveness
 from dpo_dist.runtime.distributed import DistContext
 from dpo_dist.runtime.faults import inject_fault
+from dpo_dist.runtime.world import world_problem
 from dpo_dist.train.trainer import LossRecorder, build_dpo_config
 from dpo_dist.verify import lineage, model_checks, probes, tolerances, weight_checks, weights
 from dpo_dist.verify.report import RankReport, build_report, failure_line, render_table, timed, write_json_atomic
@@ -85,6 +86,9 @@ class InitRun:
         self.state.update(ds_label=label, ds=ds, stage=stage)
         if not self.placement.check_setup(self):
             return False
+        bad_world = world_problem(self.ctx.roles.world if self.ctx.roles is not None else self.ctx.world_size)
+        if bad_world:
+            return self.rr.add("world matches the launch", False, *bad_world)
         bad_batch = batch_mismatch(ds, cfg, self.ctx.world_size)
         if bad_batch:
             return self.rr.add("batch sizes consistent", False, bad_batch, bad_batch)
