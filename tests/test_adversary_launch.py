@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, kill_tree, run_cmd
+from conftest import ROOT, free_port, kill_tree, launch_init, run_cmd
 
 from dpo_dist.cli.main import main
 from dpo_dist.launch.accelerate import LaunchSpec, build_launch
@@ -173,3 +173,84 @@ def test_an_output_dir_of_someone_elses_files_is_refused(tmp_path):
     assert r.returncode == 2 and "holds files that no dpo-dist run wrote" in r.stderr, r.stdout + r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert main(["init", "--dry-run", "--output-dir", str(out)]) == 0  # a dry run writes nothing: not refused
+
+
+# -- #77: a wait outside any collective has a deadline ----------------------------------------------------------
+
+
+@pytest.mark.multiproc
+def test_a_stopped_local_main_during_tokenization_ends_the_wait_naming_it(tmp_path, monkeypatch):
+    """Rank 0 (this node's first rank, which tokenizes for the node) is stopped as the trainer stage starts; rank 1
+    waits for its done-file. It no longer waits forever: once rank 0's beat stood still for sharding.timeout_s, the
+    run ends on one line naming rank 0."""
+    monkeypatch.setenv("DPO_DIST_TEST_FAULT", "trainer:0:stop")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hfcache"))  # nothing tokenized yet: rank 0 must do it
+    t0 = time.monotonic()
+    res = launch_init(tmp_path / "out", "--set", "sharding.timeout_s=10", "--set", "verify.generation=false",
+                      timeout=300)
+    assert res.returncode == 1 and res.report is None, res.output
+    assert "rank 0: injected stop at stage 'trainer'" in res.output
+    last = res.terminal.strip().splitlines()[-1]
+    assert last.startswith("dpo-dist: trainer failed on rank(s) 0: rank 0 did not answer within "
+                           "sharding.timeout_s (10 s) while tokenizing the train dataset"), res.terminal
+    assert "stopped or its node hung" in last and "out of memory" not in last
+    assert time.monotonic() - t0 < 240
+
+
+# -- #75: Ctrl-C ends on one line, exit 130 -----------------------------------------------------------------------
+
+
+@pytest.mark.multiproc
+def test_ctrl_c_during_a_launch_ends_on_one_line_with_exit_130(tmp_path):
+    import signal
+
+    argv = launch_argv("--port", str(free_port()), init=("--output-dir", str(tmp_path / "out")))
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    try:
+        for ln in proc.stdout:  # the first stage done: the ranks are running
+            seen.append(ln)
+            if ln.rstrip().endswith(" ok"):
+                break
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group
+        t0 = time.monotonic()
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        kill_tree(proc.pid)
+    text = "".join(seen) + rest
+    assert proc.returncode == 130, text
+    assert time.monotonic() - t0 < 60
+    assert text.strip().splitlines()[-1].startswith("dpo-dist: interrupted (Ctrl-C): every rank was stopped"), text
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest and "Logging error" not in rest, rest
+
+
+# -- #9/#10/#19: one line, not a traceback or a hang ------------------------------------------------------------
+
+
+def test_yaml_with_a_control_character_or_an_alias_bomb_is_one_line(tmp_path):
+    ctrl = tmp_path / "ctrl.yaml"
+    ctrl.write_bytes(b"model:\n  path: default\n\x07train:\n  beta: 0.1\n")
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "laughs.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    extra = tmp_path / "extra.yaml"  # the same under train.extra, which is free-form (walked for nan/inf)
+    extra.write_text("train:\n  extra:\n" + "".join(f"    {ln}\n" for ln in lines))
+    for path, needle in ((ctrl, "special characters are not allowed #x0007 on line 3"),
+                         (bomb, "expands to 490,329,064 values through aliases"),
+                         (extra, "values through aliases")):
+        t0 = time.monotonic()
+        code, text = run_cmd([sys.executable, "-m", "dpo_dist", "init", "--dry-run", "--config", str(path)], ENV,
+                             timeout=60)
+        assert code == 2 and len(text.strip().splitlines()) == 1 and needle in text, text
+        assert "Traceback" not in text and time.monotonic() - t0 < 30
+
+
+def test_plan_plot_to_a_format_matplotlib_cannot_write_is_refused_first(tmp_path):
+    code, text = run_cmd([sys.executable, "-m", "dpo_dist", "plan", "--plot", str(tmp_path / "plan.txt")], ENV,
+                         timeout=120)
+    assert code == 2, text
+    assert len(text.strip().splitlines()) == 1 and "'txt' is not an image format matplotlib writes" in text, text
+    assert ".png" in text and not (tmp_path / "plan.txt").exists()

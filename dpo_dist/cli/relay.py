@@ -109,13 +109,13 @@ def relay(argv: list[str], env: dict[str, str], output_dir: Path | None, spec=No
     threads = [threading.Thread(target=r.run, daemon=True) for r in relays]
     for t in threads:
         t.start()
-    try:
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        proc.wait()
-        raise
+    rc, interrupted = wait_through_ctrl_c(proc)
     for t in threads:
         t.join(timeout=10)
+    if interrupted:  # the ranks' and torchrun's words about the signal are noise: the user knows why
+        print(f"dpo-dist: interrupted (Ctrl-C): every rank was stopped{'' if rc == 0 else ' (no report)'}; rerun the "
+              "same command to start again", file=sys.stderr, flush=True)
+        return 130
     if rc == 0:
         return 0
     summary = outcome.conclude(output_dir) if output_dir is not None else None
@@ -140,6 +140,57 @@ def relay(argv: list[str], env: dict[str, str], output_dir: Path | None, spec=No
         print(f"[dpo-dist] logs: {' '.join(logs)}", flush=True)
     print(text, file=sys.stderr, flush=True)
     return code
+
+
+def wait_through_ctrl_c(proc: subprocess.Popen, grace_s: float = 30.0) -> tuple[int, bool]:
+    """(exit code, whether Ctrl-C was pressed). Ctrl-C reaches accelerate too (one process group), and torchrun
+    stops its ranks on it: wait for that rather than leave with a traceback while they still write to our pipes
+    (issue 21, #75). A second Ctrl-C, or ranks still running after `grace_s`, kills the launcher."""
+    import time
+
+    interrupted, deadline = False, None
+    while True:
+        try:
+            if deadline is None:
+                return proc.wait(), interrupted
+            left = deadline - time.monotonic()
+            if left <= 0:
+                _kill_tree(proc.pid)
+                return proc.wait(), True
+            try:
+                return proc.wait(timeout=min(left, 1.0)), True
+            except subprocess.TimeoutExpired:
+                continue
+        except KeyboardInterrupt:
+            if interrupted:  # the second one: do not wait any longer
+                deadline = time.monotonic()
+            else:
+                interrupted, deadline = True, time.monotonic() + grace_s
+
+
+def _kill_tree(pid: int) -> None:
+    """The launcher and every process below it (torchrun starts its ranks in sessions of their own, so killing the
+    launcher alone would leave them running)."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, found = [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def ranks_exit_code(relays: list[Relay]) -> int | None:

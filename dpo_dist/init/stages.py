@@ -386,7 +386,7 @@ class InitRun:
             except Exception as e:  # a rank that never reaches the decision: a timeout naming it, not a traceback
                 if not liveness.is_timeout(e):
                     raise
-                self.abandon(name, liveness.explain(self.cfg.sharding.timeout_s))
+                self.abandon(f"agreeing after {name}", liveness.explain(self.cfg.sharding.timeout_s))
             if not agreed:
                 self.ctx.print0(f"[dpo-dist] stopping after stage '{name}': a check failed on some rank")
                 break
