@@ -254,3 +254,32 @@ def test_plan_plot_to_a_format_matplotlib_cannot_write_is_refused_first(tmp_path
     assert code == 2, text
     assert len(text.strip().splitlines()) == 1 and "'txt' is not an image format matplotlib writes" in text, text
     assert ".png" in text and not (tmp_path / "plan.txt").exists()
+
+
+# -- #61/#62: the sharding reaches accelerate, and the hint names a command that works ---------------------------
+
+
+def test_launch_hands_accelerate_the_runs_own_deepspeed_config(tmp_path):
+    def dry(*init: str) -> str:
+        r = subprocess.run(launch_argv("--dry-run", init=init), cwd=ROOT, env={**os.environ, **ENV},
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    out = dry("--sharding", "zero2")  # after --, where every other init flag goes
+    assert "launch/zero2.yaml" in out and "ds_configs/zero2.json" in out and "zero3" not in out, out
+    stage1 = tmp_path / "stage1.json"
+    stage1.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": "auto"}))
+    out = dry("--set", f"sharding.ds_config={stage1}")
+    assert f"--deepspeed_config_file {stage1}" in out and "launch/zero2.yaml" in out, out
+
+
+def test_a_stage_conflict_names_a_fix_that_exists(monkeypatch):
+    from dpo_dist.config.resources import RESOURCES, launch_stage_conflict
+
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds_configs/zero3.json")
+    text = launch_stage_conflict({"zero_optimization": {"stage": 1}}, "/data/my_ds.json")
+    assert "asks for ZeRO-1" in text and "zero1.yaml" not in text, text
+    assert "`dpo-dist launch`" in text and "--deepspeed_config_file /data/my_ds.json" in text
+    for name in ("zero2", "zero3", "zero3_offload"):  # every fix it could name ships
+        assert (RESOURCES / "launch" / f"{name}.yaml").is_file()

@@ -14,7 +14,8 @@ from dpo_dist.config.names import Sharding
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sharding", default=Sharding.ZERO3.value, choices=Sharding.values())
+    p.add_argument("--sharding", choices=Sharding.values(),
+                   help="default: the run config's sharding.name (also given after --), else zero3")
     p.add_argument("--num-processes", type=int, default=2, help="processes per machine")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0)
@@ -42,13 +43,18 @@ def run(args: argparse.Namespace) -> int:
         mode = "verbose"
     elif "--quiet" in init_args:
         mode = "quiet"
-    spec = LaunchSpec(sharding=args.sharding, num_processes=args.num_processes, num_machines=args.num_machines,
-                      machine_rank=args.machine_rank, main_process_ip=args.main_process_ip,
-                      main_process_port=args.port, cpu=args.cpu, init_args=tuple(init_args),
-                      rdzv_timeout_s=args.rdzv_timeout)
+    cfg = launch_config(init_args)
+    # accelerate must be handed the DeepSpeed config the ranks will use: the run config's own (sharding.name, also
+    # when given after --, or a custom sharding.ds_config), not a default that init would then refuse (#61/#62)
+    sharding = args.sharding or (cfg.sharding.name if cfg is not None and cfg.sharding.name else None)
+    ds_config = cfg.sharding.ds_config if cfg is not None and not args.sharding else None
+    spec = LaunchSpec(sharding=sharding or Sharding.ZERO3.value, num_processes=args.num_processes,
+                      num_machines=args.num_machines, machine_rank=args.machine_rank,
+                      main_process_ip=args.main_process_ip, main_process_port=args.port, cpu=args.cpu,
+                      init_args=tuple(init_args), rdzv_timeout_s=args.rdzv_timeout, ds_config=ds_config)
     try:
         argv, env = build_launch(spec)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"dpo-dist: {e}", file=sys.stderr)
         return 2
     from dpo_dist.runtime.run_lock import RENDEZVOUS_ENV, RUN_ID_ENV, run_id
@@ -59,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
     env[RUN_ID_ENV] = run_id()  # one id for every rank this launcher starts (rank 0's wins across launchers)
     if spec.num_machines > 1:  # the machines of one launch share it: their ranks know each other's lock by it
         env[RENDEZVOUS_ENV] = os.environ[RENDEZVOUS_ENV] = f"{spec.main_process_ip}:{spec.main_process_port}"
-    cfg = launch_config(init_args)
     out = Path(cfg.train.output_dir) if cfg is not None else None
     refused = take_output_dir(out, spec.machine_rank, cfg is not None and bool(cfg.overwrite or cfg.train.resume_from))
     if refused:

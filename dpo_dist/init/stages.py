@@ -79,7 +79,7 @@ class InitRun:
         cfg = self.cfg
         label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
         stage = zero_stage(ds)
-        conflict = launch_stage_conflict(ds)
+        conflict = launch_stage_conflict(ds, label)
         if conflict:
             return self.rr.add("sharding matches launch", False, conflict, conflict)
         placement = cfg.reference.placement
