@@ -283,3 +283,26 @@ def test_a_stage_conflict_names_a_fix_that_exists(monkeypatch):
     assert "`dpo-dist launch`" in text and "--deepspeed_config_file /data/my_ds.json" in text
     for name in ("zero2", "zero3", "zero3_offload"):  # every fix it could name ships
         assert (RESOURCES / "launch" / f"{name}.yaml").is_file()
+
+
+# -- #93: a checkpoint this run started saving but never finished -----------------------------------------------
+
+
+def test_a_half_written_checkpoint_of_this_run_is_named_an_interrupted_save(tmp_path):
+    from dpo_dist.verify import lineage
+    from dpo_dist.verify.manifest import write_manifest
+
+    fp = {"a": "01" * 16}
+    ident = lineage.new_identity(fp, fp)
+    write_manifest(tmp_path, checkpoint="default", placement="zero3", tokenizer="t", fingerprints=fp, config={},
+                   lineage=ident, run_id=ident["run_id"])
+    ckpt = tmp_path / "checkpoint-2"  # weights and config, then the process was killed: no optimizer, no marker
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"")
+    (ckpt / "config.json").write_text("{}")
+    problems = lineage.check_checkpoint(ckpt, ident, fp)
+    assert problems == [f"{ckpt} was saved by this run but the save did not finish (it lacks optimizer state and "
+                        f"trainer_state.json and the {lineage.MARKER} written last): the run was stopped while "
+                        "saving; resume from the checkpoint-N before it"], problems
+    other = lineage.new_identity({"a": "ff" * 16}, fp)  # another run's output dir: the old words hold
+    assert "not saved by a dpo-dist run" in lineage.check_checkpoint(ckpt, other, fp)[0]
