@@ -208,5 +208,9 @@ def _init_owned(args: argparse.Namespace, cfg, cluster_args) -> int:
     except Exception as e:  # one line for the user; the traceback only when asked for
         if args.debug:
             raise
+        from dpo_dist.runtime.roles import BridgeError
+
+        if isinstance(e, BridgeError):  # placement ranks: the other role's rank went silent after the stages (#57)
+            return _fail("reference ranks", str(e), 1)
         first = str(e).splitlines()[0] if str(e) else ""
         return _fail("init", f"unexpected {type(e).__name__}: {first}. Fix: rerun with --debug for the traceback", 4)
