@@ -304,3 +304,14 @@ def test_a_half_written_checkpoint_of_this_run_is_named_an_interrupted_save(tmp_
                         "saving; resume from the checkpoint-N before it"], problems
     other = lineage.new_identity({"a": "ff" * 16}, fp)  # another run's output dir: the old words hold
     assert "not saved by a dpo-dist run" in lineage.check_checkpoint(ckpt, other, fp)[0]
+
+
+def test_sync_ref_model_with_smoke_steps_names_the_option(tmp_path, capsys, monkeypatch):
+    """Issue 21 #79: TR-DPO's reference sync is the user's choice; the smoke steps' 'reference frozen' row would blame
+    the reference for it. Refused before anything loads, naming the option."""
+    monkeypatch.delenv("RANK", raising=False)
+    code = main(["init", "--output-dir", str(tmp_path / "out"), "--smoke-steps", "2",
+                 "--set", "train.extra.sync_ref_model=true"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "train.extra.sync_ref_model=true (TR-DPO)" in err and "--smoke-steps 0" in err

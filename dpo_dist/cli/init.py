@@ -137,6 +137,11 @@ def _record(output_dir: str, rank: int, code: int) -> None:
 def _run_config(args: argparse.Namespace, cfg) -> int:
     from dpo_dist.plan.refusal import ClusterArgs
 
+    if cfg.train.extra.get("sync_ref_model") and cfg.verify.smoke_steps > 0:  # issue 21, #79
+        return _fail("input checks", "train.extra.sync_ref_model=true (TR-DPO) moves the reference every "
+                     "ref_model_sync_steps, and the smoke steps check that it stays frozen: run the gate with "
+                     "--smoke-steps 0 (the step-0 proofs still hold), or drop sync_ref_model", 2)
+
     cluster_args = ClusterArgs(args.nodes, args.gpus_per_node, args.gpu_mem, args.host_mem)
     if args.dry_run:
         from dpo_dist.plan.refusal import dry_run
