@@ -315,3 +315,38 @@ def test_sync_ref_model_with_smoke_steps_names_the_option(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "train.extra.sync_ref_model=true (TR-DPO)" in err and "--smoke-steps 0" in err
+
+
+@pytest.mark.multiproc
+def test_sigterm_to_the_launcher_stops_every_rank_and_ends_on_one_line(tmp_path):
+    """Beyond the list: `kill <launcher>` (a scheduler's cancel) ended the launcher alone; the ranks ran on into the
+    output dir. Now it is passed on, every rank stops, and the last line says so (exit 143)."""
+    import signal
+
+    out = tmp_path / "out"
+    argv = launch_argv("--port", str(free_port()), init=("--output-dir", str(out)))
+    proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    try:
+        for ln in proc.stdout:
+            seen.append(ln)
+            if ln.rstrip().endswith(" ok"):
+                break
+        os.kill(proc.pid, signal.SIGTERM)  # the launcher only, not its group
+        rest, _ = proc.communicate(timeout=90)
+    finally:
+        kill_tree(proc.pid)
+    text = "".join(seen) + rest
+    assert proc.returncode == 143, text
+    assert text.strip().splitlines()[-1].startswith("dpo-dist: terminated (SIGTERM): every rank was stopped"), text
+    time.sleep(2)
+    left = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline_has(p, str(out))]
+    assert not left, left
+
+
+def _cmdline_has(pid: str, needle: str) -> bool:
+    try:
+        return needle in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False

@@ -77,7 +77,10 @@ def run(args: argparse.Namespace) -> int:
 
     if mode == "verbose":
         print(f"[dpo-dist] {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(argv)}", flush=True)
-        return subprocess.call(argv, env={**os.environ, **env})
+        from dpo_dist.cli.relay import wait_through_ctrl_c
+
+        rc, interrupted = wait_through_ctrl_c(subprocess.Popen(argv, env={**os.environ, **env}))
+        return 130 if interrupted else rc
     if mode != "quiet":
         where = "" if spec.num_machines == 1 else \
             f" of {spec.num_processes * spec.num_machines} (machine rank {spec.machine_rank} of {spec.num_machines})"

@@ -58,7 +58,8 @@ class Relay:
             self.buf = ""
 
     def line(self, ln: str) -> None:
-        if self.held or ln.startswith("Traceback (most recent call last):"):
+        # a traceback, or the logging module's report of a handler that failed mid-shutdown (torchrun's, on Ctrl-C)
+        if self.held or ln.startswith(("Traceback (most recent call last):", "--- Logging error ---")):
             self.held.append(ln)
             return
         if self.summarize and RANK_CAUSE.match(ln):
@@ -109,13 +110,15 @@ def relay(argv: list[str], env: dict[str, str], output_dir: Path | None, spec=No
     threads = [threading.Thread(target=r.run, daemon=True) for r in relays]
     for t in threads:
         t.start()
+    terminated = forward_sigterm(proc)
     rc, interrupted = wait_through_ctrl_c(proc)
     for t in threads:
         t.join(timeout=10)
-    if interrupted:  # the ranks' and torchrun's words about the signal are noise: the user knows why
-        print(f"dpo-dist: interrupted (Ctrl-C): every rank was stopped{'' if rc == 0 else ' (no report)'}; rerun the "
+    if interrupted or terminated:  # the ranks' and torchrun's words about the signal are noise: the user knows why
+        what = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+        print(f"dpo-dist: {what}: every rank was stopped{'' if rc == 0 else ' (no report)'}; rerun the "
               "same command to start again", file=sys.stderr, flush=True)
-        return 130
+        return 143 if terminated else 130
     if rc == 0:
         return 0
     summary = outcome.conclude(output_dir) if output_dir is not None else None
@@ -140,6 +143,28 @@ def relay(argv: list[str], env: dict[str, str], output_dir: Path | None, spec=No
         print(f"[dpo-dist] logs: {' '.join(logs)}", flush=True)
     print(text, file=sys.stderr, flush=True)
     return code
+
+
+def forward_sigterm(proc: subprocess.Popen) -> list[bool]:
+    """A SIGTERM to the launcher (`kill`, a scheduler's cancel) goes on to accelerate, whose torchrun stops the ranks,
+    instead of ending the launcher alone and leaving the ranks running into the output dir. Returns a flag list that
+    is [True] once it happened."""
+    import signal
+
+    seen: list[bool] = []
+
+    def on_term(signum, frame):
+        seen.append(True)
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except OSError:
+            pass
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (an embedding caller): keep the default
+        pass
+    return seen
 
 
 def wait_through_ctrl_c(proc: subprocess.Popen, grace_s: float = 30.0) -> tuple[int, bool]:
