@@ -77,6 +77,12 @@ def test_a_stopped_rank_is_named_by_its_peers(tmp_path, monkeypatch):
     line = next(ln for ln in res.output.splitlines() if ln.startswith("dpo-dist: rank 0 failed"))
     assert "rank 1 did not answer within sharding.timeout_s (10 s)" in line, line
     assert "no sign of life" in line and "expected to be released" not in line, line
+    last = res.terminal.strip().splitlines()[-1]  # issue 21 #74: rank 0's diagnosis, not "killed ... out of memory"
+    assert "failed on rank(s) 1: rank 1 did not answer within sharding.timeout_s (10 s)" in last, last
+    assert "stopped or its node hung" in last and "out of memory" not in last and "OOM" not in last, last
+    stage = last.split("dpo-dist: ", 1)[1].split(" failed on rank(s)")[0]
+    assert not any(ln.startswith(stage + " ") and ln.rstrip().endswith("ok") for ln in res.terminal.splitlines()), \
+        res.terminal  # the stage named as failed was not called ok just before
 
 
 def test_new_process_groups_get_the_configured_timeout(monkeypatch):

@@ -167,6 +167,10 @@ def test_a_hung_reference_rank_stops_every_policy_rank_within_the_timeout_naming
                       timeout=240)
     assert res.returncode != 0 and res.report is None
     for rank in (0, 1):
-        assert f"dpo-dist: rank {rank} failed in stage 'forward proofs': BridgeError: reference rank 0 (process 2)" \
-            in res.output, res.output[-4000:]
+        assert f"dpo-dist: rank {rank} failed in stage 'forward proofs': rank 2 did not answer within " \
+            "sharding.timeout_s (10 s) as reference rank 0 (process 2)" in res.output, res.output[-4000:]
+    last = res.terminal.strip().splitlines()[-1]  # issue 21 #57: a named failure of the stage, exit 1, not a crash
+    assert res.returncode == 1 and last.startswith("dpo-dist: forward proofs failed on rank(s) 2: rank 2 did not "
+                                                   "answer"), res.terminal
+    assert "unexpected" not in last and "--debug" not in last, last
     assert time.time() - t0 < 120

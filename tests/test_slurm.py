@@ -339,3 +339,27 @@ def test_readme_section_shows_the_example():
     assert EXAMPLE.read_text() in doc
     assert "dpo-dist slurm" in doc and "sbatch" in doc
 
+
+
+def test_script_never_replaces_a_file_it_did_not_write(tmp_path):
+    """Issue 21 #22: --script pointing at someone's file (or beside their <name>.config.yaml) is refused unless
+    --force; regenerating our own script replaces it."""
+    victim = tmp_path / "victim.yaml"
+    victim.write_text("train: {beta: 0.1}\n")
+    args = ("slurm", "--cpu", "--nodes", "1", "--gpus-per-node", "2", "--output-dir", str(tmp_path / "out"))
+    out = cli(*args, "--script", str(victim))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"{victim} already exist(s) and were not written by `dpo-dist slurm`" in out.stderr
+    assert "--force" in out.stderr and victim.read_text() == "train: {beta: 0.1}\n"
+    assert not (tmp_path / "victim.config.yaml").exists()
+    side = tmp_path / "job.config.yaml"
+    side.write_text("mine\n")
+    out = cli(*args, "--script", str(tmp_path / "job.sh"))
+    assert out.returncode == 2 and str(side) in out.stderr and side.read_text() == "mine\n"
+    assert not (tmp_path / "job.sh").exists()
+    side.unlink()
+    for _ in range(2):  # ours the second time: regenerated without --force
+        out = cli(*args, "--script", str(tmp_path / "job.sh"))
+        assert out.returncode == 0, out.stderr
+    assert cli(*args, "--script", str(victim), "--force").returncode == 0
+    assert victim.read_text().startswith("#!/bin/bash\n")

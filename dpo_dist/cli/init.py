@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
         print(resolved_yaml(cfg), end="")
         return 0
+    if not args.dry_run:  # before anything is written there (the logs): is the output dir this run's to write?
+        refused = _claim(cfg, rank)
+        if refused:
+            return refused
     if "RANK" in os.environ and not args.dry_run:  # launched: one voice on the terminal, every rank in its log
         from dpo_dist.runtime import console
 
@@ -65,6 +69,25 @@ def run(args: argparse.Namespace) -> int:
         if code == 2 and rank != 0:
             _let_rank0_speak(cfg.train.output_dir, rank)
     return code
+
+
+def _claim(cfg, rank: int) -> int:
+    """0, or 2 after one line when the output dir is not this run's to write (someone else's files, a live run's
+    dir, a finished run's report without --overwrite): then nothing was written there, no log, no record."""
+    from dpo_dist.runtime.run_lock import OutputDirRefused, claim, release
+
+    try:
+        claim(cfg.train.output_dir, rank, bool(cfg.overwrite or cfg.train.resume_from))
+    except OutputDirRefused as e:
+        release(cfg.train.output_dir)
+        if rank == 0 or not e.every_rank:
+            print(_line("input checks", rank, str(e)), file=sys.stderr, flush=True)
+        elif "RANK" in os.environ:  # rank 0 says it; the launcher would stop it once this rank ended: a moment first
+            import time
+
+            time.sleep(5)
+        return 2
+    return 0
 
 
 def _let_rank0_speak(output_dir: str, rank: int, wait_s: float = 10.0) -> None:
@@ -123,6 +146,11 @@ def _record(output_dir: str, rank: int, code: int) -> None:
 
 def _run_config(args: argparse.Namespace, cfg) -> int:
     from dpo_dist.plan.refusal import ClusterArgs
+
+    if cfg.train.extra.get("sync_ref_model") and cfg.verify.smoke_steps > 0:  # issue 21, #79
+        return _fail("input checks", "train.extra.sync_ref_model=true (TR-DPO) moves the reference every "
+                     "ref_model_sync_steps, and the smoke steps check that it stays frozen: run the gate with "
+                     "--smoke-steps 0 (the step-0 proofs still hold), or drop sync_ref_model", 2)
 
     cluster_args = ClusterArgs(args.nodes, args.gpus_per_node, args.gpu_mem, args.host_mem)
     if args.dry_run:
@@ -210,5 +238,9 @@ def _init_owned(args: argparse.Namespace, cfg, cluster_args) -> int:
     except Exception as e:  # one line for the user; the traceback only when asked for
         if args.debug:
             raise
+        from dpo_dist.runtime.roles import BridgeError
+
+        if isinstance(e, BridgeError):  # placement ranks: the other role's rank went silent after the stages (#57)
+            return _fail("reference ranks", str(e), 1)
         first = str(e).splitlines()[0] if str(e) else ""
         return _fail("init", f"unexpected {type(e).__name__}: {first}. Fix: rerun with --debug for the traceback", 4)

@@ -115,6 +115,16 @@ def _argument_problem(args: argparse.Namespace) -> str | None:
         folder = Path(args.plot).expanduser().resolve().parent
         if not folder.is_dir():
             return f"no directory {folder} for the plot (--plot {args.plot}): create it or choose another path"
+        try:  # matplotlib's own list (it picks the format from the extension); imported only when plotting anyway
+            from matplotlib.backend_bases import FigureCanvasBase
+
+            formats = sorted(FigureCanvasBase.get_supported_filetypes())
+        except ImportError:  # plot() says matplotlib is missing
+            formats = []
+        ext = Path(args.plot).suffix.lstrip(".").lower()
+        if formats and ext not in formats:
+            return (f"--plot {args.plot}: '{ext or '(no extension)'}' is not an image format matplotlib writes "
+                    f"(--plot): end the path in one of .{', .'.join(formats)}, e.g. plan.png")
     return None
 
 

@@ -31,6 +31,7 @@ class Relay:
         self.src, self.dst, self.summarize = src, dst, summarize
         self.held: list[str] = []  # a traceback being held back
         self.named_logs = False  # rank 0 named the log files already
+        self.causes: list[str] = []  # the ranks' cause lines held back for the summary (shown if no record says it)
         self.buf = ""
 
     def run(self) -> None:
@@ -57,10 +58,14 @@ class Relay:
             self.buf = ""
 
     def line(self, ln: str) -> None:
-        if self.held or ln.startswith("Traceback (most recent call last):"):
+        # a traceback, or the logging module's report of a handler that failed mid-shutdown (torchrun's, on Ctrl-C)
+        if self.held or ln.startswith(("Traceback (most recent call last):", "--- Logging error ---")):
             self.held.append(ln)
             return
-        if TORCHRUN_LOG.match(ln) or known_line(ln) or (self.summarize and RANK_CAUSE.match(ln)):
+        if self.summarize and RANK_CAUSE.match(ln):
+            self.causes.append(ln)
+            return
+        if TORCHRUN_LOG.match(ln) or known_line(ln):
             return
         self.named_logs |= ln.startswith("[dpo-dist] logs: ")
         self.dst.write(ln + "\n")
@@ -73,7 +78,28 @@ class Relay:
         return self.held
 
 
-def relay(argv: list[str], env: dict[str, str], output_dir: Path | None) -> int:
+def launcher_failure(relays: list[Relay], spec) -> tuple[str, int] | None:
+    """One line and exit code for what failed in accelerate/torchrun itself, before any rank ran (their traceback
+    held back): the machines never met (exit 3, as init's rendezvous), or the head's port is taken (exit 2)."""
+    held = "\n".join(ln for r in relays for ln in r.held)
+    if spec is None or not held:
+        return None
+    where = f"{spec.main_process_ip or '127.0.0.1'}:{spec.main_process_port}"
+    who = f"dpo-dist: rendezvous failed on machine rank {spec.machine_rank}"
+    if "RendezvousTimeoutError" in held:
+        return (f"{who}: not all {spec.num_machines} machines joined the rendezvous at {where} within --rdzv-timeout "
+                f"({spec.rdzv_timeout_s} s). Fix: start `dpo-dist launch` with the same --num-machines, "
+                "--main-process-ip and --port on every machine, each with its own --machine-rank (0 on the head)"), 3
+    if "RendezvousConnectionError" in held or "RendezvousError" in held:
+        return (f"{who}: could not reach the rendezvous at {where}. Fix: check --main-process-ip (the head machine's "
+                "address, reachable from this one) and --port, and start machine rank 0 first"), 3
+    if "Tried to launch distributed communication on port" in held:
+        return (f"dpo-dist: launch failed on machine rank {spec.machine_rank}: port {spec.main_process_port} is in "
+                "use on this machine. Fix: choose a free --port (the same on every machine)"), 2
+    return None
+
+
+def relay(argv: list[str], env: dict[str, str], output_dir: Path | None, spec=None) -> int:
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     summarize = output_dir is not None
     relays = [Relay(proc.stdout.fileno(), sys.stdout, summarize), Relay(proc.stderr.fileno(), sys.stderr, summarize)]
@@ -84,17 +110,27 @@ def relay(argv: list[str], env: dict[str, str], output_dir: Path | None) -> int:
     threads = [threading.Thread(target=r.run, daemon=True) for r in relays]
     for t in threads:
         t.start()
-    try:
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        proc.wait()
-        raise
+    terminated = forward_sigterm(proc)
+    rc, interrupted = wait_through_ctrl_c(proc)
     for t in threads:
         t.join(timeout=10)
+    if interrupted or terminated:  # the ranks' and torchrun's words about the signal are noise: the user knows why
+        what = "terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)"
+        print(f"dpo-dist: {what}: every rank was stopped{'' if rc == 0 else ' (no report)'}; rerun the "
+              "same command to start again", file=sys.stderr, flush=True)
+        return 143 if terminated else 130
     if rc == 0:
         return 0
     summary = outcome.conclude(output_dir) if output_dir is not None else None
+    if summary is None:
+        summary = launcher_failure(relays, spec)
+        if summary is not None:
+            print(summary[0], file=sys.stderr, flush=True)
+            return summary[1]
     if summary is None:  # no record (the config itself was bad, or another node's output dir): what the ranks printed
+        for r in relays:
+            if r.causes:
+                r.dst.write("\n".join(dict.fromkeys(r.causes)) + "\n")
         for r in relays:
             if r.leftover():
                 r.dst.write("\n".join(r.leftover()) + "\n")
@@ -107,6 +143,79 @@ def relay(argv: list[str], env: dict[str, str], output_dir: Path | None) -> int:
         print(f"[dpo-dist] logs: {' '.join(logs)}", flush=True)
     print(text, file=sys.stderr, flush=True)
     return code
+
+
+def forward_sigterm(proc: subprocess.Popen) -> list[bool]:
+    """A SIGTERM to the launcher (`kill`, a scheduler's cancel) goes on to accelerate, whose torchrun stops the ranks,
+    instead of ending the launcher alone and leaving the ranks running into the output dir. Returns a flag list that
+    is [True] once it happened."""
+    import signal
+
+    seen: list[bool] = []
+
+    def on_term(signum, frame):
+        seen.append(True)
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except OSError:
+            pass
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (an embedding caller): keep the default
+        pass
+    return seen
+
+
+def wait_through_ctrl_c(proc: subprocess.Popen, grace_s: float = 30.0) -> tuple[int, bool]:
+    """(exit code, whether Ctrl-C was pressed). Ctrl-C reaches accelerate too (one process group), and torchrun
+    stops its ranks on it: wait for that rather than leave with a traceback while they still write to our pipes
+    (issue 21, #75). A second Ctrl-C, or ranks still running after `grace_s`, kills the launcher."""
+    import time
+
+    interrupted, deadline = False, None
+    while True:
+        try:
+            if deadline is None:
+                return proc.wait(), interrupted
+            left = deadline - time.monotonic()
+            if left <= 0:
+                _kill_tree(proc.pid)
+                return proc.wait(), True
+            try:
+                return proc.wait(timeout=min(left, 1.0)), True
+            except subprocess.TimeoutExpired:
+                continue
+        except KeyboardInterrupt:
+            if interrupted:  # the second one: do not wait any longer
+                deadline = time.monotonic()
+            else:
+                interrupted, deadline = True, time.monotonic() + grace_s
+
+
+def _kill_tree(pid: int) -> None:
+    """The launcher and every process below it (torchrun starts its ranks in sessions of their own, so killing the
+    launcher alone would leave them running)."""
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    todo, found = [pid], []
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children.get(p, [])
+    for p in found:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def ranks_exit_code(relays: list[Relay]) -> int | None:

@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     act = g.add_mutually_exclusive_group()
     act.add_argument("--dry-run", action="store_true", help="print the script, write nothing")
     act.add_argument("--submit", action="store_true", help="write the script and submit it with sbatch")
+    g.add_argument("--force", action="store_true", help="replace an existing --script (or its .config.yaml) that "
+                   "`dpo-dist slurm` did not write")
     g.add_argument("--wait", action="store_true", help="submit, wait for the job and exit with its exit code (the "
                    "quality gate's verdict)")
 
@@ -94,6 +96,22 @@ def sharding_name(cfg) -> str:
         stage = int(json.loads(Path(cfg.sharding.ds_config).read_text()).get("zero_optimization", {}).get("stage", 0))
         return Sharding.ZERO3.value if stage == 3 else Sharding.ZERO2.value
     return Sharding.ZERO3.value
+
+
+SCRIPT_MARK = "# Written by `dpo-dist slurm`"  # render_sbatch's second comment line
+CONFIG_MARK = "# resolved by `dpo-dist slurm`"  # the first line of the resolved config
+
+
+def ours(path: Path) -> bool:
+    """Nothing there, or a file an earlier `dpo-dist slurm` wrote (regenerating a job replaces it without --force);
+    anything else is someone's file, never written over unasked (issue 21, #22)."""
+    try:
+        head = path.read_text(errors="replace")[:600]
+    except FileNotFoundError:
+        return True
+    except OSError:  # a directory, unreadable: not ours to replace
+        return False
+    return (head.startswith("#!/bin/bash\n") and SCRIPT_MARK in head) or head.startswith(CONFIG_MARK)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,10 +161,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from dpo_dist.runtime.disk_writes import write_text_atomic
 
+    taken = [str(p) for p in (script, config_file) if not (args.force or ours(p))]
+    if taken:
+        print(f"dpo-dist: {' and '.join(taken)} already exist(s) and were not written by `dpo-dist slurm`: choose "
+              "another --script, or pass --force to replace", file=sys.stderr)
+        return 2
     try:
         log_dir.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output folder
         script.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(config_file, "# resolved by `dpo-dist slurm`: the run config every rank of the job reads\n"
+        write_text_atomic(config_file, f"{CONFIG_MARK}: the run config every rank of the job reads\n"
                           + yaml.safe_dump(to_dict(cfg), sort_keys=False))
         write_text_atomic(script, text, 0o755)
     except OSError as e:

@@ -69,8 +69,10 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def launch_stage_conflict(ds: dict) -> str | None:
-    """If accelerate was launched with a DeepSpeed JSON of another ZeRO stage than the one we resolved, say so."""
+def launch_stage_conflict(ds: dict, label: str | None = None) -> str | None:
+    """If accelerate was launched with a DeepSpeed JSON of another ZeRO stage than the one we resolved, say so, with
+    a fix that exists: `dpo-dist launch` hands accelerate the run's own JSON, whatever its stage (no launch/zero1.yaml
+    ships; a --sharding after `--` reaches init, and the launcher reads it from there)."""
     env_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if not env_file:
         return None
@@ -79,8 +81,11 @@ def launch_stage_conflict(ds: dict) -> str | None:
     except (FileNotFoundError, ValueError):
         return None
     if zero_stage(launched) != zero_stage(ds):
+        own = label if label is None or label not in SHARDING_NAMES else str(ds_config_path(label))
+        same = f"--deepspeed_config_file {own}" if own else "the run's DeepSpeed JSON as --deepspeed_config_file"
         return (f"accelerate was launched with {env_file} (ZeRO-{zero_stage(launched)}) but the run config asks for "
-                f"ZeRO-{zero_stage(ds)}: launch with launch/zero{zero_stage(ds)}.yaml or drop --sharding")
+                f"ZeRO-{zero_stage(ds)}: launch with `dpo-dist launch` (it hands accelerate the run's own DeepSpeed "
+                f"config), or give accelerate launch {same}")
     return None
 
 

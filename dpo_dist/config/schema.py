@@ -298,13 +298,19 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def _non_finite(value: Any, where: str) -> tuple[str, float] | None:
-    """The first nan/inf float in a value (nested in train.extra's mappings and lists too), with its dotted path."""
+def _non_finite(value: Any, where: str, seen: set[int] | None = None) -> tuple[str, float] | None:
+    """The first nan/inf float in a value (nested in train.extra's mappings and lists too), with its dotted path.
+    Each container once: YAML aliases share them, and nested aliases would make the walk exponential (#10)."""
     if isinstance(value, float) and not math.isfinite(value):
         return where, value
+    seen = set() if seen is None else seen
+    if isinstance(value, (dict, list, tuple)):
+        if id(value) in seen:
+            return None
+        seen.add(id(value))
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
     for k, v in items:
-        bad = _non_finite(v, f"{where}.{k}")
+        bad = _non_finite(v, f"{where}.{k}", seen)
         if bad:
             return bad
     return None
@@ -480,9 +486,14 @@ def _yaml_cause(e: yaml.YAMLError) -> str:
     return problem if problem else str(e).splitlines()[0]
 
 
-def _duplicates(node: yaml.Node, prefix: str, out: list[str]) -> None:
+def _duplicates(node: yaml.Node, prefix: str, out: list[str], seen_nodes: set[int] | None = None) -> None:
     """Keys given twice in one mapping, with both lines: PyYAML keeps the later value silently (two `train:` sections
-    would drop the first one's settings)."""
+    would drop the first one's settings). Each node once: an alias is the node it names, so nested aliases (a
+    "billion laughs" file) would otherwise be walked exponentially often (#10)."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
@@ -495,10 +506,25 @@ def _duplicates(node: yaml.Node, prefix: str, out: list[str]) -> None:
                            "would silently win")
             else:
                 seen[key] = line
-            _duplicates(value_node, f"{prefix}{key}.", out)
+            _duplicates(value_node, f"{prefix}{key}.", out, seen_nodes)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _duplicates(item, f"{prefix}{i}.", out)
+            _duplicates(item, f"{prefix}{i}.", out, seen_nodes)
+
+
+MAX_YAML_VALUES = 100_000  # a run config holds hundreds; every later copy of it (to_dict, the report) walks them all
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values the document holds once every alias is copied out (what to_dict and the report would walk),
+    counted in linear time: an alias is its node, counted once and reused."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once
+    children = [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else \
+        node.value if isinstance(node, yaml.SequenceNode) else []
+    memo[id(node)] = 1 + sum(_expanded_size(c, memo) for c in children)
+    return memo[id(node)]
 
 
 def read_yaml(p: Path, source: str) -> Any:
@@ -511,8 +537,9 @@ def read_yaml(p: Path, source: str) -> Any:
                           source) from None
     except OSError as e:
         raise ConfigError([f"cannot read it ({e.strerror or e}): check its permissions"], source) from None
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # inside the try: its reader refuses control characters right here (#9)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -520,11 +547,20 @@ def read_yaml(p: Path, source: str) -> Any:
         _duplicates(node, "", dups)
         if dups:
             raise ConfigError(dups, source)
+        size = _expanded_size(node, {})
+        if size > MAX_YAML_VALUES:
+            raise ConfigError([f"expands to {size:,} values through aliases (*name), more than {MAX_YAML_VALUES:,}: "
+                               "a run config is never that large (an alias bomb?): write the values out"], source)
         return loader.construct_document(node)
+    except yaml.reader.ReaderError as e:
+        line = text[: e.position].count("\n") + 1
+        raise ConfigError([f"not a YAML text file: {e.reason} #x{e.character:04x} on line {line}: remove it, or pass "
+                           "the run YAML, not another file"], source) from None
     except yaml.YAMLError as e:
         raise ConfigError([f"not valid YAML: {str(e).splitlines()[0]}"], source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def merge_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:

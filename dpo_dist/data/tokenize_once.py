@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dpo_dist.compat import datasets as datasets_compat
 from dpo_dist.compat import trl as trl_compat
+from dpo_dist.runtime import liveness
 from dpo_dist.runtime.disk_writes import write_text_atomic
 
 POLL_S = 0.5
@@ -33,7 +34,9 @@ def marker(dataset, name: str, tok_key: str) -> Path:
 
 def once_per_node(mark: Path, fn, local_main: bool, what: str, note=print, describe=lambda out: "done") -> str:
     """fn() on the node's local main process, which then writes describe(result) to `mark`.done (or the error to
-    .failed); the other ranks wait for that file, polling: no collective, so no timeout however long fn takes.
+    .failed); the other ranks wait for that file, polling: no collective, so no timeout however long fn takes while
+    the local main lives. Its liveness beat is watched: one that stands still for sharding.timeout_s (a stopped
+    process, a hung node) ends the wait with a TimeoutError naming that rank (issue 21, #77).
     Returns the .done file's text on every rank."""
     # .failed is per launch (the ranks of a node share their launcher's pid), so a failure left by an earlier run is
     # never read as this one's; a .done left by an earlier run means its cache is there already
@@ -48,9 +51,14 @@ def once_per_node(mark: Path, fn, local_main: bool, what: str, note=print, descr
         write_text_atomic(ok, text)
         return text
     t0, said = time.monotonic(), time.monotonic()
+    main_rank = int(os.environ.get("RANK", "0")) - int(os.environ.get("LOCAL_RANK", "0"))  # torchrun: contiguous
+    watch = liveness.Watch(main_rank)
     while not ok.exists():
         if failed.exists():
             raise ValueError(f"{what} failed on this node's first rank: {failed.read_text()}")
+        problem = watch.problem(what)
+        if problem:
+            raise TimeoutError(problem)
         if time.monotonic() - said > 60:
             said = time.monotonic()
             note(f"[dpo-dist] rank {os.environ.get('RANK', '?')} waiting for {what} ({time.monotonic() - t0:.0f} s)")

@@ -35,6 +35,7 @@ from dpo_dist.reference.registry import strategy_for
 from dpo_dist.runtime import console, liveness
 from dpo_dist.runtime.distributed import DistContext
 from dpo_dist.runtime.faults import inject_fault
+from dpo_dist.runtime.world import world_problem
 from dpo_dist.train import rewind
 from dpo_dist.train.trainer import LossRecorder, build_dpo_config, training_fields, use_training_fields
 from dpo_dist.verify import lineage, model_checks, probes, tolerances, weight_checks, weights
@@ -81,13 +82,16 @@ class InitRun:
         cfg = self.cfg
         label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
         stage = zero_stage(ds)
-        conflict = launch_stage_conflict(ds)
+        conflict = launch_stage_conflict(ds, label)
         if conflict:
             return self.rr.add("sharding matches launch", False, conflict, conflict)
         placement = cfg.reference.placement
         self.state.update(ds_label=label, ds=ds, stage=stage)
         if not self.placement.check_setup(self):
             return False
+        bad_world = world_problem(self.ctx.roles.world if self.ctx.roles is not None else self.ctx.world_size)
+        if bad_world:
+            return self.rr.add("world matches the launch", False, *bad_world)
         bad_batch = batch_mismatch(ds, cfg, self.ctx.world_size)
         if bad_batch:
             return self.rr.add("batch sizes consistent", False, bad_batch, bad_batch)
@@ -411,7 +415,7 @@ class InitRun:
             except Exception as e:  # a rank that never reaches the decision: a timeout naming it, not a traceback
                 if not liveness.is_timeout(e):
                     raise
-                self.abandon(name, liveness.explain(self.cfg.sharding.timeout_s))
+                self.abandon(f"agreeing after {name}", liveness.explain(self.cfg.sharding.timeout_s))
             if not agreed:
                 self.ctx.print0(f"[dpo-dist] stopping after stage '{name}': a check failed on some rank")
                 break

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from dpo_dist.config.names import Sharding
-from dpo_dist.config.resources import ds_config_path, launch_config_path
+from dpo_dist.config.resources import ds_config_path, launch_config_path, resolve_ds_config, zero_stage
+from dpo_dist.runtime.world import EXPECTED_WORLD_ENV  # the world size the launch declared, for the gate
 
 # Environment that keeps runs offline and quiet everywhere (no hub look-ups at run time).
 OFFLINE_ENV = {
@@ -35,6 +37,19 @@ class LaunchSpec:
     cpu: bool = False
     init_args: tuple[str, ...] = field(default_factory=tuple)  # passed to `dpo-dist init`
     python: str = sys.executable
+    rdzv_timeout_s: int = 600  # multi-machine: how long the rendezvous waits for every machine to join
+    ds_config: str | None = None  # the run's own DeepSpeed JSON (sharding.ds_config), in place of the shipped one
+
+
+def multinode_args(num_machines: int, rdzv_timeout_s: int) -> list[str]:
+    """accelerate options that make the machines one world: torchrun on every machine ("standard") meeting in a c10d
+    rendezvous at the head's address and port. Without them accelerate hands a multi-machine DeepSpeed launch to
+    DeepSpeed's pdsh/hostfile runner, which needs a `deepspeed` binary on PATH and, finding no hostfile, runs this
+    machine's processes as a world of their own (issue 21, #70/#71). Used by `dpo-dist launch` and the sbatch job."""
+    if num_machines <= 1:
+        return []
+    return ["--rdzv_backend", "c10d", "--rdzv_conf", f"join_timeout={rdzv_timeout_s}",
+            "--deepspeed_multinode_launcher", "standard"]
 
 
 def build_launch(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
@@ -50,10 +65,17 @@ def build_launch(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
         raise ValueError(f"port {spec.main_process_port} is not a TCP port (--port): choose one in 1..65535")
     if spec.num_machines > 1 and not spec.main_process_ip:
         raise ValueError("a multi-machine launch needs the first node's address (--main-process-ip): pass it")
+    if spec.rdzv_timeout_s < 1:
+        raise ValueError(f"rendezvous timeout {spec.rdzv_timeout_s} s (--rdzv-timeout): give at least 1 second")
+    launch_name, ds_file = spec.sharding, str(ds_config_path(spec.sharding))
+    if spec.ds_config:  # its stage picks the shipped accelerate config (ZeRO-3's init flag only for stage 3)
+        _, ds = resolve_ds_config(None, spec.ds_config)
+        launch_name = Sharding.ZERO3.value if zero_stage(ds) == 3 else Sharding.ZERO2.value
+        ds_file = str(Path(spec.ds_config).expanduser().resolve())
     argv = [
         spec.python, "-m", "accelerate.commands.launch",
-        "--config_file", str(launch_config_path(spec.sharding)),
-        "--deepspeed_config_file", str(ds_config_path(spec.sharding)),
+        "--config_file", str(launch_config_path(launch_name)),
+        "--deepspeed_config_file", ds_file,
         "--num_processes", str(spec.num_processes * spec.num_machines),
         "--num_machines", str(spec.num_machines),
         "--machine_rank", str(spec.machine_rank),
@@ -61,8 +83,10 @@ def build_launch(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     ]
     if spec.main_process_ip:
         argv += ["--main_process_ip", spec.main_process_ip]
+    argv += multinode_args(spec.num_machines, spec.rdzv_timeout_s)
     argv += ["-m", "dpo_dist", "init", "--sharding", spec.sharding, *spec.init_args]
     env = dict(OFFLINE_ENV)
+    env[EXPECTED_WORLD_ENV] = str(spec.num_processes * spec.num_machines)
     if spec.cpu:
         env.update(CPU_ENV)
     return argv, env

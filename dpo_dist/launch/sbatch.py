@@ -101,12 +101,15 @@ def node_launch(spec: SlurmSpec) -> tuple[list[str], list[str], dict[str, str]]:
     What only the job knows is written as shell variables: the head node, the port, and the shipped accelerate and
     DeepSpeed configs (resolved by the job's own $PYTHON, since the nodes' install path may differ from this one's)."""
     from dpo_dist.launch.accelerate import LaunchSpec, build_launch
+    from dpo_dist.runtime.world import EXPECTED_WORLD_ENV
 
     argv, env = build_launch(LaunchSpec(
         sharding=spec.sharding, num_processes=spec.procs_per_node, num_machines=spec.nodes, machine_rank=0,
         main_process_ip="HEAD_NODE", main_process_port=spec.port_base, cpu=spec.cpu, python=spec.python,
         init_args=("--config", spec.config_file, *spec.init_args, *(("--train",) if spec.train else ())),
+        rdzv_timeout_s=spec.rdzv_timeout_s,
     ))
+    env.pop(EXPECTED_WORLD_ENV)  # torchrun's c10d rendezvous waits for exactly `nodes` machines: nothing to compare
     if argv[1:3] != ["-m", "accelerate.commands.launch"]:
         raise ValueError(f"unexpected launch command: {argv[:3]}")
     opts = argv[3:]
@@ -125,11 +128,10 @@ def node_launch(spec: SlurmSpec) -> tuple[list[str], list[str], dict[str, str]]:
             continue
         words.append(_q(launch[i]))
         i += 1
-    words += ["--max_restarts", "0", "--tee", "3"]  # no restarts (a failure ends the job); per-rank prefixed output
-    if spec.nodes > 1:
-        # c10d rendezvous at HEAD_NODE:MASTER_PORT (accelerate's --same_network would use the static one instead).
-        words += ["--rdzv_backend", "c10d", "--rdzv_conf", f"join_timeout={spec.rdzv_timeout_s}",
-                  "--deepspeed_multinode_launcher", "standard"]
+    # no restarts (a failure ends the job); per-rank prefixed output. The c10d rendezvous at HEAD_NODE:MASTER_PORT
+    # (last) comes from build_launch (accelerate.multinode_args), as for `dpo-dist launch`.
+    at = words.index("--rdzv_backend") if "--rdzv_backend" in words else len(words)
+    words[at:at] = ["--max_restarts", "0", "--tee", "3"]
     return words, [_q(w) for w in init], env
 
 

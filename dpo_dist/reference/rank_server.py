@@ -217,6 +217,18 @@ def serve(cfg, ctx, roles: Roles, debug: bool = False) -> int:
 
 
 # -- policy side ------------------------------------------------------------------------------------------------------
+class ReferenceRankLost(BridgeError, ConnectionError):
+    """This policy rank's reference rank stopped answering: a named failure of the stage it happened in (exit 1),
+    not an unexpected error (issue 21, #57). A ConnectionError, so the stages report it as a known failure."""
+
+
+def _lost(roles: Roles, server: int, e: BridgeError) -> ReferenceRankLost:
+    return ReferenceRankLost(
+        f"rank {server} did not answer within sharding.timeout_s ({roles.timeout.total_seconds():g} s) as "
+        f"{roles.describe(server)} ({e}): stopped or its node hung, or killed. Fix: see logs/rank{server}.log and "
+        "that node; raise sharding.timeout_s only if it was merely slow")
+
+
 class RemoteReference(torch.nn.Module):
     """Stands where TRL (and our KL checks) call a reference model: sends the inputs to this policy rank's reference
     rank and returns its log-probs (TRL's fused head) or logits, on this rank's device. Holds no weights."""
@@ -232,18 +244,33 @@ class RemoteReference(torch.nn.Module):
         self.calls = 0
         self.wait_s = 0.0  # time spent waiting for answers: what the reference ranks cost a policy step
 
+    def _send(self, obj: dict[str, Any]) -> None:
+        try:
+            self.roles.send(obj, self.server)
+        except ReferenceRankLost:
+            raise
+        except BridgeError as e:
+            raise _lost(self.roles, self.server, e) from None
+
+    def _recv(self) -> Any:
+        try:
+            return self.roles.recv(self.server)
+        except ReferenceRankLost:
+            raise
+        except BridgeError as e:
+            raise _lost(self.roles, self.server, e) from None
+
     def hello(self) -> dict[str, Any]:
         if self._hello is None:
-            self._hello = self.roles.recv(self.server)
+            self._hello = self._recv()
         return self._hello
 
     @torch.no_grad()
     def forward(self, **kwargs):
         self.hello()
         t0 = time.perf_counter()
-        self.roles.send({"kind": "forward", "kwargs": {k: v for k, v in kwargs.items() if v is not None}},
-                        self.server)
-        answer = self.roles.recv(self.server)
+        self._send({"kind": "forward", "kwargs": {k: v for k, v in kwargs.items() if v is not None}})
+        answer = self._recv()
         self.wait_s += time.perf_counter() - t0
         self.calls += 1
         return SimpleNamespace(**{k: v.to(self.device) for k, v in answer.items()})
@@ -252,8 +279,8 @@ class RemoteReference(torch.nn.Module):
         """Every reference rank's report rows, on every policy rank (each asks its own reference rank; the policy
         ranks then share what they got), so every rank builds the same report and returns the same exit code."""
         self.hello()
-        self.roles.send({"kind": "report"}, self.server)
-        mine = self.roles.recv(self.server)
+        self._send({"kind": "report"})
+        mine = self._recv()
         got = {r.rank: r for r in ctx.gather_objects(mine)}
         return [got[k] for k in sorted(got)]
 
@@ -263,7 +290,7 @@ class RemoteReference(torch.nn.Module):
         if not self._closed:
             self._closed = True
             self.hello()
-            self.roles.send({"kind": "done", "passed": bool(passed)}, self.server)
+            self._send({"kind": "done", "passed": bool(passed)})
 
 
 def stray_parameter_bytes(keep: list[torch.nn.Module]) -> int:

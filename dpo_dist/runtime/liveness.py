@@ -27,8 +27,8 @@ TIMEOUT_TEXTS = ("Timed out waiting", "Watchdog caught collective operation time
 class Liveness:
     """Beats and stage marks of this rank, read back for every rank when something timed out."""
 
-    def __init__(self, store: Any, rank: int, world: int):
-        self.store, self.rank, self.world = store, rank, world
+    def __init__(self, store: Any, rank: int, world: int, timeout_s: int = 600):
+        self.store, self.rank, self.world, self.timeout_s = store, rank, world, timeout_s
         self._stop = threading.Event()
         store.set(f"{PREFIX}/stage/{rank}", "start")
         store.add(f"{PREFIX}/beat/{rank}", 1)
@@ -84,10 +84,62 @@ def start(rank: int, world: int, timeout_s: int) -> Liveness | None:
     try:
         store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                                            is_master=False, timeout=timedelta(seconds=min(timeout_s, 30)))
-        _current = Liveness(store, rank, world)
+        _current = Liveness(store, rank, world, timeout_s)
     except Exception:  # no store to reach: timeouts keep the backend's own words
         _current = None
     return _current
+
+
+def beat(rank: int) -> int | None:
+    """`rank`'s beat counter now, or None when there is nothing to read (no beats in this process, no store)."""
+    if _current is None:
+        return None
+    try:
+        return int(_current.store.add(f"{PREFIX}/beat/{rank}", 0))
+    except Exception:
+        return None
+
+
+def stage_of(rank: int) -> str:
+    try:
+        return _current.store.get(f"{PREFIX}/stage/{rank}").decode() if _current is not None else "?"
+    except Exception:
+        return "?"
+
+
+def timeout_s(default: int = 600) -> int:
+    """sharding.timeout_s, as the beats were started with (waits outside collectives use it too)."""
+    return _current.timeout_s if _current is not None else default
+
+
+class Watch:
+    """A wait outside any collective (a file another rank writes) with a deadline: it ends when `rank` has shown no
+    sign of life (its beat stood still) for sharding.timeout_s, however long that rank's work takes while it beats.
+    Without beats to read (no store) the deadline is plain: `fallback_s` from the start."""
+
+    def __init__(self, rank: int, fallback_s: float = 3600.0):
+        self.rank, self.limit = rank, float(timeout_s())
+        self.fallback_s = fallback_s if _current is None else None
+        self.t0 = self.since = time.monotonic()
+        self.last = beat(rank)
+
+    def problem(self, what: str) -> str | None:
+        """None while `rank` lives; else the one line naming it."""
+        now = time.monotonic()
+        if self.fallback_s is not None:
+            if now - self.t0 > self.fallback_s:
+                return (f"rank {self.rank} did not finish {what} within {self.fallback_s:.0f} s (no liveness beats to "
+                        "tell whether it still runs): check that it is running")
+            return None
+        b = beat(self.rank)
+        if b is not None and b != self.last:
+            self.last, self.since = b, now
+            return None
+        if now - self.since <= self.limit:
+            return None
+        return (f"rank {self.rank} did not answer within sharding.timeout_s ({self.limit:g} s) while {what} (rank "
+                f"{self.rank}: no sign of life for {now - self.since:.0f} s, in stage '{stage_of(self.rank)}': "
+                "stopped or its node hung)")
 
 
 def mark(stage: str) -> None:

@@ -21,6 +21,10 @@ LOST_PEER = re.compile(r"Connection closed by peer|Connection reset by peer|Brok
                        r"remote worker|NCCL (error|communicator was aborted)|Socket Timeout", re.I)
 
 
+# the liveness diagnosis (runtime.liveness.explain / Watch): it names the rank that went silent and what it was doing
+NAMED_SILENT = re.compile(r"^rank ([\d,]+) did not answer within .*(stopped or its node hung|alive but)")
+
+
 @dataclass(frozen=True)
 class Failure:
     rank: int
@@ -128,6 +132,14 @@ def conclude(output_dir: str | Path) -> tuple[str, int] | None:
     logged = {int(m.group(1)) for p in d.glob("rank*.log") if (m := re.fullmatch(r"rank(\d+)", p.stem))}
     silent = sorted(logged - {f.rank for f in failures} - {r for f in failures for r in (f.ranks or [])})
     if silent and all(LOST_PEER.search(f.cause) for f in failures):
+        for f in failures:  # a rank that beat-checked its peers named the silent one and why: its words (#74)
+            m = NAMED_SILENT.match(f.cause)
+            named = {int(r) for r in m.group(1).split(",")} if m else set()
+            if named and named <= set(silent):
+                logs = ", ".join(f"{LOG_DIR}/rank{r}.log" for r in sorted(named))
+                return line(f.stage, sorted(named), f.cause, "a process that is stopped (SIGSTOP, a debugger, a "
+                            f"suspended shell job) or a hung node: see {logs} and that node; raise "
+                            "sharding.timeout_s only if it was merely slow"), 1
         noticed = ",".join(str(f.rank) for f in failures)
         logs = ", ".join(f"{LOG_DIR}/rank{r}.log" for r in silent)
         return line(failures[0].stage, silent, f"ended without a word (killed, crashed or out of memory); rank(s) "

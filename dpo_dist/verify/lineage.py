@@ -58,6 +58,8 @@ def check_checkpoint(checkpoint: str | Path, identity: dict[str, str] | None,
                         "model.path")
     path = Path(checkpoint) / MARKER
     if not path.is_file():
+        if _saved_here(Path(checkpoint), identity):
+            return problems + [interrupted_save(Path(checkpoint))]
         return problems + [f"{checkpoint} has no {MARKER}: it was not saved by a dpo-dist run (or by an older one); "
                            "resume from a checkpoint-N this run saved"]
     try:
@@ -72,6 +74,29 @@ def check_checkpoint(checkpoint: str | Path, identity: dict[str, str] | None,
                             "this run")
             break
     return problems
+
+
+def _saved_here(checkpoint: Path, identity: dict[str, str]) -> bool:
+    """A checkpoint-N folder inside the output dir whose manifest carries this run's identity: the trainer of this
+    run started saving it (the marker is written last, after the trainer's own files)."""
+    from dpo_dist.verify.manifest import MANIFEST
+
+    try:
+        manifest = json.loads((checkpoint.parent / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return checkpoint.name.startswith("checkpoint-") and (manifest.get("lineage") or {}).get("run_id") == \
+        identity.get("run_id")
+
+
+def interrupted_save(checkpoint: Path) -> str:
+    """Why a checkpoint of this run cannot be resumed when its save never finished (issue 21, #93)."""
+    names = {p.name for p in checkpoint.iterdir()} if checkpoint.is_dir() else set()
+    missing = [what for what, there in (("optimizer state", any(n.startswith("global_step") or n.startswith(
+        "optimizer") for n in names)), ("trainer_state.json", "trainer_state.json" in names)) if not there]
+    lacks = f"it lacks {' and '.join(missing)} and " if missing else "it lacks "
+    return (f"{checkpoint} was saved by this run but the save did not finish ({lacks}the {MARKER} written last): the "
+            "run was stopped while saving; resume from the checkpoint-N before it")
 
 
 def logged_losses(checkpoint: str | Path) -> list[float]:
