@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from dpo_dist.config.names import Sharding
 from dpo_dist.config.resources import ds_config_path, launch_config_path
+from dpo_dist.config.sharding import uses_deepspeed_json
 
 # Environment that keeps runs offline and quiet everywhere (no hub look-ups at run time).
 OFFLINE_ENV = {
@@ -53,7 +54,8 @@ def build_launch(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     argv = [
         spec.python, "-m", "accelerate.commands.launch",
         "--config_file", str(launch_config_path(spec.sharding)),
-        "--deepspeed_config_file", str(ds_config_path(spec.sharding)),
+        *(["--deepspeed_config_file", str(ds_config_path(spec.sharding))] if uses_deepspeed_json(spec.sharding)
+          else []),
         "--num_processes", str(spec.num_processes * spec.num_machines),
         "--num_machines", str(spec.num_machines),
         "--machine_rank", str(spec.machine_rank),

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_dist.config.names import Placement, Sharding
+from dpo_dist.config.sharding import uses_deepspeed_json
 
 # SLURM time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
@@ -127,8 +128,9 @@ def node_launch(spec: SlurmSpec) -> tuple[list[str], list[str], dict[str, str]]:
     words += ["--max_restarts", "0", "--tee", "3"]  # no restarts (a failure ends the job); per-rank prefixed output
     if spec.nodes > 1:
         # c10d rendezvous at HEAD_NODE:MASTER_PORT (accelerate's --same_network would use the static one instead).
-        words += ["--rdzv_backend", "c10d", "--rdzv_conf", f"join_timeout={spec.rdzv_timeout_s}",
-                  "--deepspeed_multinode_launcher", "standard"]
+        words += ["--rdzv_backend", "c10d", "--rdzv_conf", f"join_timeout={spec.rdzv_timeout_s}"]
+        if uses_deepspeed_json(spec.sharding):
+            words += ["--deepspeed_multinode_launcher", "standard"]
     return words, [_q(w) for w in init], env
 
 
@@ -209,9 +211,11 @@ def render_sbatch(spec: SlurmSpec) -> str:
         "HEAD_NODE=\"${NODES%%$'\\n'*}\"",
         f"MASTER_PORT=$(({spec.port_base} + SLURM_JOB_ID % {spec.port_span}))",
         f"CPUS_PER_TASK={cpus}",
-        f"# accelerate's and DeepSpeed's {spec.sharding} configs, as shipped with the dpo-dist that $PYTHON runs",
+        f"# the {spec.sharding} launch configs (accelerate's; DeepSpeed's JSON for a ZeRO sharding), as shipped with "
+        "the dpo-dist that $PYTHON runs",
         f'LAUNCH_CONFIG="$("$PYTHON" -c {resolve.format("launch_config_path")} {spec.sharding})"',
-        f'DS_CONFIG="$("$PYTHON" -c {resolve.format("ds_config_path")} {spec.sharding})"',
+        *([f'DS_CONFIG="$("$PYTHON" -c {resolve.format("ds_config_path")} {spec.sharding})"']
+          if uses_deepspeed_json(spec.sharding) else []),
         *(f"export {k}={_q(v)}" for k, v in sorted(env.items())),
         "# In the job's log a line of rank r reads '<node>: [rank<r>]: ...'.",
         "export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[rank${rank}]: '",

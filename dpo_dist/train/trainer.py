@@ -13,20 +13,12 @@ from dpo_dist.config.schema import RunConfig
 from dpo_dist.config.trl_args import dpo_config_kwargs
 
 
-def build_dpo_config(cfg: RunConfig, ds: dict[str, Any], smoke_steps: int = 0, precompute: bool = False):
+def build_dpo_config(cfg: RunConfig, ds: dict[str, Any] | None, smoke_steps: int = 0, precompute: bool = False,
+                     backend_kwargs: dict[str, Any] | None = None):
+    """backend_kwargs: what the sharding backend adds (dpo_dist.sharding: fsdp/fsdp_config under FSDP2)."""
     from trl import DPOConfig
 
-    return DPOConfig(**dpo_config_kwargs(cfg, ds, smoke_steps, precompute))
-
-
-def describe_ref_engine(trainer) -> dict[str, Any]:
-    """What TRL made of the reference: a DeepSpeed engine, its ZeRO stage, optimizer-free, eval mode."""
-    ref = trainer.ref_model
-    engine = type(ref).__name__
-    stage = ref.zero_optimization_stage() if hasattr(ref, "zero_optimization_stage") else None
-    has_opt = getattr(ref, "basic_optimizer", None) is not None or getattr(ref, "client_optimizer", None) is not None
-    module = getattr(ref, "module", ref)  # the engine object's own .training flag is not what runs forwards
-    return {"type": engine, "stage": stage, "optimizer": has_opt, "training": module.training}
+    return DPOConfig(**{**dpo_config_kwargs(cfg, ds, smoke_steps, precompute), **(backend_kwargs or {})})
 
 
 class LossRecorder:
