@@ -160,3 +160,13 @@ def test_sbatch_for_fsdp2_launches_the_fsdp_config_and_no_deepspeed_file():
                                    nodes=2, sharding="fsdp2"))
     assert "launch_config_path(sys.argv[1]))' fsdp2" in text and '--config_file "$LAUNCH_CONFIG"' in text
     assert "DS_CONFIG" not in text and "--deepspeed" not in text and "DS_ACCELERATOR" not in text
+
+
+def test_fsdp2_reference_left_in_float32_fails_naming_its_dtype(tmp_path):
+    """A world of one is enough (the row is local): the reference cast to float32 at the start of the static proofs."""
+    argv = [sys.executable, "-m", "dpo_dist", "init", "--sharding", "fsdp2", "--output-dir", str(tmp_path / "out")]
+    code, out = run_cmd(argv, {"DPO_DIST_TEST_FAULT": "static proofs:0:fp32", "OMP_NUM_THREADS": "1"}, 900)
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    row = check_row(rep, "reference dtype")
+    assert code == 1 and not row["ok"] and row["value"] == "held in float32", out[-3000:]
+    assert not check_row(rep, "weights: policy == reference")["ok"]

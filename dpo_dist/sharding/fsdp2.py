@@ -26,6 +26,7 @@ import torch
 from dpo_dist.config.names import Backend
 from dpo_dist.config.sharding import fsdp2_trainer_kwargs
 from dpo_dist.load import models
+from dpo_dist.sharding import views
 from dpo_dist.sharding.base import ShardingBackend
 from dpo_dist.sharding.views import dtensor_view
 
@@ -65,7 +66,9 @@ class Fsdp2Backend(ShardingBackend):
     def audit(self, run) -> bool:
         ok = wrap_audit(run.state.policy, "policy", run.rr)
         ref = run.state.reference
-        return ok & (wrap_audit(ref, "reference", run.rr) if ref is not None else True)
+        if ref is None:
+            return ok
+        return ok & wrap_audit(ref, "reference", run.rr) & reference_dtype(ref, run.cfg, run.rr)
 
     def check_trainer_reference(self, run, trainer, want_sharded: bool) -> bool:
         from torch.distributed.fsdp import FSDPModule
@@ -199,6 +202,18 @@ def wrap_audit(model, role: str, rr) -> bool:
                   f"{bare[0] if bare else ''} of the {role} is not its own FSDP unit: every decoder layer must be "
                   "fully_shard-ed before the root (a layer left inside the root's unit is gathered with the whole "
                   "model at every forward)")
+
+
+def reference_dtype(ref, cfg, rr) -> bool:
+    """The frozen reference is held in model.dtype: a reference left in float32 (TRL's path-loaded default) computes
+    other log-probs than the bf16 policy, and its fingerprints then differ only by dtype; this row names it."""
+    from dpo_dist.load.checkpoint import DTYPES
+
+    want = DTYPES[cfg.model.dtype]
+    held = sorted({str(t.dtype).replace("torch.", "") for t in map(views.held, ref.parameters())})
+    return rr.add("reference dtype", held == [_short(want)], f"held in {', '.join(held)}",
+                  f"the reference is held in {', '.join(held)}, not model.dtype {cfg.model.dtype}: load and keep it "
+                  "in the checkpoint's dtype (only the trained policy's master copy is upcast)")
 
 
 def _short(dtype) -> str:
