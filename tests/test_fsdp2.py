@@ -96,9 +96,15 @@ def _assert_fsdp2_run_passed(res, ckpt):
 
 
 @pytest.mark.multiproc
-def test_fsdp2_sharded_placement_passes_with_a_smoke_step(tmp_path):
-    res = launch_init(tmp_path / "out", "--smoke-steps", "1", sharding="fsdp2", timeout=900)
+def test_fsdp2_sharded_placement_passes_with_smoke_steps_and_the_adaptive_kl_monitor(tmp_path):
+    """Two steps, the KL monitor measuring after each (its forwards through the FSDP2 modules between steps) and
+    adaptive control acting on what it measured."""
+    res = launch_init(tmp_path / "out", "--smoke-steps", "2", "--set", "kl.every_steps=1", "--set",
+                      "kl.control=adaptive", sharding="fsdp2", timeout=900)
     _assert_fsdp2_run_passed(res, DEFAULT_CHECKPOINT)
+    facts = res.report["facts"]
+    assert [h["step"] for h in facts["kl_history"]] == [1, 2] and all(h["kl"] > 0 for h in facts["kl_history"])
+    assert facts["beta_changes"], facts["kl_history"]
 
 
 @pytest.mark.multiproc
