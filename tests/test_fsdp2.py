@@ -176,3 +176,17 @@ def test_fsdp2_reference_left_in_float32_fails_naming_its_dtype(tmp_path):
     row = check_row(rep, "reference dtype")
     assert code == 1 and not row["ok"] and row["value"] == "held in float32", out[-3000:]
     assert not check_row(rep, "weights: policy == reference")["ok"]
+
+
+def test_fsdp2_from_pretrained_fallback_passes_in_a_world_of_one(tmp_path):
+    """Where the shard-by-shard reader is not used (model.loader transformers; auto when the checkpoint needs a cast
+    or has tied tensors), every rank loads with from_pretrained and shards after: the same proofs pass. A world of
+    one (a 1-rank mesh: the DTensor and wrap paths are the same)."""
+    argv = [sys.executable, "-m", "dpo_dist", "init", "--sharding", "fsdp2", "--output-dir", str(tmp_path / "out"),
+            "--smoke-steps", "1", "--set", "model.loader=transformers"]
+    code, out = run_cmd(argv, {"OMP_NUM_THREADS": "1"}, 900)
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert code == 0 and rep["passed"], out[-3000:]
+    assert rep["facts"]["loader"] == "transformers" and rep["facts"]["backend"] == "fsdp2"
+    assert "4/4 decoder layers each its own" in check_row(rep, "reference FSDP2 wrap")["value"]
+    assert check_row(rep, "weights: policy == checkpoint files")["ok"]
