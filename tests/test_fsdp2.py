@@ -190,3 +190,28 @@ def test_fsdp2_from_pretrained_fallback_passes_in_a_world_of_one(tmp_path):
     assert rep["facts"]["loader"] == "transformers" and rep["facts"]["backend"] == "fsdp2"
     assert "4/4 decoder layers each its own" in check_row(rep, "reference FSDP2 wrap")["value"]
     assert check_row(rep, "weights: policy == checkpoint files")["ok"]
+
+
+@pytest.mark.multiproc
+def test_fsdp2_checkpoint_needing_a_cast_loads_on_rank_0_and_broadcasts_with_one_warning(tmp_path):
+    """A float32 checkpoint run in bf16 cannot be read shard by shard (a cast): rank 0 loads it, the others build on
+    meta, and each keeps its rows of what rank 0 broadcasts; the loader says so once, and every proof passes."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "fp32"
+    shutil.copytree(DEFAULT_CHECKPOINT, ckpt)
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(ckpt / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    res = launch_init(tmp_path / "out", "--model", str(ckpt), "--smoke-steps", "1", sharding="fsdp2", timeout=900)
+    rep = res.report
+    assert res.returncode == 0 and rep and rep["passed"], res.output[-4000:]
+    assert rep["facts"]["loader"] == "transformers" and "cast" in rep["facts"]["loader_reason"]
+    assert res.terminal.count("fast loader not used") == 1, res.terminal
+    assert _per_rank(rep, "reference_bytes") == [_full_bytes(DEFAULT_CHECKPOINT) // 2] * 2  # bf16 rows, not a copy
+    for name in ("weights: policy == reference", "weights: policy == checkpoint files", "reference FSDP2 wrap"):
+        assert check_row(rep, name)["ok"], name

@@ -8,8 +8,8 @@ instead of wrapping the reference once at the root (TRL: every reference forward
 Loading without a full copy on any rank: the model is built on the meta device, sharded there, given empty local
 shards (`to_empty`), and each rank reads its own Shard(0) rows of every tensor straight from the safetensors files
 (dpo_dist.load.fastload's pread reader; a Shard(0) local shard is a contiguous row range). Where the fast plan is
-refused (dtype cast, converted or tied tensors), every rank loads with from_pretrained and shards after, with the
-loader's one warning line.
+refused (dtype cast, converted or tied tensors), rank 0 loads with from_pretrained and broadcasts, each rank keeping
+its rows (load_rank0_broadcast), with the loader's one warning line.
 
 Mixed precision (sharding.fsdp2.mixed_precision bf16): compute in bf16, gradients reduced in fp32, and the trained
 policy's stored copy upcast to fp32 as accelerate does (bf16 -> fp32 is exact, so the proofs compare in the checkpoint
@@ -57,11 +57,8 @@ class Fsdp2Backend(ShardingBackend):
     def load_model(self, run, path, plan, role: str):
         if plan is not None and not plan.aliases:
             return load_sharded(run, plan, role)
-        # from_pretrained on every rank (the loader choice warned once, naming why), then sharded
-        cfg = run.cfg
-        model = models.load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle)
-        shard(model, role, run.cfg, run.ctx)
-        return model
+        # the loader choice warned once, naming why the files cannot be read shard by shard
+        return load_rank0_broadcast(run, path, role)
 
     def audit(self, run) -> bool:
         ok = wrap_audit(run.state.policy, "policy", run.rr)
@@ -140,6 +137,44 @@ def shard(model, role: str, cfg, ctx) -> None:
             continue  # the test hook: this layer stays inside the root's unit
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
+
+
+def load_rank0_broadcast(run, path, role: str):
+    """Where the files cannot be read shard by shard (a dtype cast, converted or tied tensors): rank 0 loads the model
+    with from_pretrained, the others build it on the meta device; both are sharded, and torch's
+    set_model_state_dict(broadcast_from_rank0) sends each full tensor from rank 0 for every rank to keep its own rows
+    (accelerate's cpu_ram_efficient_loading path: one full copy, on rank 0 only). Buffers (the rotary tables, not in
+    the state dict when non-persistent) are broadcast from rank 0 by name, in one order on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    cfg, ctx = run.cfg, run.ctx
+    m = cfg.model
+    if ctx.rank == 0:
+        model = models.load_causal_lm(path, m.dtype, m.trust_remote_code, m.allow_pickle)
+        full = model.state_dict()
+    else:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=m.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=models.DTYPES[m.dtype],
+                                                     trust_remote_code=m.trust_remote_code)
+        model.config.name_or_path = str(path)
+        if model.can_generate():
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(str(path), local_files_only=True)
+            except OSError:
+                pass
+        full = {}
+    shard(model, role, cfg, ctx)
+    if ctx.rank != 0:
+        model.to_empty(device=ctx.device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    with torch.no_grad():
+        for _, buf in sorted(model.named_buffers()):
+            torch.distributed.broadcast(buf, src=0)
+    model.eval()
+    return model
 
 
 def load_sharded(run, plan, role: str):
