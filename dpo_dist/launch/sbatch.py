@@ -211,8 +211,9 @@ def render_sbatch(spec: SlurmSpec) -> str:
         "HEAD_NODE=\"${NODES%%$'\\n'*}\"",
         f"MASTER_PORT=$(({spec.port_base} + SLURM_JOB_ID % {spec.port_span}))",
         f"CPUS_PER_TASK={cpus}",
-        f"# the {spec.sharding} launch configs (accelerate's; DeepSpeed's JSON for a ZeRO sharding), as shipped with "
-        "the dpo-dist that $PYTHON runs",
+        f"# accelerate's{' and DeepSpeed' + chr(39) + 's' if uses_deepspeed_json(spec.sharding) else ''} "
+        f"{spec.sharding} config{'s' if uses_deepspeed_json(spec.sharding) else ''}, as shipped with the dpo-dist "
+        "that $PYTHON runs",
         f'LAUNCH_CONFIG="$("$PYTHON" -c {resolve.format("launch_config_path")} {spec.sharding})"',
         *([f'DS_CONFIG="$("$PYTHON" -c {resolve.format("ds_config_path")} {spec.sharding})"']
           if uses_deepspeed_json(spec.sharding) else []),
