@@ -215,3 +215,22 @@ def test_fsdp2_checkpoint_needing_a_cast_loads_on_rank_0_and_broadcasts_with_one
     assert _per_rank(rep, "reference_bytes") == [_full_bytes(DEFAULT_CHECKPOINT) // 2] * 2  # bf16 rows, not a copy
     for name in ("weights: policy == reference", "weights: policy == checkpoint files", "reference FSDP2 wrap"):
         assert check_row(rep, name)["ok"], name
+
+
+def test_every_placement_backend_cell_runs_or_is_refused_by_name():
+    """The 5 placements x 2 backends matrix (docs/fsdp2.md): every cell either runs (DeepSpeed: all, tests/
+    test_placements.py; FSDP2: the sharded one, above) or is refused before loading, naming both."""
+    from dpo_dist.config.names import Placement
+    from dpo_dist.config.sharding import PLACEMENTS_OF, placement_refusal
+    from dpo_dist.sharding.registry import BACKENDS
+
+    assert set(BACKENDS) == set(Backend) == set(PLACEMENTS_OF)
+    runs = {"deepspeed": set(Placement.values()), "fsdp2": {"zero3"}}
+    for backend, sharding in (("deepspeed", "zero3"), ("fsdp2", "fsdp2")):
+        for placement in Placement.values():
+            cfg = schema.from_dict({"sharding": {"name": sharding}, "reference": {"placement": placement}})
+            refused = placement_refusal(cfg)
+            if placement in runs[backend]:
+                assert refused is None, (backend, placement)
+            else:
+                assert f"reference.placement {placement} does not run under sharding backend {backend}" in refused
