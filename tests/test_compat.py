@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dpo_dist.compat import accelerate as acc_compat
 from dpo_dist.compat import datasets as datasets_compat
 from dpo_dist.compat import deepspeed as ds_compat
 from dpo_dist.compat import transformers as hf_compat
@@ -279,6 +280,50 @@ def test_dataset_fingerprint():
 
     fp = datasets_compat.fingerprint(Dataset.from_dict({"a": [1]}))
     assert isinstance(fp, str) and fp
+
+
+# -- compat/accelerate.py -------------------------------------------------------------------------------------------
+def test_accelerate_pinned_and_its_cpu_state_still_drops_fsdp():
+    """fsdp_on_cpu wraps AcceleratorState.__init__: the FSDP branch it mirrors is still there, still only for GPU-like
+    types (were MULTI_CPU added to it, the wrapper would be a no-op and can go)."""
+    import accelerate
+    from accelerate.state import AcceleratorState
+
+    assert accelerate.__version__ == acc_compat.PINNED, "re-check dpo_dist/compat/accelerate.py"
+    src = flat_source(AcceleratorState.__init__)
+    assert_mirrors(AcceleratorState.__init__, (
+        'os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or fsdp_plugin is not None',
+        "self.distributed_type = DistributedType.FSDP", "fsdp_plugin.set_mixed_precision(self._mixed_precision)",
+        "self.fsdp_plugin = fsdp_plugin"), "accelerate.fsdp_on_cpu")
+    branch = src[:src.index("self.distributed_type = DistributedType.FSDP")]
+    gpu_types = branch[branch.rindex("elif self.distributed_type in ["):]
+    assert "MULTI_GPU" in gpu_types and "MULTI_CPU" not in gpu_types, "re-check compat.accelerate.fsdp_on_cpu"
+
+
+def test_no_split_modules_names_the_decoder_blocks():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    assert hasattr(LlamaForCausalLM, "_no_split_modules"), "re-check compat.transformers.no_split_modules"
+    assert hf_compat.no_split_modules(LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=8,
+                                      intermediate_size=8, num_attention_heads=2, num_key_value_heads=1,
+                                      vocab_size=16))) == ("LlamaDecoderLayer",)
+
+
+# -- compat/torch_fsdp.py -------------------------------------------------------------------------------------------
+def test_fsdp2_unit_state_is_where_unit_settings_reads_it():
+    import torch
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    from dpo_dist.compat import torch_fsdp
+
+    assert torch.__version__.startswith(torch_fsdp.PINNED + "."), "re-check dpo_dist/compat/torch_fsdp.py"
+    assert callable(FSDPModule._get_fsdp_state)
+    assert "self._fsdp_param_groups" in flat_source(FSDPState.__init__)
+    assert_mirrors(FSDPParamGroup.__init__, ("self.fsdp_params = [", "self.mp_policy = mp_policy",
+                                            "self.post_forward_mesh_info = post_forward_mesh_info"),
+                   "torch_fsdp.unit_settings")
 
 
 # -- the guard: private access to the libraries only in compat/ -----------------------------------------------------

@@ -22,13 +22,14 @@ LAYERS = {
     "config": 1,
     "runtime": 2,
     "data": 3, "plan": 3, "load": 3,
-    "launch": 4, "verify": 4,
-    "train": 5,
-    "reference": 6,
-    "init": 7,
-    "api": 8,
-    "cli": 9,
-    "__main__": 10,
+    "sharding": 4,
+    "launch": 5, "verify": 5,
+    "train": 6,
+    "reference": 7,
+    "init": 8,
+    "api": 9,
+    "cli": 10,
+    "__main__": 11,
 }
 
 

@@ -111,3 +111,10 @@ def rename(key: str, renamings: list, converters: list, prefix: str | None, mode
     if renamed not in model_keys and key in model_keys:
         renamed, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=model_keys)
     return renamed, pattern is not None
+
+
+def no_split_modules(model) -> tuple[str, ...]:
+    """The class names of a model's decoder blocks: transformers' `_no_split_modules` (a private class attribute,
+    the same list accelerate's FSDP2 auto-wrap and device_map use; transformers 5.23); can go if transformers names
+    its blocks publicly."""
+    return tuple(getattr(model, "_no_split_modules", None) or ())

@@ -1,4 +1,5 @@
-"""The names a run config chooses from, defined once: reference placements, shipped shardings, model dtypes.
+"""The names a run config chooses from, defined once: reference placements, shipped shardings and their backends,
+model dtypes.
 
 Members are strings (`Placement.ZERO3 == "zero3"`, same hash, formats as "zero3"), so the config keeps plain
 strings from YAML and every module compares against these members instead of spelling the names again.
@@ -36,11 +37,21 @@ class Placement(NameEnum):
 
 
 class Sharding(NameEnum):
-    """The shipped DeepSpeed configs (ds_configs/<name>.json, launch/<name>.yaml)."""
+    """The shipped shardings (launch/<name>.yaml; the DeepSpeed ones also ds_configs/<name>.json). Each belongs to
+    one backend (config/sharding.py)."""
 
     ZERO2 = "zero2"
     ZERO3 = "zero3"
     ZERO3_OFFLOAD = "zero3_offload"
+    FSDP2 = "fsdp2"
+
+
+class Backend(NameEnum):
+    """Sharding backends (dpo_dist.sharding: one strategy module each); a shipped sharding belongs to one
+    (config/sharding.py)."""
+
+    DEEPSPEED = "deepspeed"
+    FSDP2 = "fsdp2"
 
 
 class Dtype(NameEnum):

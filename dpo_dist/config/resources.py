@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dpo_dist.config.names import Sharding
 from dpo_dist.config.schema import SHARDING_NAMES
+from dpo_dist.config.sharding import uses_deepspeed_json
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 RESOURCES = PACKAGE_DIR / "resources"
@@ -22,6 +23,9 @@ DEFAULT_CHECKPOINT = DEFAULT_DIR / "tiny-sft"
 def ds_config_path(name: str) -> Path:
     if name not in SHARDING_NAMES:
         raise ValueError(f"unknown sharding '{name}': choose one of {', '.join(SHARDING_NAMES)}")
+    if not uses_deepspeed_json(name):
+        raise ValueError(f"sharding '{name}' has no DeepSpeed JSON (not a DeepSpeed sharding; the memory planner "
+                         "knows DeepSpeed's only)")
     return RESOURCES / "ds_configs" / f"{name}.json"
 
 

@@ -93,12 +93,25 @@ class ReferenceConfig:
 
 
 @dataclass(frozen=True)
+class Fsdp2Settings:
+    """sharding.name fsdp2 (PyTorch FSDP2, `fully_shard`): how the policy and a sharded reference are wrapped."""
+
+    reshard_after_forward: bool = True  # free each layer's gathered weights after its forward (ZeRO-3's behaviour)
+    cpu_offload: bool = False  # the policy's shards, gradients and optimizer states in host memory
+    # bf16: compute in bf16, gradients reduced in fp32, the trained policy's master copy fp32 (as accelerate does);
+    # no: compute, reduce and keep everything in model.dtype
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+
+
+@dataclass(frozen=True)
 class ShardingConfig:
-    """How the policy is sharded: a DeepSpeed config shipped by name, or the user's own JSON."""
+    """How the policy is sharded: a shipped sharding by name (DeepSpeed's or FSDP2), or the user's own DeepSpeed
+    JSON."""
 
     name: Literal[Sharding.values()] | None = None  # None: from the accelerate launch, else zero3
     ds_config: str | None = None  # a DeepSpeed JSON path; overrides `name`
     timeout_s: int = 600  # collective timeout: a mismatch fails after this, never after torch's 30 min default
+    fsdp2: Fsdp2Settings = field(default_factory=Fsdp2Settings)  # read only with name fsdp2
 
 
 @dataclass(frozen=True)
@@ -391,6 +404,8 @@ def _check_values(cfg: RunConfig, problems: list[str]) -> None:
         problems.append("'reference.lora' needs r >= 1, alpha > 0 and at least one target module")
     if not v.prompts:
         problems.append("'verify.prompts' must hold at least one prompt")
+    if cfg.sharding.ds_config and cfg.sharding.name == Sharding.FSDP2:
+        problems.append("'sharding.ds_config' is a DeepSpeed JSON but 'sharding.name' is fsdp2: drop one of them")
     if cfg.sharding.timeout_s < 10:
         problems.append(f"'sharding.timeout_s' must be >= 10 seconds, got {cfg.sharding.timeout_s}")
     if cfg.reference.ranks < 1 or (cfg.reference.pad_to_multiple_of or 1) < 1:

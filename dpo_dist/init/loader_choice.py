@@ -14,19 +14,16 @@ def fast_plan(run, path: Path, fact: str = "loader"):
     from dpo_dist.load import fastload
 
     cfg, rr = run.cfg, run.rr
-    choice, stage, plan = cfg.model.loader, run.state.stage, None
+    choice, plan = cfg.model.loader, None
+    sharded = run.sharding.shards_params(run.state)
+    refusal = run.sharding.fast_loader_refusal(run.state)  # the backend's reasons (ZeRO-2, NVMe offload, ...)
     if choice == "transformers":
         why = "model.loader: transformers"
-    elif stage != 3:
-        why = f"ZeRO-{stage}: the fast loader fills ZeRO-3 partitions only"
+    elif refusal and not sharded:
+        why = refusal
     else:
-        zero = run.state.ds.get("zero_optimization") or {}
-        offload = str((zero.get("offload_param") or {}).get("device", "none")).lower()
-        quantized = zero.get("zero_quantized_weights") or zero.get("zero_quantized_nontrainable_weights")
-        why = ""
-        if offload == "nvme" or quantized is True:
-            why = "parameters offloaded to NVMe" if offload == "nvme" else "ZeRO quantized weights"
-        else:
+        why = refusal or ""
+        if not why:
             try:
                 plan = fastload.plan_load(path, cfg.model.dtype, cfg.model.trust_remote_code)
             except fastload.FastLoadRefused as e:
@@ -40,7 +37,7 @@ def fast_plan(run, path: Path, fact: str = "loader"):
     if choice == "fast":
         raise ValueError(f"model.loader is fast but the fast loader cannot load {path}: {why}. Fix: set "
                          "model.loader: transformers (or auto) to load with from_pretrained")
-    if choice == "auto" and stage == 3:
+    if choice == "auto" and sharded:
         run.ctx.warn(f"fast loader not used for {path} ({why}): loading with transformers' from_pretrained")
     rr.facts.update({fact: "transformers", fact + "_reason": why})
     return None

@@ -8,8 +8,10 @@ import os
 import tempfile
 from pathlib import Path
 
+from dpo_dist.config.names import Backend
 from dpo_dist.config.resources import resolve_ds_config, resolve_model_path
 from dpo_dist.config.schema import RunConfig
+from dpo_dist.config.sharding import backend_of, placement_refusal
 from dpo_dist.config.trl_args import unknown_extra_problems
 from dpo_dist.load.checkpoint import CheckpointError, preflight
 from dpo_dist.runtime.run_lock import OutputDirBusy, acquire
@@ -99,9 +101,13 @@ def run_preflight(cfg: RunConfig, data: bool = True) -> None:
     if unknown:
         raise PreflightError(unknown[0])  # one line: the first, with its fix
     try:
-        resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
+        if backend_of(cfg.sharding.name, cfg.sharding.ds_config) == Backend.DEEPSPEED:  # FSDP2 reads no JSON
+            resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
     except (FileNotFoundError, ValueError) as e:
         raise PreflightError(str(e)) from None
+    refused = placement_refusal(cfg)
+    if refused:
+        raise PreflightError(refused)
     if (cfg.overwrite or cfg.train.resume_from) and int(os.environ.get("RANK", "0")) == 0:
         (out / "report.json").unlink(missing_ok=True)  # first: whatever fails next, the old verdict is gone
     check_checkpoint(resolve_model_path(cfg.model.path), cfg, "model")

@@ -15,13 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpo_dist.config.resources import (
-    batch_mismatch,
-    launch_stage_conflict,
-    resolve_ds_config,
-    resolve_model_path,
-    zero_stage,
-)
+from dpo_dist.config.resources import resolve_model_path
 from dpo_dist.config.schema import RunConfig, to_dict
 from dpo_dist.data.keys import tokenizer_key
 from dpo_dist.data.sources import DataError
@@ -36,6 +30,8 @@ from dpo_dist.runtime import console, liveness
 from dpo_dist.runtime.distributed import DistContext
 from dpo_dist.runtime.faults import inject_fault
 from dpo_dist.runtime.world import world_problem
+from dpo_dist.sharding import views
+from dpo_dist.sharding.registry import backend_for
 from dpo_dist.train import rewind
 from dpo_dist.train.trainer import LossRecorder, build_dpo_config, training_fields, use_training_fields
 from dpo_dist.verify import lineage, model_checks, probes, tolerances, weight_checks, weights
@@ -70,6 +66,7 @@ class InitRun:
         self.rr = RankReport(ctx.rank)
         self.state = InitState()  # what the stages hand each other
         self.placement = strategy_for(cfg.reference.placement)  # every placement-specific step is asked of it
+        self.sharding = backend_for(cfg)  # and every sharding-specific one of the backend (dpo_dist.sharding)
         if ctx.roles is not None:  # placement ranks: this policy rank's line to its reference rank, from the start
             from dpo_dist.reference.rank_server import RemoteReference
 
@@ -79,35 +76,30 @@ class InitRun:
     def setup(self) -> bool:
         from transformers import set_seed
 
-        cfg = self.cfg
-        label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
-        stage = zero_stage(ds)
-        conflict = launch_stage_conflict(ds, label)
-        if conflict:
-            return self.rr.add("sharding matches launch", False, conflict, conflict)
+        cfg, s = self.cfg, self.state
+        if not self.sharding.setup(self) or not self.sharding.refuse_placement(self):
+            return False
         placement = cfg.reference.placement
-        self.state.update(ds_label=label, ds=ds, stage=stage)
         if not self.placement.check_setup(self):
             return False
         bad_world = world_problem(self.ctx.roles.world if self.ctx.roles is not None else self.ctx.world_size)
         if bad_world:
             return self.rr.add("world matches the launch", False, *bad_world)
-        bad_batch = batch_mismatch(ds, cfg, self.ctx.world_size)
-        if bad_batch:
-            return self.rr.add("batch sizes consistent", False, bad_batch, bad_batch)
         set_seed(cfg.train.seed)
         smoke = self.placement.smoke_steps(cfg.verify.smoke_steps)
-        self.state.smoke_steps = smoke
+        s.smoke_steps = smoke
         if smoke:  # training after the gate runs under the config's own schedule: built (and checked) now, first
-            self.state.train_fields = training_fields(build_dpo_config(cfg, None, 0, self.placement.trl_precompute))
-        self.state.args = build_dpo_config(cfg, ds, smoke, precompute=self.placement.trl_precompute)
-        self.rr.facts.update(sharding=label, zero_stage=stage, placement=placement, world_size=self.ctx.world_size,
+            s.train_fields = training_fields(build_dpo_config(cfg, None, 0, self.placement.trl_precompute))
+        s.args = build_dpo_config(cfg, s.ds, smoke, precompute=self.placement.trl_precompute,
+                                  backend_kwargs=self.sharding.trainer_kwargs(self))
+        self.rr.facts.update(sharding=s.ds_label, zero_stage=s.stage, backend=self.sharding.name,
+                             placement=placement, world_size=self.ctx.world_size,
                              output_dir=str(Path(cfg.train.output_dir)), smoke_steps=smoke,
                              rank_run_id=self.ctx.run_id)
         roles = self.ctx.roles
         world = f"world {self.ctx.world_size}" if roles is None else \
             f"{roles.policy_ranks} policy + {roles.reference_ranks} reference rank(s) of {roles.world} processes"
-        return self.rr.add("configuration", True, f"ZeRO-{stage} ({label}), reference {placement}, {world}")
+        return self.rr.add("configuration", True, f"{self.sharding.describe(s)}, reference {placement}, {world}")
 
     def tokenizer(self) -> bool:
         cfg, ctx, rr = self.cfg, self.ctx, self.rr
@@ -147,23 +139,22 @@ class InitRun:
             return rr.add("model loader", False, str(e), str(e))
         s.ref_plan = ref_plan
         how = "fast partitioned loader" if pol_plan is not None else "from_pretrained"
-        ctx.print0(f"[dpo-dist] loading policy from {pol_path} (ZeRO-{s.stage}, {how}) ...")
+        ctx.print0(f"[dpo-dist] loading policy from {pol_path} ({self.sharding.describe(s)}, {how}) ...")
         from dpo_dist.init import progress
 
         share = ctx.world_size if pol_plan is not None else 1  # the fast loader reads this rank's byte ranges only
         with progress.reading("loading policy", progress.checkpoint_bytes(pol_path) // share, ctx.print0):
-            policy = models.load_causal_lm(pol_path, cfg.model.dtype, cfg.model.trust_remote_code,
-                                           cfg.model.allow_pickle, plan=pol_plan)
+            policy = self.sharding.load_model(self, pol_path, pol_plan, "policy")
         policy.train()
         s.policy = policy
         ctx.print0(f"[dpo-dist] loading reference ({cfg.reference.placement}) from {ref_path} ...")
         with progress.reading("loading reference", progress.checkpoint_bytes(ref_path) // share, ctx.print0):
             s.reference = self.placement.load(self)
         rr.facts["load_seconds"] = round(time.perf_counter() - t0, 3)
-        rr.facts[f"rank_{ctx.rank}_policy_bytes"] = weights.local_bytes(policy, ctx)
+        rr.facts[f"rank_{ctx.rank}_policy_bytes"] = views.local_bytes(policy)
         rr.facts[f"rank_{ctx.rank}_reference_bytes"] = self.placement.reference_bytes(self)
         rr.facts[f"rank_{ctx.rank}_memory_kb"] = models.shared_memory_kb()
-        rr.facts["partitioned"] = probes.is_partitioned(policy)
+        rr.facts["partitioned"] = views.is_sharded(policy)
         return rr.add("models loaded", True, f"{sum(1 for _ in policy.parameters())} tensors, "
                       f"{rr.facts['load_seconds']} s, {how}")
 
@@ -181,6 +172,7 @@ class InitRun:
         s.fp_policy = fp_pol
         rr.facts["fingerprints"] = {"policy": fp_pol}
         ok = weight_checks.check_finite(rr, nonfinite, "policy")
+        ok &= self.sharding.audit(self)  # how the loaded models are sharded (FSDP2: the wrap of each)
         placed_ok, s.fp_reference = self.placement.static_checks(self, fp_pol)
         ok &= placed_ok
         if not self.placement.is_policy_base:  # a reference of its own (lora's is the policy's base)
@@ -203,8 +195,8 @@ class InitRun:
         cfg, ctx, rr, tok = self.cfg, self.ctx, self.rr, self.state.tok
         pol = self.placement.forward_policy(self)
         ref = self.state.reference
-        ds = self.state.args.hf_deepspeed_config.config
-        synced = probes.is_partitioned(pol) and ctx.distributed
+        ds = self.sharding.forward_config(self.state)
+        synced = views.is_sharded(pol) and ctx.distributed
         cross = self.cross_device()
         pol.eval()
         try:
@@ -326,7 +318,7 @@ class InitRun:
         ref_before = weights.model_fingerprints(ref_module, ctx) if ref_module is not None else None
         model = trainer.model
         trainable = {nm for nm, p in model.named_parameters() if p.requires_grad}
-        pol_before = weights.model_fingerprints(model, ctx)
+        pol_before = weights.model_fingerprints(model, ctx, stored=True)  # an fp32 master's own bits
         monitor = self.state.kl_monitor
         before = rewind.take(trainer, ctx.rank, monitor)  # training after the gate starts here, not after the smoke
         rec = LossRecorder()
@@ -362,7 +354,7 @@ class InitRun:
             return ran & rr.add("resumed loss continues the run",
                                 **lineage.check_resumed_loss(self.cfg.train.resume_from, losses))
         ok = tolerances.step0_rows(self, trainer, losses)
-        fp_after = weights.model_fingerprints(model, ctx)
+        fp_after = weights.model_fingerprints(model, ctx, stored=True)
         still = [nm for nm in trainable if fp_after.get(nm) == pol_before.get(nm)]
         ok &= rr.add("every policy parameter moved", not still, f"{len(trainable)} tensors changed after {n} "
                      "step(s)" if not still else f"{len(still)} unchanged, e.g. {still[0]}",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dpo_dist.config.names import Sharding
 from dpo_dist.config.resources import ds_config_path, launch_config_path, resolve_ds_config, zero_stage
+from dpo_dist.config.sharding import uses_deepspeed_json
 from dpo_dist.runtime.world import EXPECTED_WORLD_ENV  # the world size the launch declared, for the gate
 
 # Environment that keeps runs offline and quiet everywhere (no hub look-ups at run time).
@@ -41,7 +42,7 @@ class LaunchSpec:
     ds_config: str | None = None  # the run's own DeepSpeed JSON (sharding.ds_config), in place of the shipped one
 
 
-def multinode_args(num_machines: int, rdzv_timeout_s: int) -> list[str]:
+def multinode_args(num_machines: int, rdzv_timeout_s: int, deepspeed: bool = True) -> list[str]:
     """accelerate options that make the machines one world: torchrun on every machine ("standard") meeting in a c10d
     rendezvous at the head's address and port. Without them accelerate hands a multi-machine DeepSpeed launch to
     DeepSpeed's pdsh/hostfile runner, which needs a `deepspeed` binary on PATH and, finding no hostfile, runs this
@@ -49,7 +50,7 @@ def multinode_args(num_machines: int, rdzv_timeout_s: int) -> list[str]:
     if num_machines <= 1:
         return []
     return ["--rdzv_backend", "c10d", "--rdzv_conf", f"join_timeout={rdzv_timeout_s}",
-            "--deepspeed_multinode_launcher", "standard"]
+            *(["--deepspeed_multinode_launcher", "standard"] if deepspeed else [])]
 
 
 def build_launch(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
@@ -67,7 +68,8 @@ def build_launch(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
         raise ValueError("a multi-machine launch needs the first node's address (--main-process-ip): pass it")
     if spec.rdzv_timeout_s < 1:
         raise ValueError(f"rendezvous timeout {spec.rdzv_timeout_s} s (--rdzv-timeout): give at least 1 second")
-    launch_name, ds_file = spec.sharding, str(ds_config_path(spec.sharding))
+    launch_name = spec.sharding
+    ds_file = str(ds_config_path(spec.sharding)) if uses_deepspeed_json(spec.sharding) else None  # FSDP2: none
     if spec.ds_config:  # its stage picks the shipped accelerate config (ZeRO-3's init flag only for stage 3)
         _, ds = resolve_ds_config(None, spec.ds_config)
         launch_name = Sharding.ZERO3.value if zero_stage(ds) == 3 else Sharding.ZERO2.value
@@ -75,7 +77,7 @@ def build_launch(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     argv = [
         spec.python, "-m", "accelerate.commands.launch",
         "--config_file", str(launch_config_path(launch_name)),
-        "--deepspeed_config_file", ds_file,
+        *(["--deepspeed_config_file", ds_file] if ds_file else []),
         "--num_processes", str(spec.num_processes * spec.num_machines),
         "--num_machines", str(spec.num_machines),
         "--machine_rank", str(spec.machine_rank),
@@ -83,7 +85,7 @@ def build_launch(spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
     ]
     if spec.main_process_ip:
         argv += ["--main_process_ip", spec.main_process_ip]
-    argv += multinode_args(spec.num_machines, spec.rdzv_timeout_s)
+    argv += multinode_args(spec.num_machines, spec.rdzv_timeout_s, deepspeed=ds_file is not None)
     argv += ["-m", "dpo_dist", "init", "--sharding", spec.sharding, *spec.init_args]
     env = dict(OFFLINE_ENV)
     env[EXPECTED_WORLD_ENV] = str(spec.num_processes * spec.num_machines)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_dist.config.names import Placement, Sharding
+from dpo_dist.config.sharding import uses_deepspeed_json
 
 # SLURM time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS.
 _TIME_RE = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
@@ -214,9 +215,12 @@ def render_sbatch(spec: SlurmSpec) -> str:
         "HEAD_NODE=\"${NODES%%$'\\n'*}\"",
         f"MASTER_PORT=$(({spec.port_base} + SLURM_JOB_ID % {spec.port_span}))",
         f"CPUS_PER_TASK={cpus}",
-        f"# accelerate's and DeepSpeed's {spec.sharding} configs, as shipped with the dpo-dist that $PYTHON runs",
+        f"# accelerate's{' and DeepSpeed' + chr(39) + 's' if uses_deepspeed_json(spec.sharding) else ''} "
+        f"{spec.sharding} config{'s' if uses_deepspeed_json(spec.sharding) else ''}, as shipped with the dpo-dist "
+        "that $PYTHON runs",
         f'LAUNCH_CONFIG="$("$PYTHON" -c {resolve.format("launch_config_path")} {spec.sharding})"',
-        f'DS_CONFIG="$("$PYTHON" -c {resolve.format("ds_config_path")} {spec.sharding})"',
+        *([f'DS_CONFIG="$("$PYTHON" -c {resolve.format("ds_config_path")} {spec.sharding})"']
+          if uses_deepspeed_json(spec.sharding) else []),
         *(f"export {k}={_q(v)}" for k, v in sorted(env.items())),
         "# In the job's log a line of rank r reads '<node>: [rank<r>]: ...'.",
         "export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[rank${rank}]: '",

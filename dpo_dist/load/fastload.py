@@ -303,16 +303,30 @@ def fill_partitions(model, plan: LoadPlan) -> int:
                 if n < part:
                     flat[n:].zero_()  # padding of the last shard (torch.empty: garbage otherwise)
             hf_compat.mark_loaded(p)  # as transformers' ZeRO-3 loader marks what it loaded
-        for name, e in plan.buffers.items():
-            buf = model.get_buffer(name)
-            tmp = torch.empty(e.numel, dtype=e.dtype)
-            reader.read(e, 0, tmp)
-            with torch.no_grad():
-                buf.copy_(tmp.view(buf.shape))
-            hf_compat.mark_loaded(buf)
+        read_buffers(model, plan, reader)
         return reader.bytes_read
     finally:
         reader.close()
+
+
+def read_buffers(model, plan: LoadPlan, reader: _Reader) -> None:
+    """Every persistent buffer the files hold, whole on every rank (buffers are never sharded)."""
+    for name, e in plan.buffers.items():
+        buf = model.get_buffer(name)
+        tmp = torch.empty(e.numel, dtype=e.dtype)
+        reader.read(e, 0, tmp)
+        with torch.no_grad():
+            buf.copy_(tmp.view(buf.shape))
+        hf_compat.mark_loaded(buf)
+
+
+# The reader and the finish, for other layouts' loaders (dpo_dist.sharding.fsdp2 fills FSDP2 shards the same way).
+Reader = _Reader
+
+
+def finish(model, plan: LoadPlan) -> None:
+    """What from_pretrained does after loading (see _finish)."""
+    _finish(model, plan)
 
 
 def _finish(model, plan: LoadPlan) -> None:

@@ -103,14 +103,13 @@ class ReferencePlacement:
     # -- smoke steps ------------------------------------------------------------------------------------------------
     def smoke_reference(self, run, trainer):
         """The module whose weights must not move during training (None when the reference is not here)."""
-        return trainer.ref_model.module
+        return run.sharding.unwrap(trainer.ref_model)
 
 
 def load_like_policy(run):
     """zero3 and precomputed: the reference loaded as the policy was, frozen (the fast partitioned loader when the load
     stage planned it: the policy's plan for the same checkpoint)."""
-    cfg, s = run.cfg, run.state
-    ref = models.load_causal_lm(s.ref_path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
-                                plan=s.ref_plan)
+    s = run.state
+    ref = run.sharding.load_model(run, s.ref_path, s.ref_plan, "reference")
     models.freeze(ref)
     return ref

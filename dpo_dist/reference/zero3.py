@@ -16,7 +16,7 @@ class Zero3Placement(ReferencePlacement):
 
     def check_setup(self, run) -> bool:
         cfg, stage = run.cfg, run.state.stage
-        if stage != 3 and cfg.reference.on_zero2 == "refuse":
+        if not run.sharding.shards_params(run.state) and cfg.reference.on_zero2 == "refuse":
             return run.rr.add("sharding fits placement", False, f"policy ZeRO-{stage}, reference zero3",
                               "reference.placement zero3 shards the reference only with a ZeRO-3 policy: use "
                               "--sharding zero3, or set reference.on_zero2: replica")
@@ -34,18 +34,10 @@ class Zero3Placement(ReferencePlacement):
                           args=s.args, processing_class=s.tok)
 
     def check_trainer(self, run, trainer) -> bool:
-        from dpo_dist.train.trainer import describe_ref_engine
-
         rr, s = run.rr, run.state
-        eng = describe_ref_engine(trainer)
-        want_stage = 3 if s.stage == 3 else 0
-        ok = rr.add("trainer reference is a prepared engine",
-                    eng["type"] == "DeepSpeedEngine" and eng["stage"] == want_stage and not eng["optimizer"]
-                    and not eng["training"], f"{eng['type']} stage {eng['stage']}, optimizer {eng['optimizer']}, "
-                    f"training {eng['training']}",
-                    "TRL did not wrap the reference as a DeepSpeed inference engine: launch with accelerate and a "
-                    "DeepSpeed config (launch/zero3.yaml)")
-        return ok & model_checks.check_roles(s.policy, trainer.ref_model.module, rr, prefix="trainer: ")
+        ok = run.sharding.check_trainer_reference(run, trainer, run.sharding.shards_params(s))
+        return ok & model_checks.check_roles(s.policy, run.sharding.unwrap(trainer.ref_model), rr,
+                                             prefix="trainer: ")
 
     def kl_reference(self, run, trainer):
         return lambda policy: contextlib.nullcontext(trainer.ref_model)

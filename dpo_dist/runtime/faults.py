@@ -17,7 +17,8 @@ def inject_fault(stage: str, rank: int, state=None) -> None:
     Modes: raise (default: an error the stage reports), exit (the process dies at once, as a crashed or killed rank
     would), hang (alive but silent), stop (SIGSTOP: the whole process frozen, as on a hung node), perturb (this
     rank's copy of one reference weight changes, as a bad copy would), ulp (that weight's first element one
-    floating-point step off), fp32 (the reference cast to float32), train_ref (the reference goes back to train mode,
+    floating-point step off), zeros (this rank's reference shards all zero: a broadcast never received), fp32 (the
+    reference cast to float32), train_ref (the reference goes back to train mode,
     dropout active). `state`: the init stages' InitState (the last four modes act on its reference)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -38,7 +39,7 @@ def inject_fault(stage: str, rank: int, state=None) -> None:
         time.sleep(3600)
     if mode == "perturb":
         name, p = list(state.reference.named_parameters())[-2]
-        local = getattr(p, "ds_tensor", p).data.view(-1)
+        local = _held(p).view(-1)
         if local.numel():
             local[0] += 1.0
         print(f"[dpo-dist] rank {rank}: injected perturbation of {name}", file=sys.stderr, flush=True)
@@ -48,10 +49,18 @@ def inject_fault(stage: str, rank: int, state=None) -> None:
 
         name, p = list(state.reference.named_parameters())[-2]
         ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-        for t in {id(x): x for x in (p.data, getattr(p, "ds_tensor", p))}.values():  # a ZeRO-3 persistent
+        for t in {id(x): x for x in (_held(p), getattr(p, "ds_tensor", _held(p)))}.values():  # a ZeRO-3 persistent
             if t.numel():  # parameter's forward copy and its shard both
                 t.data.view(-1)[:1].view(ints[t.element_size()]).add_(1)
         print(f"[dpo-dist] rank {rank}: injected one-ulp change of {name}", file=sys.stderr, flush=True)
+        return
+    if mode == "zeros":  # this rank's shards of the reference never filled: a broadcast that did not happen
+        import torch
+
+        with torch.no_grad():
+            for p in state.reference.parameters():
+                _held(p).zero_()
+        print(f"[dpo-dist] rank {rank}: injected zeroed reference shards", file=sys.stderr, flush=True)
         return
     if mode == "fp32":  # the reference runs in another dtype (an unsharded reference: cpu placement)
         state.reference.float()
@@ -60,3 +69,8 @@ def inject_fault(stage: str, rank: int, state=None) -> None:
         state.reference.train()
         return
     raise RuntimeError(f"injected fault at stage '{stage}' on rank {rank}")
+
+
+def _held(p):
+    """What this rank holds of a parameter as a plain tensor: an FSDP2 DTensor's local shard, else its data."""
+    return p.to_local() if hasattr(p, "to_local") else p.data

@@ -13,14 +13,16 @@ from dpo_dist.config.schema import RunConfig
 from dpo_dist.config.trl_args import dpo_config_kwargs
 
 
-def build_dpo_config(cfg: RunConfig, ds: dict[str, Any] | None, smoke_steps: int = 0, precompute: bool = False):
+def build_dpo_config(cfg: RunConfig, ds: dict[str, Any] | None, smoke_steps: int = 0, precompute: bool = False,
+                     backend_kwargs: dict[str, Any] | None = None):
     """ds None: the arguments without DeepSpeed (training_fields reads the schedule from them). transformers keeps one
-    global ZeRO-3 config, set by the last DPOConfig made with DeepSpeed and unset by one without: build those first."""
+    global ZeRO-3 config, set by the last DPOConfig made with DeepSpeed and unset by one without: build those first.
+    backend_kwargs: what the sharding backend adds (dpo_dist.sharding: fsdp/fsdp_config under FSDP2)."""
     from trl import DPOConfig
 
-    kw = dpo_config_kwargs(cfg, ds or {}, smoke_steps, precompute)
+    kw = {**dpo_config_kwargs(cfg, ds or {}, smoke_steps, precompute), **(backend_kwargs or {})}
     if ds is None:
-        kw.pop("deepspeed")
+        kw.pop("deepspeed", None)
     return DPOConfig(**kw)
 
 
@@ -39,16 +41,6 @@ def use_training_fields(trainer, fields: dict[str, Any] | None) -> None:
     its arguments stays)."""
     for name, value in (fields or {}).items():
         setattr(trainer.args, name, value)
-
-
-def describe_ref_engine(trainer) -> dict[str, Any]:
-    """What TRL made of the reference: a DeepSpeed engine, its ZeRO stage, optimizer-free, eval mode."""
-    ref = trainer.ref_model
-    engine = type(ref).__name__
-    stage = ref.zero_optimization_stage() if hasattr(ref, "zero_optimization_stage") else None
-    has_opt = getattr(ref, "basic_optimizer", None) is not None or getattr(ref, "client_optimizer", None) is not None
-    module = getattr(ref, "module", ref)  # the engine object's own .training flag is not what runs forwards
-    return {"type": engine, "stage": stage, "optimizer": has_opt, "training": module.training}
 
 
 class LossRecorder:

@@ -20,6 +20,8 @@ from dpo_dist.verify.report import RankReport
 
 
 def is_partitioned(model) -> bool:
+    """ZeRO-3 partitioned (forwards need a DeepSpeed engine's gathering hooks). An FSDP2 module gathers in its own
+    hooks, so it needs none: dpo_dist.sharding.views.is_sharded says whether forwards are collective."""
     return any(hasattr(p, "ds_tensor") for p in model.parameters())
 
 

@@ -1,8 +1,9 @@
 """Prove policy, reference and checkpoint files hold bitwise equal weights, without gathering any parameter.
 
-Each rank fingerprints only what it holds: under ZeRO-3 its partition `p.ds_tensor` (flat elements
-[rank*part, rank*part + n); the padded tail is skipped), otherwise a 1/world slice of the replicated tensor; for the
-files, the same slice read with one pread. Fingerprints add over positions, so one all-reduce per source yields the
+Each rank fingerprints only what it holds (dpo_dist.sharding.views): under ZeRO-3 its partition `p.ds_tensor` (flat
+elements [rank*part, rank*part + n); the padded tail is skipped), under FSDP2 its DTensor's local Shard(0) rows (a
+contiguous flat range), otherwise a 1/world slice of the replicated tensor; for the files, a 1/world slice read with
+one pread (the split does not matter). Fingerprints add over positions, so one all-reduce per source yields the
 fingerprint of every whole tensor on every rank, and every rank reaches the same verdict.
 """
 
@@ -14,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from dpo_dist.compat.deepspeed import local_partition
 from dpo_dist.load.checkpoint import TensorEntry, read_elements, tensor_index
 from dpo_dist.load.key_mapping import FileAccount, account, file_key_for
 from dpo_dist.runtime.distributed import DistContext
+from dpo_dist.sharding import views
 from dpo_dist.verify.fingerprint import (
     fingerprint_bytes,
     fingerprint_flat,
@@ -29,18 +30,25 @@ from dpo_dist.verify.fingerprint import (
 
 def local_slice(p: torch.Tensor, ctx: DistContext) -> tuple[torch.Tensor, int, int]:
     """(this rank's flat elements, their offset in the whole tensor, the whole tensor's numel)."""
-    local = local_partition(p, ctx.rank)
-    if local is not None:  # ZeRO-3 partitioned parameter
-        ds_tensor, start, n, numel = local
-        return ds_tensor.data.reshape(-1)[:n], start, numel
-    numel = p.numel()
-    start, n = shard_range(numel, ctx.rank, ctx.world_size)
-    return p.data.reshape(-1)[start:start + n], start, numel
+    return tuple(views.local_view(p, ctx.rank, ctx.world_size))
+
+
+def compare_dtype(model, p) -> torch.dtype:
+    """The dtype a parameter is proved in: its own, except an FSDP2 fp32 master copy upcast from a 16-bit checkpoint
+    (accelerate's and dpo_dist.sharding.fsdp2's policy under bf16 mixed precision), which is compared in the dtype
+    the model was loaded in (model.config.dtype): bf16 -> fp32 is exact, so casting back is lossless and a policy
+    equal to its bf16 reference and files stays bitwise equal; fingerprinting the fp32 bits would differ from both."""
+    if p.dtype != torch.float32 or not p.requires_grad or not views.is_dtensor(p):
+        return p.dtype  # a frozen fp32 reference is no master copy: it is proved in fp32, and fails against bf16
+    loaded = getattr(getattr(model, "config", None), "dtype", None)
+    if isinstance(loaded, str):
+        loaded = getattr(torch, loaded, None)
+    return loaded if loaded in (torch.bfloat16, torch.float16) else p.dtype
 
 
 def param_meta(model) -> dict[str, tuple[torch.dtype, int]]:
-    """name -> (dtype, full numel), for every parameter, partitioned or not."""
-    return {n: (p.dtype, int(getattr(p, "ds_numel", p.numel()))) for n, p in model.named_parameters()}
+    """name -> (dtype it is proved in, full numel), for every parameter, partitioned or not."""
+    return {n: (compare_dtype(model, p), views.full_numel(p)) for n, p in model.named_parameters()}
 
 
 def _reduce(names: list[str], local: list[torch.Tensor], ctx: DistContext,
@@ -66,12 +74,17 @@ def _progress(items: Iterable, ctx: DistContext, desc: str | None):
 
 
 def model_fingerprints(model, ctx: DistContext, desc: str | None = None,
-                       nonfinite: dict[str, int] | None = None) -> dict[str, str]:
-    """Every parameter's fingerprint; given a dict, `nonfinite` also receives name -> count of inf/NaN elements for
-    the parameters that hold any (counted in the same pass, all-reduced with the fingerprints)."""
+                       nonfinite: dict[str, int] | None = None, stored: bool = False) -> dict[str, str]:
+    """Every parameter's fingerprint, in the dtype it is proved in (compare_dtype; `stored`: in the dtype it is
+    kept in, to see a change below the checkpoint dtype's resolution); given a dict, `nonfinite` also receives name
+    -> count of inf/NaN elements for the parameters that hold any (counted in the same pass, all-reduced with the
+    fingerprints)."""
     names, local = [], []
     for name, p in _progress(list(model.named_parameters()), ctx, desc):
         flat, start, _ = local_slice(p, ctx)
+        want = p.dtype if stored else compare_dtype(model, p)
+        if flat.dtype != want:
+            flat = flat.to(want)
         names.append(name)
         local.append(fingerprint_flat(flat, start) if nonfinite is None else fingerprint_scan(flat, start))
     return _reduce(names, local, ctx, nonfinite)
@@ -157,10 +170,5 @@ def max_abs_diff(a, b, name: str, ctx: DistContext) -> float:
 
 
 def local_bytes(model, ctx: DistContext) -> int:
-    """Bytes of parameter data this rank actually holds (its partitions under ZeRO-3)."""
-    total = 0
-    for p in model.parameters():
-        ds_tensor = getattr(p, "ds_tensor", None)
-        t = ds_tensor if ds_tensor is not None else p.data
-        total += t.numel() * t.element_size()
-    return total
+    """Bytes of parameter data this rank actually holds (its partitions under ZeRO-3, its shards under FSDP2)."""
+    return views.local_bytes(model)
