@@ -51,6 +51,11 @@ def train(result, debug: bool = False) -> int:
     failed (a rank that fails says why and ends; the launcher stops the others). A failed gate is refused."""
     if not result.passed:
         raise ValueError("the quality gate failed: report.json says which check and what to do; nothing to train")
+    from dpo_dist.config.sharding import train_refusal
+
+    refused = train_refusal(result.cfg)
+    if refused:
+        raise ValueError(refused)
     from dpo_dist.train import after_gate
 
     s = result.state

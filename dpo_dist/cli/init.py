@@ -152,6 +152,12 @@ def _run_config(args: argparse.Namespace, cfg) -> int:
                      "ref_model_sync_steps, and the smoke steps check that it stays frozen: run the gate with "
                      "--smoke-steps 0 (the step-0 proofs still hold), or drop sync_ref_model", 2)
 
+    if getattr(args, "train", False):
+        from dpo_dist.config.sharding import train_refusal
+
+        refused = train_refusal(cfg)
+        if refused:
+            return _fail("input checks", refused, 2)
     cluster_args = ClusterArgs(args.nodes, args.gpus_per_node, args.gpu_mem, args.host_mem)
     if args.dry_run:
         from dpo_dist.plan.refusal import dry_run

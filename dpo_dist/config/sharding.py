@@ -61,6 +61,21 @@ def placement_refusal(cfg) -> str | None:
             f"{', '.join(p for p in Placement.values() if p in done)}, or a DeepSpeed sharding (--sharding zero3)")
 
 
+# backends under which training after the gate (`init --train`, dpo_dist.api.train) is supported: FSDP2 still lacks
+# sharded checkpoints with the lineage marker, a re-verified resume and the Hugging Face export (docs/fsdp2.md)
+TRAINS_AFTER_GATE: frozenset[Backend] = frozenset({Backend.DEEPSPEED})
+
+
+def train_refusal(cfg) -> str | None:
+    """One line when training after the gate does not run under the run's sharding backend yet, else None."""
+    backend = backend_of(cfg.sharding.name, cfg.sharding.ds_config)
+    if backend in TRAINS_AFTER_GATE:
+        return None
+    return (f"training after the gate (--train) does not run under sharding backend {backend} yet (sharded "
+            "checkpoints, resume and the Hugging Face export are not done): run the gate without --train, or train "
+            "under a DeepSpeed sharding (--sharding zero3)")
+
+
 def uses_deepspeed_json(name: str) -> bool:
     """Whether the shipped sharding `name` comes with a DeepSpeed JSON (its launch passes --deepspeed_config_file)."""
     return BACKEND_OF.get(name) == Backend.DEEPSPEED
