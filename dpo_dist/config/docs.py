@@ -46,9 +46,16 @@ MEANINGS: dict[str, str] = {
     "reference.batch_requests": "ranks placement: equal-length requests of the policy ranks share one forward",
     "reference.pad_to_multiple_of": "ranks placement: pad micro-batches to a multiple so more requests share a "
                                     "forward; null keeps TRL's padding (bitwise the colocated run)",
-    "sharding.name": "a shipped DeepSpeed config by name; null = the accelerate launch's, else zero3",
+    "sharding.name": "a shipped sharding by name (zero2, zero3, zero3_offload: DeepSpeed; fsdp2: PyTorch FSDP2); null = "
+    "the accelerate launch's, else zero3",
     "sharding.ds_config": "your own DeepSpeed JSON; overrides `sharding.name`",
     "sharding.timeout_s": "collective timeout in seconds: a rank that does not answer is named after this",
+    "sharding.fsdp2.reshard_after_forward": "FSDP2: free each unit's gathered parameters after its forward (less "
+    "memory, one more all-gather in the backward)",
+    "sharding.fsdp2.cpu_offload": "FSDP2: keep the policy's sharded parameters, gradients and optimizer state in host "
+    "memory",
+    "sharding.fsdp2.mixed_precision": "FSDP2: `bf16` computes in bf16 and reduces in fp32 with an fp32 master copy of "
+    "the policy; `no` keeps the checkpoint's dtype throughout",
     "verify.prompts": "prompts for the generation check and the initial KL",
     "verify.reference_text": "a plain answer to the first prompt; its perplexity must beat the uniform baseline",
     "verify.kl_max": "initial-KL limit on a CPU reference under an accelerator policy; set to anything but its "
