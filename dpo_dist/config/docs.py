@@ -46,8 +46,8 @@ MEANINGS: dict[str, str] = {
     "reference.batch_requests": "ranks placement: equal-length requests of the policy ranks share one forward",
     "reference.pad_to_multiple_of": "ranks placement: pad micro-batches to a multiple so more requests share a "
                                     "forward; null keeps TRL's padding (bitwise the colocated run)",
-    "sharding.name": "a shipped sharding by name (zero2, zero3, zero3_offload: DeepSpeed; fsdp2: PyTorch FSDP2); null = "
-    "the accelerate launch's, else zero3",
+    "sharding.name": "a shipped sharding by name (zero2, zero3, zero3_offload: DeepSpeed; fsdp2: PyTorch FSDP2); "
+    "null = the accelerate launch's, else zero3",
     "sharding.ds_config": "your own DeepSpeed JSON; overrides `sharding.name`",
     "sharding.timeout_s": "collective timeout in seconds: a rank that does not answer is named after this",
     "sharding.fsdp2.reshard_after_forward": "FSDP2: free each unit's gathered parameters after its forward (less "
