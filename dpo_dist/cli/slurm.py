@@ -107,7 +107,7 @@ def ours(path: Path) -> bool:
     anything else is someone's file, never written over unasked (issue 21, #22)."""
     try:
         head = path.read_text(errors="replace")[:600]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (a file in the way fails the write, one line)
         return True
     except OSError:  # a directory, unreadable: not ours to replace
         return False

@@ -49,7 +49,8 @@ def inject_fault(stage: str, rank: int, state=None) -> None:
 
         name, p = list(state.reference.named_parameters())[-2]
         ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-        for t in {id(x): x for x in (_held(p), getattr(p, "ds_tensor", _held(p)))}.values():  # a ZeRO-3 persistent
+        forward_copy = p.to_local() if hasattr(p, "to_local") else p.data
+        for t in {id(x): x for x in (forward_copy, _held(p))}.values():  # a ZeRO-3 persistent
             if t.numel():  # parameter's forward copy and its shard both
                 t.data.view(-1)[:1].view(ints[t.element_size()]).add_(1)
         print(f"[dpo-dist] rank {rank}: injected one-ulp change of {name}", file=sys.stderr, flush=True)
@@ -72,5 +73,8 @@ def inject_fault(stage: str, rank: int, state=None) -> None:
 
 
 def _held(p):
-    """What this rank holds of a parameter as a plain tensor: an FSDP2 DTensor's local shard, else its data."""
+    """What this rank holds of a parameter as a plain tensor: a ZeRO-3 partition, an FSDP2 DTensor's local shard,
+    else its data."""
+    if hasattr(p, "ds_tensor"):
+        return p.ds_tensor.data
     return p.to_local() if hasattr(p, "to_local") else p.data
