@@ -106,7 +106,8 @@ def test_precomputed_cache_is_reused_and_invalidated(runs, tmp_path):
     tensors["model.norm.weight"] = tensors["model.norm.weight"] + torch.tensor(0.25, dtype=torch.bfloat16)
     save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
     other = launch_init(tmp_path / "other", "--placement", "precomputed", "--model", str(copy), "--set",
-                        f"reference.cache_dir={cache_dir}", "--set", "verify.generation=false")
+                        f"reference.cache_dir={cache_dir}", "--set", "verify.generation=false",
+                        "--set", "data.eval=default")  # a model of its own: no eval set unless named (issue 21)
     assert other.returncode == 0, other.output[-4000:]
     assert other.report["facts"]["precompute_cache_hits"] == {"train": False, "eval": False}
     key_a, key_b = first["facts"]["precompute_key"], other.report["facts"]["precompute_key"]

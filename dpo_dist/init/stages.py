@@ -203,9 +203,8 @@ class InitRun:
             with contextlib.ExitStack() as stack:
                 p = stack.enter_context(probes.forward_ready(pol, ds, ctx))
                 r = self.placement.forward_reference(self, stack, p, ds)
-                vp, deterministic, counter = forward_proofs.prove(
-                    p, r, tok, cfg.verify, ctx, rr, synced, cross,
-                    lambda s: ctx.print0(f"[dpo-dist] forward proofs: {s}"))
+                vp, deterministic, counter = forward_proofs.prove(p, r, tok, cfg.verify, ctx, rr, synced, cross,
+                                                                  self._progress("forward proofs"))
         finally:
             pol.train()
         rr.facts["forward_counts"] = counter.counts
@@ -308,6 +307,20 @@ class InitRun:
         self.state.kl_monitor = attach(trainer, self.cfg, self.ctx, self.rr, self.state.tok,
                                        lambda prompts: self.placement.kl_reference(self, trainer))
         lineage.attach(trainer, self.state.lineage, self.ctx)  # checkpoints carry this run's identity
+
+    def _progress(self, stage: str, after_s: float = 3.0):
+        """Which step of a long stage runs, on rank 0's terminal once the stage has run `after_s` seconds (as the
+        progress bars: a short stage stays one line); before that, and on other ranks, in the rank log only."""
+        t0, ctx = time.perf_counter(), self.ctx
+
+        def say(text: str) -> None:
+            line = f"[dpo-dist] {stage}: {text}"
+            log_only = getattr(sys.stdout, "log_only", None)
+            if ctx.is_main and (time.perf_counter() - t0 >= after_s or log_only is None):
+                print(line, flush=True)
+            elif log_only is not None:
+                log_only(line + "\n")
+        return say
 
     def smoke(self) -> bool:
         n = self.state.smoke_steps
