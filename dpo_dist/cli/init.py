@@ -49,6 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
             print(line("config", [rank], e.one_line(), "correct that value in the run YAML or on the command line "
                        "(--set SECTION.KEY=VALUE)"), file=sys.stderr)
+        elif "RANK" in os.environ:  # rank 0 says it; the launcher stops rank 0 once this rank ends: a moment first
+            import time
+
+            time.sleep(5)
         return 2
     if getattr(args, "print_config", False):
         from dpo_dist.config.docs import resolved_yaml
