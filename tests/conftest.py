@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dpo_dist.runtime.distributed import free_port  # noqa: F401 - the tests' launches take their ports from here
+from dpo_dist.runtime.process_tree import descendants, kill_tree  # noqa: F401 - tests import them from here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,32 +43,6 @@ class LaunchResult:
     output: str  # what the terminal showed, then every rank's full log (<output_dir>/logs/rank<r>.log)
     report: dict | None
     terminal: str = ""  # what the terminal showed only
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (torchrun starts its workers in sessions of their own, out of our process group)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def kill_tree(pid: int) -> None:
-    for p in [pid, *descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def run_process(argv: list[str], env_extra: dict[str, str], timeout: float, cwd: Path = ROOT,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dpo_dist.runtime import outcome
 from dpo_dist.runtime.console import known_line
+from dpo_dist.runtime.process_tree import kill_tree
 
 # torchrun's agent logs (e.g. "W1201 06:10:00.123000 4242 torch/distributed/elastic/...] Sending process ...") and
 # the lines the ranks' cause is summarized from (printed once, last, by the launcher)
@@ -180,7 +181,7 @@ def wait_through_ctrl_c(proc: subprocess.Popen, grace_s: float = 30.0) -> tuple[
                 return proc.wait(), interrupted
             left = deadline - time.monotonic()
             if left <= 0:
-                _kill_tree(proc.pid)
+                kill_tree(proc.pid)
                 return proc.wait(), True
             try:
                 return proc.wait(timeout=min(left, 1.0)), True
@@ -191,31 +192,6 @@ def wait_through_ctrl_c(proc: subprocess.Popen, grace_s: float = 30.0) -> tuple[
                 deadline = time.monotonic()
             else:
                 interrupted, deadline = True, time.monotonic() + grace_s
-
-
-def _kill_tree(pid: int) -> None:
-    """The launcher and every process below it (torchrun starts its ranks in sessions of their own, so killing the
-    launcher alone would leave them running)."""
-    import signal
-
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    todo, found = [pid], []
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo += children.get(p, [])
-    for p in found:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 def ranks_exit_code(relays: list[Relay]) -> int | None:
