@@ -12,5 +12,11 @@ if [ "$#" -gt 0 ]; then  # a selection of your own (-k, -m, a file): that run al
 fi
 # The default suite, then the tests marked `slow` once (every placement under ZeRO-3 and ZeRO-2 on the deep trained
 # checkpoint, the resume end-to-end; conftest skips them unless selected).
-.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests -m slow
+# Two pytest-xdist workers, a test file at a time each (a file's shared launches stay shared; conftest starts the
+# longest files first): launches wait on rendezvous and timeouts as much as they compute, so a second worker fills
+# the idle core. DPO_DIST_TEST_WORKERS=0 runs in one process.
+workers="${DPO_DIST_TEST_WORKERS:-2}"
+par=()
+if [ "$workers" != 0 ]; then par=(-n "$workers" --dist loadfile --no-loadscope-reorder); fi
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "${par[@]}" tests
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "${par[@]}" tests -m slow

@@ -24,7 +24,22 @@ except Exception:  # pragma: no cover
     HAS_CUDA = False
 
 
+# Test files that hold many launches, slowest first (measured with --durations on this 2-core machine). launch/test.sh
+# runs the suite on 2 pytest-xdist workers, a file at a time each (--dist loadfile, shared module fixtures stay
+# shared): starting the longest files first keeps one worker from being left with a long file at the end. Order only
+# changes the wall time, never a result; a file not listed runs after these, in collection order.
+LONGEST_FIRST = ("test_fsdp2.py", "test_placements.py", "test_train.py", "test_deep_numerics.py", "test_faults.py",
+                 "test_kl_monitor.py", "test_adversary_launch.py", "test_slurm_cluster.py", "test_adversary_checks.py",
+                 "test_init_multiproc.py", "test_liveness.py", "test_silent_passes.py", "test_deep_numerics_matrix.py")
+
+
+def _longest_first(item) -> int:
+    name = Path(str(item.fspath)).name
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_longest_first)  # stable: a file's own tests keep their order
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_slow = pytest.mark.skip(reason="slow: select with -m slow")
     slow_selected = "slow" in (config.getoption("-m") or "")
@@ -124,21 +139,61 @@ _LAUNCHED: dict[tuple, SharedLaunch] = {}
 PASSING_ZERO3 = ("--smoke-steps", "2")
 
 
+def _shared_launch_dir() -> Path | None:
+    """Under pytest-xdist (launch/test.sh runs the suite on 2 workers) the workers of one test run share one folder,
+    so a launch several test files read is made once per run, not once per worker; None in a plain pytest run."""
+    import tempfile
+
+    uid = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not uid:
+        return None
+    d = Path(tempfile.gettempdir()) / f"dpo-dist-launched-{uid}"
+    d.mkdir(exist_ok=True)
+    return d
+
+
 def launched(*init_args: str, demo: bool = False, sharding: str = "zero3", nproc: int = 2,
              timeout: float = 600) -> SharedLaunch:
-    """The result of `dpo-dist launch --cpu` with these init arguments, launched once per session. The output dir
-    exists before the launch and holds an earlier run's failed report (so the launcher holds the dir's lock, and
+    """The result of `dpo-dist launch --cpu` with these init arguments, launched once per test run (across xdist
+    workers too: the first worker to ask launches under a file lock, the others wait and read its result). The output
+    dir exists before the launch and holds an earlier run's failed report (so the launcher holds the dir's lock, and
     `--overwrite` has something to replace). demo=True runs `bash launch/demo.sh` (README command 1; output runs/demo)
     instead of `dpo-dist launch`. Treat the result and its output dir as read-only: other tests share them."""
-    import tempfile
+    import dataclasses
+    import fcntl
+    import hashlib
 
     key = (tuple(init_args), demo, sharding, nproc)
     if key in _LAUNCHED:
         return _LAUNCHED[key]
-    out = ROOT / "runs" / "demo" if demo else Path(tempfile.mkdtemp(prefix="dpo-dist-launched-")) / "out"
-    if out.exists():
-        import shutil
+    shared = _shared_launch_dir()
+    if shared is None:
+        _LAUNCHED[key] = _launch_shared(key, None, timeout)
+        return _LAUNCHED[key]
+    name = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / f"{name}.json"
+        if done.exists():
+            fields = json.loads(done.read_text())
+            result = SharedLaunch(**{**fields, "output_dir": Path(fields["output_dir"])})
+        else:
+            result = _launch_shared(key, shared / name, timeout)
+            done.write_text(json.dumps({**dataclasses.asdict(result), "output_dir": str(result.output_dir)}))
+    _LAUNCHED[key] = result
+    return result
 
+
+def _launch_shared(key: tuple, folder: Path | None, timeout: float) -> SharedLaunch:
+    import shutil
+    import tempfile
+
+    init_args, demo, sharding, nproc = key
+    if demo:
+        out = ROOT / "runs" / "demo"
+    else:
+        out = (folder or Path(tempfile.mkdtemp(prefix="dpo-dist-launched-"))) / "out"
+    if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / "report.json").write_text('{"passed": false}')  # an earlier run's, replaced under --overwrite
@@ -152,8 +207,7 @@ def launched(*init_args: str, demo: bool = False, sharding: str = "zero3", nproc
     rep_path = out / "report.json"
     report = json.loads(rep_path.read_text()) if rep_path.exists() else None
     logs = "".join(f"\n==> {p} <==\n{p.read_text(errors='replace')}" for p in sorted((out / "logs").glob("rank*.log")))
-    _LAUNCHED[key] = SharedLaunch(code, stdout + stderr + logs, report, stdout + stderr, stdout, stderr, out)
-    return _LAUNCHED[key]
+    return SharedLaunch(code, stdout + stderr + logs, report, stdout + stderr, stdout, stderr, out)
 
 
 def passing_zero3_run() -> SharedLaunch:

@@ -4,14 +4,13 @@ one line `dpo-dist...: <what> (<where>): <fix>`, exit 2, nothing written. Counte
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from pathlib import Path
 
 import pytest
+from conftest import edited_checkpoint
 
 from dpo_dist.cli.main import main
-from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
 
 def one_line_exit_2(argv: list[str], capsys) -> str:
@@ -21,12 +20,6 @@ def one_line_exit_2(argv: list[str], capsys) -> str:
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("dpo-dist"), err
     return lines[0]
-
-
-def copy_ckpt(tmp: Path) -> Path:
-    dst = tmp / "ckpt"
-    shutil.copytree(DEFAULT_CHECKPOINT, dst)
-    return dst
 
 
 def edit_json(path: Path, fn) -> None:
@@ -81,32 +74,32 @@ def _yaml_duplicate_section(tmp):
 
 
 def _model_type_typo(tmp):
-    d = copy_ckpt(tmp)
+    d = edited_checkpoint(tmp)
     edit_json(d / "config.json", lambda c: c.update(model_type="lama"))
     return ["--model", str(d)], "model_type 'lama' is not a model type transformers knows"
 
 
 def _vocab_larger_than_rows(tmp):
-    d = copy_ckpt(tmp)
+    d = edited_checkpoint(tmp)
     edit_json(d / "config.json", lambda c: c.update(vocab_size=600))
     return ["--model", str(d)], "says vocab_size 600 but lm_head.weight in model.safetensors has 512 rows"
 
 
 def _vocab_smaller_than_rows(tmp):
-    d = copy_ckpt(tmp)
+    d = edited_checkpoint(tmp)
     edit_json(d / "config.json", lambda c: c.update(vocab_size=500))
     return ["--model", str(d)], "says vocab_size 500 but lm_head.weight"
 
 
 def _index_weight_map_list(tmp):
-    d = copy_ckpt(tmp)
+    d = edited_checkpoint(tmp)
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
     return ["--model", str(d)], "weight_map must map tensor names to file names"
 
 
 def _header_bad(mutate, expect):
     def case(tmp):
-        d = copy_ckpt(tmp)
+        d = edited_checkpoint(tmp)
         edit_header(d, lambda h: mutate(h["model.norm.weight"], h))
         return ["--model", str(d)], expect
     case.__name__ = "_header_" + mutate.__name__.strip("_")
@@ -178,7 +171,7 @@ def test_init_bad_input_is_one_line_exit_2_nothing_written(case, tmp_path, capsy
 
 
 def test_custom_code_model_still_points_at_trust_remote_code(tmp_path, capsys):
-    d = copy_ckpt(tmp_path)
+    d = edited_checkpoint(tmp_path)
     edit_json(d / "config.json", lambda c: c.update(model_type="my_llm", auto_map={"AutoConfig": "my.Config"}))
     line = one_line_exit_2(["init", "--model", str(d), "--output-dir", str(tmp_path / "o")], capsys)
     assert "needs remote code" in line and "model.trust_remote_code: true" in line

@@ -98,7 +98,8 @@ def test_dropout_left_on_in_the_reference_fails_the_initial_kl(tmp_path, deep_ch
     (d / "config.json").write_text(json.dumps(conf))
     monkeypatch.setenv("DPO_DIST_TEST_FAULT", "forward proofs:*:train_ref")
     res = launch_init(tmp_path / "out", "--model", str(d), *QUIET, timeout=300)
-    assert_named(res, "initial KL < limit", "reference is in train mode")
+    row = assert_named(res, "initial KL < limit", "reference is in train mode")
+    assert "dropout" in row["hint"]
 
 
 def test_reference_in_another_dtype_fails_the_initial_kl_naming_the_dtypes(tmp_path, deep_checkpoint, monkeypatch):

@@ -6,8 +6,7 @@ import json
 import math
 
 import pytest
-import torch
-from conftest import ROOT, check_row, edited_checkpoint, launch_init, passing_zero3_run
+from conftest import ROOT, check_row, launch_init, passing_zero3_run
 from safetensors.torch import load_file
 
 from dpo_dist.config.resources import DEFAULT_CHECKPOINT
@@ -62,20 +61,3 @@ def test_zero2_passes_every_check(tmp_path):
     res = launch_init(tmp_path / "out", "--smoke-steps", "1", sharding="zero2")
     assert res.returncode == 0, res.output[-6000:]
     assert_proofs_passed(res.report, stage=2)
-
-
-def test_perturbed_reference_fails_on_every_rank_naming_the_tensor(tmp_path):
-    victim = "model.layers.1.mlp.down_proj.weight"
-
-    def nudge(t):
-        t.view(-1)[123] += torch.tensor(0.5, dtype=t.dtype)
-        return t
-
-    copy = edited_checkpoint(tmp_path, "perturbed", tensors={victim: nudge})
-    res = launch_init(tmp_path / "out", "--reference", str(copy))
-    assert res.returncode != 0
-    assert res.report is not None and res.report["passed"] is False
-    row = check_row(res.report, "weights: policy == reference")
-    assert not row["ok"] and row["failed_ranks"] == [0, 1]
-    assert victim in row["value"] and victim in row["hint"]
-    assert "FAIL" in res.output and victim in res.output
