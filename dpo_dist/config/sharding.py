@@ -61,9 +61,10 @@ def placement_refusal(cfg) -> str | None:
             f"{', '.join(p for p in Placement.values() if p in done)}, or a DeepSpeed sharding (--sharding zero3)")
 
 
-# backends under which training after the gate (`init --train`, dpo_dist.api.train) is supported: FSDP2 still lacks
-# sharded checkpoints with the lineage marker, a re-verified resume and the Hugging Face export (docs/fsdp2.md)
-TRAINS_AFTER_GATE: frozenset[Backend] = frozenset({Backend.DEEPSPEED})
+# backends under which training after the gate (`init --train`, dpo_dist.api.train) is supported: both (FSDP2: DCP
+# sharded checkpoints with the lineage marker, a re-verified resume, the Hugging Face export; docs/fsdp2.md). A new
+# backend is refused here until its ShardingBackend.export and its checkpoints are done
+TRAINS_AFTER_GATE: frozenset[Backend] = frozenset({Backend.DEEPSPEED, Backend.FSDP2})
 
 
 def train_refusal(cfg) -> str | None:
