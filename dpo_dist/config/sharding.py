@@ -72,9 +72,9 @@ def train_refusal(cfg) -> str | None:
     backend = backend_of(cfg.sharding.name, cfg.sharding.ds_config)
     if backend in TRAINS_AFTER_GATE:
         return None
-    return (f"training after the gate (--train) does not run under sharding backend {backend} yet (sharded "
-            "checkpoints, resume and the Hugging Face export are not done): run the gate without --train, or train "
-            "under a DeepSpeed sharding (--sharding zero3)")
+    return (f"training after the gate (--train) does not run under sharding backend {backend} yet (its "
+            "checkpoints, resume and Hugging Face export are not done): run the gate without --train, or train "
+            f"under {' or '.join(sorted(TRAINS_AFTER_GATE))} (--sharding zero3)")
 
 
 def uses_deepspeed_json(name: str) -> bool:
