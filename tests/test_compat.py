@@ -294,7 +294,8 @@ def test_accelerate_pinned_and_its_cpu_state_still_drops_fsdp():
     assert_mirrors(AcceleratorState.__init__, (
         'os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or fsdp_plugin is not None',
         "self.distributed_type = DistributedType.FSDP", "fsdp_plugin.set_mixed_precision(self._mixed_precision)",
-        "self.fsdp_plugin = fsdp_plugin"), "accelerate.fsdp_on_cpu")
+        "self.fsdp_plugin = fsdp_plugin", 'PartialState._shared_state["distributed_type"] = self.distributed_type'),
+        "accelerate.fsdp_on_cpu")
     branch = src[:src.index("self.distributed_type = DistributedType.FSDP")]
     gpu_types = branch[branch.rindex("elif self.distributed_type in ["):]
     assert "MULTI_GPU" in gpu_types and "MULTI_CPU" not in gpu_types, "re-check compat.accelerate.fsdp_on_cpu"

@@ -18,8 +18,9 @@ def fsdp_on_cpu() -> bool:
     wrapper runs the original, then, only when it left MULTI_CPU with an FSDP plugin given, does what the GPU
     branch does: distributed_type FSDP, the plugin's mixed precision, the plugin kept. GPU states are untouched
     (accelerate's own branch ran). Mirrors the branch `if (os.environ.get("ACCELERATE_USE_FSDP" ...) or fsdp_plugin
-    is not None)` of AcceleratorState.__init__ (accelerate 1.15); can go when accelerate takes FSDP on CPU."""
-    from accelerate.state import AcceleratorState
+    is not None)` of AcceleratorState.__init__ (accelerate 1.15), and its last line (PartialState's type set to the
+    state's); can go when accelerate takes FSDP on CPU."""
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     init = AcceleratorState.__init__
@@ -35,6 +36,10 @@ def fsdp_on_cpu() -> bool:
             if self.mixed_precision != "no":
                 plugin.set_mixed_precision(self.mixed_precision)
             self.fsdp_plugin = plugin
+            # as the GPU branch ends: every later AcceleratorState() (accelerate's optimizer wrapper makes one) copies
+            # PartialState's type over this state; left MULTI_CPU, training after prepare ran with accelerate's
+            # non-FSDP paths (its FSDP2 state-dict gather, the trainer's FSDP checks)
+            PartialState._shared_state["distributed_type"] = self.distributed_type
 
     setattr(wrapped, _MARK, True)
     AcceleratorState.__init__ = wrapped

@@ -61,9 +61,10 @@ def placement_refusal(cfg) -> str | None:
             f"{', '.join(p for p in Placement.values() if p in done)}, or a DeepSpeed sharding (--sharding zero3)")
 
 
-# backends under which training after the gate (`init --train`, dpo_dist.api.train) is supported: FSDP2 still lacks
-# sharded checkpoints with the lineage marker, a re-verified resume and the Hugging Face export (docs/fsdp2.md)
-TRAINS_AFTER_GATE: frozenset[Backend] = frozenset({Backend.DEEPSPEED})
+# backends under which training after the gate (`init --train`, dpo_dist.api.train) is supported: both (FSDP2: DCP
+# sharded checkpoints with the lineage marker, a re-verified resume, the Hugging Face export; docs/fsdp2.md). A new
+# backend is refused here until its ShardingBackend.export and its checkpoints are done
+TRAINS_AFTER_GATE: frozenset[Backend] = frozenset({Backend.DEEPSPEED, Backend.FSDP2})
 
 
 def train_refusal(cfg) -> str | None:
@@ -71,9 +72,9 @@ def train_refusal(cfg) -> str | None:
     backend = backend_of(cfg.sharding.name, cfg.sharding.ds_config)
     if backend in TRAINS_AFTER_GATE:
         return None
-    return (f"training after the gate (--train) does not run under sharding backend {backend} yet (sharded "
-            "checkpoints, resume and the Hugging Face export are not done): run the gate without --train, or train "
-            "under a DeepSpeed sharding (--sharding zero3)")
+    return (f"training after the gate (--train) does not run under sharding backend {backend} yet (its "
+            "checkpoints, resume and Hugging Face export are not done): run the gate without --train, or train "
+            f"under {' or '.join(sorted(TRAINS_AFTER_GATE))} (--sharding zero3)")
 
 
 def uses_deepspeed_json(name: str) -> bool:

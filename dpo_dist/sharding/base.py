@@ -76,3 +76,9 @@ class ShardingBackend:
     def unwrap(self, wrapped):
         """The module inside what the trainer holds (a DeepSpeed engine's .module; an FSDP2 module is itself)."""
         return getattr(wrapped, "module", wrapped)
+
+    # -- after the gate -----------------------------------------------------------------------------------------------
+    def export(self, trainer, final, cfg, ctx) -> None:
+        """Save the trained policy into `final` in Hugging Face format (safetensors and config.json, loadable with
+        from_pretrained), in model.dtype. Called on every rank (the gathers are collectives); rank 0 writes."""
+        raise NotImplementedError

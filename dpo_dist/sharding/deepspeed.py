@@ -67,6 +67,11 @@ class DeepSpeedBackend(ShardingBackend):
                           "TRL did not wrap the reference as a DeepSpeed inference engine: launch with accelerate "
                           "and a DeepSpeed config (launch/zero3.yaml)")
 
+    def export(self, trainer, final, cfg, ctx) -> None:
+        # ZeRO-3: the 16-bit weights gathered to rank 0 (stage3_gather_16bit_weights_on_model_save); ZeRO-2 and a LoRA
+        # policy (its adapters): the trainer's own save
+        trainer.save_model(str(final))
+
 
 def describe_engine(ref) -> dict[str, Any]:
     """What TRL made of the reference: a DeepSpeed engine, its ZeRO stage, optimizer-free, eval mode."""

@@ -79,6 +79,24 @@ class Fsdp2Backend(ShardingBackend):
                           "TRL did not keep dpo-dist's per-layer FSDP2 reference: launch with accelerate and "
                           "launch/fsdp2.yaml (dpo-dist launch --sharding fsdp2)")
 
+    def export(self, trainer, final, cfg, ctx) -> None:
+        """transformers' save_model writes no weights under SHARDED_STATE_DICT (its checkpoints are DCP shards), so
+        the export is done here, with torch's FSDP2 gather (what accelerate's get_state_dict calls):
+        get_model_state_dict(full_state_dict, cpu_offload) all-gathers one tensor at a time and only rank 0 keeps it,
+        in host memory (no rank holds more than one full tensor beyond its shards; rank 0 the host copy of the whole
+        model, as ZeRO-3's 16-bit gather). The fp32 master is written in model.dtype, as ZeRO-3 writes its 16-bit
+        weights: the same final/ under either backend, what the next run loads."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from dpo_dist.load.checkpoint import DTYPES
+
+        state = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if ctx.is_main:
+            want = DTYPES[cfg.model.dtype]
+            state = {k: v.to(want) if v.is_floating_point() else v for k, v in state.items()}
+            self.unwrap(trainer.model).save_pretrained(str(final), state_dict=state, safe_serialization=True)
+        del state
+
 
 def mesh(ctx):
     """The 1-D device mesh over every rank (gloo on CPU, NCCL on GPUs: the process group's own backend)."""

@@ -22,6 +22,7 @@ from typing import Any
 
 from dpo_dist.runtime.distributed import DistContext
 from dpo_dist.runtime.faults import inject_fault
+from dpo_dist.sharding.registry import backend_for
 from dpo_dist.train.trainer import use_training_fields
 from dpo_dist.verify.report import write_json_atomic
 
@@ -45,7 +46,7 @@ def run(trainer, cfg, ctx: DistContext, train_fields: dict[str, Any] | None = No
         inject_fault("training", ctx.rank)  # test hook (tests/test_train.py), inert unless DPO_DIST_TEST_FAULT
         result = trainer.train(resume_from_checkpoint=cfg.train.resume_from)
         final = out / FINAL_DIR
-        trainer.save_model(str(final))  # ZeRO-3: gathered to rank 0 (stage3_gather_16bit_weights_on_model_save)
+        backend_for(cfg).export(trainer, final, cfg, ctx)  # HF safetensors in model.dtype, rank 0 writes
     except Exception as e:
         if debug:
             traceback.print_exc()

@@ -5,11 +5,13 @@ optimizer, move the policy, advance the RNGs and leave the trainer holding an en
 use (transformers' train() frees accelerate's engine handle and, seeing the model already wrapped, never prepares a new
 one: `'NoneType' object has no attribute 'backward'`, issue 26). A snapshot taken before them undoes all of it:
 
-- the trainable weights: this rank's own part only (under ZeRO-3 its partition, `ds_tensor`; otherwise the tensor),
-  copied to host memory, so the snapshot costs the trainable bytes this rank holds and no accelerator memory;
+- the trainable weights: this rank's own part only (under ZeRO-3 its partition, `ds_tensor`; under FSDP2 the
+  DTensor's local shard, the storage its all-gathers read; otherwise the tensor), copied to host memory, so the
+  snapshot costs the trainable bytes this rank holds and no accelerator memory;
 - the optimizer, the scheduler and the step counter: the smoke steps' engine is destroyed (its hooks removed) and the
   trainer handed its unwrapped model again, so the next `train()` builds a fresh engine, optimizer and scheduler from
-  the restored weights exactly as the first one did (the fp32 master copies are made from the bf16 weights again);
+  the restored weights exactly as the first one did (the fp32 master copies are made from the bf16 weights again;
+  under FSDP2 the module stays sharded, the fp32 master is the restored shard, and a fresh optimizer is built);
 - the RNG states (python, numpy, torch, every accelerator device): the dataloader's order and any sampling follow.
 
 The smoke steps' logs, the KL monitor's history and adaptive state, and beta go back too (KLMonitor.snapshot/restore).
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from dpo_dist.compat.deepspeed import local_partition
+from dpo_dist.sharding import views
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Snapshot:
 
 def _local(p, rank: int) -> tuple[bool, torch.Tensor]:
     part = local_partition(p, rank)
-    return (True, part[0]) if part is not None else (False, p.data)
+    return (True, part[0]) if part is not None else (False, views.held(p))  # FSDP2: the DTensor's local shard
 
 
 def take(trainer, rank: int, monitor=None) -> Snapshot:
@@ -71,7 +74,8 @@ def restore(snap: Snapshot, trainer, monitor=None) -> None:
             was_part, saved = snap.weights[name]
             part = local_partition(p, snap.rank)
             if part is None:
-                p.data.copy_(saved.view_as(p.data))
+                held = views.held(p)  # the tensor, or an FSDP2 DTensor's local shard (the storage FSDP2 gathers from)
+                held.copy_(saved.view_as(held))
             elif was_part:
                 part[0].data.copy_(saved.view_as(part[0]))
             else:  # a full tensor then (LoRA adapters are partitioned by the smoke engine): this rank's slice of it
