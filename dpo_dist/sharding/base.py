@@ -12,6 +12,7 @@ What each parameter holds locally is not asked here: it is a property of the ten
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar
 
 from dpo_dist.config.names import Backend
@@ -56,6 +57,11 @@ class ShardingBackend:
         """The policy (role "policy") or a reference loaded like it (role "reference", frozen by the caller), sharded
         as this backend shards it; `plan` a dpo_dist.load.fastload plan or None (from_pretrained)."""
         raise NotImplementedError
+
+    def whole(self):
+        """A context in which a model is built whole on this rank, unsharded, whatever this backend does to the models
+        it loads (the cpu placement's host-memory reference); nothing to undo by default."""
+        return contextlib.nullcontext()
 
     # -- static proofs ----------------------------------------------------------------------------------------------
     def audit(self, run) -> bool:

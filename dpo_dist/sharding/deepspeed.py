@@ -54,6 +54,11 @@ class DeepSpeedBackend(ShardingBackend):
         return models.load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
                                      plan=plan)
 
+    def whole(self):
+        from dpo_dist.compat.transformers import outside_zero3
+
+        return outside_zero3()  # transformers partitions every model built while a ZeRO-3 config is registered
+
     def forward_config(self, state) -> dict[str, Any] | None:
         return state.args.hf_deepspeed_config.config
 

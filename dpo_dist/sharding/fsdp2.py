@@ -61,11 +61,15 @@ class Fsdp2Backend(ShardingBackend):
         return load_rank0_broadcast(run, path, role)
 
     def audit(self, run) -> bool:
+        """The policy's wrap; the reference's where the placement loads it like the policy (sharded: zero3,
+        precomputed), and the dtype of any reference module held here (the cpu placement's host copy too)."""
         ok = wrap_audit(run.state.policy, "policy", run.rr)
         ref = run.state.reference
         if ref is None:
             return ok
-        return ok & wrap_audit(ref, "reference", run.rr) & reference_dtype(ref, run.cfg, run.rr)
+        if run.placement.loads_like_policy:
+            ok &= wrap_audit(ref, "reference", run.rr)
+        return ok & reference_dtype(ref, run.cfg, run.rr)
 
     def check_trainer_reference(self, run, trainer, want_sharded: bool) -> bool:
         from torch.distributed.fsdp import FSDPModule
