@@ -75,3 +75,24 @@ def test_fsdp2_cpu_reference_one_element_off_fails_naming_the_tensor(tmp_path):
     row = check_row(rep, "weights: policy == reference")
     assert code == 1 and not rep["passed"] and not row["ok"], out[-3000:]
     assert row["value"].startswith("1 differ, first: "), row
+
+
+@pytest.mark.multiproc
+def test_fsdp2_precomputed_reference_on_the_deep_checkpoint_is_sharded_proved_then_freed(tmp_path, deep_checkpoint):
+    """On the deep trained checkpoint (24 layers, trained weights): the reference sharded per layer like the policy
+    and proved bitwise, its log-probs precomputed by TRL through the sharded modules, then its storage gone on every
+    rank before training (measured: nothing holds the module), the step-0 loss ln 2 from the cached log-probs, and
+    the KL monitor replaying the reference logits recorded before the free."""
+    res = launch_init(tmp_path / "out", "--model", str(deep_checkpoint), "--placement", "precomputed",
+                      "--smoke-steps", "1", "--set", "kl.every_steps=1", sharding="fsdp2", timeout=900)
+    rep = _passed(res, "precomputed", deep_checkpoint)
+    n = _layers(deep_checkpoint)
+    assert f"{n}/{n} decoder layers each its own" in check_row(rep, "reference FSDP2 wrap")["value"]
+    for name in ("weights: policy == reference", "reference log-probs precomputed", "reference freed before training"):
+        assert check_row(rep, name)["ok"], name
+    full = _full_bytes(deep_checkpoint)
+    held = _per_rank(rep, "reference_bytes")
+    assert sum(held) == full and all(b < 0.75 * full for b in held)  # Shard(0) rows while proved
+    assert _per_rank(rep, "reference_bytes_after_free") == [0, 0] == _per_rank(rep, "reference_bytes_training")
+    assert rep["facts"]["precompute_cache_hits"] == {"train": False}  # the deep checkpoint's run has no eval set
+    assert [h["step"] for h in rep["facts"]["kl_history"]] == [1]

@@ -73,7 +73,8 @@ class PrecomputedDPOTrainer(DPOTrainer):
         self.precompute_batch_size: int | None = None
         self.step0_noise: list[dict] = []  # per micro-batch of the first step: see tolerances.measure_batching_noise
         self._rows_by_value: dict[tuple[float, float], list[int]] | None = None
-        super().__init__(*args, **kwargs)
+        with trl_compat.brings_its_reference():  # TRL's hash of a sharded (DTensor) reference would gather it
+            super().__init__(*args, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL keys its cache file on (dataset fingerprint, model hash). Its model hash of a ZeRO-3 model is

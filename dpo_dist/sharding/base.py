@@ -74,6 +74,16 @@ class ShardingBackend:
         its temporary inference engine; None where the sharded module runs forwards itself)."""
         return None
 
+    # -- release ----------------------------------------------------------------------------------------------------
+    def release(self, module, wrapped) -> None:
+        """Free the weight storage of a frozen reference on this rank once nothing needs it (the precomputed
+        placement, its log-probs cached): the storage itself, not our handles, since what the backend wrapped it in
+        (`wrapped`: what TRL holds) may keep the module alive. Default: an unsharded module's parameters emptied."""
+        import torch
+
+        for p in module.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
     # -- trainer ----------------------------------------------------------------------------------------------------
     def check_trainer_reference(self, run, trainer, want_sharded: bool) -> bool:
         """Rows about what TRL made of a reference placed like the policy."""

@@ -71,6 +71,11 @@ class Fsdp2Backend(ShardingBackend):
             ok &= wrap_audit(ref, "reference", run.rr)
         return ok & reference_dtype(ref, run.cfg, run.rr)
 
+    def release(self, module, wrapped) -> None:
+        """Nothing to free in place: FSDP2 keeps no handle on a module outside it (its state, hooks and shards live on
+        the module), so the module goes once its holders drop it, which the caller verifies (a shard's storage cannot
+        be shrunk in place: the fast loader's reads into it make it non-resizable)."""
+
     def check_trainer_reference(self, run, trainer, want_sharded: bool) -> bool:
         from torch.distributed.fsdp import FSDPModule
 
