@@ -32,7 +32,7 @@ from dpo_dist.sharding.views import dtensor_view
 
 
 class Fsdp2Backend(ShardingBackend):
-    name = Backend.FSDP2  # runs the sharded reference only, for now (config.sharding.PLACEMENTS_OF; docs/fsdp2.md)
+    name = Backend.FSDP2  # its placements: config.sharding.PLACEMENTS_OF (docs/fsdp2.md: the matrix)
 
     def setup(self, run) -> bool:
         from dpo_dist.compat.accelerate import fsdp_on_cpu
