@@ -223,6 +223,21 @@ def test_dpo_trainer_wraps_with_its_module_level_get_peft_model():
         "TRL's DPOTrainer no longer wraps with get_peft_model in __init__: re-check compat.trl.peft_wrap_returns"
 
 
+def test_dpo_trainer_builds_and_hashes_its_reference_through_module_level_names():
+    """compat.trl.brings_its_reference patches trl.trainer.dpo_trainer's create_model_from_path and hash_module: TRL
+    must still build its own reference and hash it through those names (and only where ref_model is None)."""
+    import trl.trainer.dpo_trainer as dpo_module
+
+    assert callable(dpo_module.create_model_from_path) and callable(dpo_module.hash_module)
+    assert_mirrors(dpo_module.DPOTrainer.__init__, (
+        "self.ref_model = create_model_from_path(ref_model_path, **ref_model_init_kwargs)",
+        "hash_module(self.ref_model or self.model) if args.precompute_ref_log_probs else None"),
+        "trl.brings_its_reference")
+    with trl_compat.brings_its_reference():
+        assert dpo_module.create_model_from_path("x") is None
+    assert dpo_module.create_model_from_path is not None and dpo_module.hash_module.__name__ == "hash_module"
+
+
 def test_metrics_store():
     from trl import DPOTrainer
 

@@ -30,7 +30,9 @@ def fsdp_on_cpu() -> bool:
     @functools.wraps(init)
     def wrapped(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        plugin = kwargs.get("fsdp_plugin")
+        # a later AcceleratorState() (no arguments) copies PartialState's MULTI_CPU back over the shared state (seen
+        # in TRL's precompute pass): the plugin kept in the shared state then restores FSDP
+        plugin = kwargs.get("fsdp_plugin") or getattr(self, "fsdp_plugin", None)
         if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             self.distributed_type = DistributedType.FSDP
             if self.mixed_precision != "no":

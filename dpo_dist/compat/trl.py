@@ -109,3 +109,26 @@ def peft_wrap_returns(peft_model, kwargs: dict):
         yield calls
     finally:
         dpo_module.get_peft_model = original
+
+
+@contextlib.contextmanager
+def brings_its_reference():
+    """While a DPOTrainer is built in precompute mode with no `ref_model` (dpo-dist's cpu and ranks placements bring
+    the reference themselves), TRL builds no reference of its own and hashes no model.
+
+    TRL 1.16 under FSDP loads a second reference from the policy's path whenever `ref_model` is None and no PEFT model
+    is trained, even in precompute mode (`create_model_from_path` in `DPOTrainer.__init__`), and shards it whole at the
+    root; and it hashes `self.ref_model or self.model` for its cache key (`hash_module`: every tensor to numpy, which
+    a DTensor cannot give without gathering the whole model). dpo-dist keys its caches itself (key_precompute_cache).
+    Patches the module-level `create_model_from_path` (-> None: TRL then keeps `ref_model` None, as under DeepSpeed)
+    and `hash_module` of trl.trainer.dpo_trainer for the duration. Can go when TRL builds no reference in precompute
+    mode under FSDP (and hashes lazily)."""
+    import trl.trainer.dpo_trainer as dpo_module
+
+    saved = dpo_module.create_model_from_path, dpo_module.hash_module
+    dpo_module.create_model_from_path = lambda *a, **k: None
+    dpo_module.hash_module = lambda module: "dpo-dist keys its own cache"
+    try:
+        yield
+    finally:
+        dpo_module.create_model_from_path, dpo_module.hash_module = saved

@@ -1,14 +1,15 @@
 """reference.placement cpu: a whole reference in host memory (pages shared per node), run by CpuReferenceDPOTrainer
-on CPU per micro-batch; nothing shards, moves or copies it."""
+on CPU per micro-batch; nothing shards, moves or copies it, whatever shards the policy (ZeRO-3 or FSDP2: the backend's
+`whole` context builds it unsharded)."""
 
 from __future__ import annotations
 
 import contextlib
 
-from dpo_dist.compat.transformers import outside_zero3
 from dpo_dist.config.names import Placement
 from dpo_dist.load import models
 from dpo_dist.reference.base import ReferencePlacement
+from dpo_dist.sharding import views
 from dpo_dist.verify import model_checks
 
 
@@ -18,8 +19,8 @@ class CpuPlacement(ReferencePlacement):
 
     def load(self, run):
         cfg, s = run.cfg, run.state
-        # Built outside ZeRO-3's partitioning context: this copy must stay whole, in host memory.
-        with outside_zero3():
+        # Built whole whatever the policy's sharding does to the models it loads: this copy stays in host memory.
+        with run.sharding.whole():
             ref, shared = models.load_cpu_shared(s.ref_path, cfg.model.dtype, cfg.model.trust_remote_code)
         ref.runs_on_cpu = True
         run.rr.facts["cpu_reference_shared_pages"] = shared
@@ -36,12 +37,12 @@ class CpuPlacement(ReferencePlacement):
         s = run.state
         return CpuReferenceDPOTrainer(model=s.policy, ref_model=None, cpu_reference=s.reference,
                                       train_dataset=train_rows, eval_dataset=eval_rows, args=s.args,
-                                      processing_class=s.tok)
+                                      processing_class=s.tok, whole=run.sharding.whole)
 
     def check_trainer(self, run, trainer) -> bool:
         rr = run.rr
         ref = trainer.ref_model
-        on_cpu = all(p.device.type == "cpu" and not hasattr(p, "ds_tensor") for p in ref.module.parameters())
+        on_cpu = all(p.device.type == "cpu" for p in ref.module.parameters()) and not views.is_sharded(ref.module)
         ok = rr.add("trainer reference on CPU, unsharded", type(ref).__name__ == "CpuReference" and on_cpu,
                     f"{type(ref).__name__}, parameters on cpu: {on_cpu}",
                     "the CPU reference was wrapped or moved: do not pass it to TRL as ref_model")

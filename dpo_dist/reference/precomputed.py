@@ -9,7 +9,6 @@ import gc
 from dpo_dist.config.names import Placement
 from dpo_dist.reference.base import ReferencePlacement, load_like_policy
 from dpo_dist.reference.precompute_cache import cached_datasets, check_precomputed_columns
-from dpo_dist.verify import weights
 
 
 class PrecomputedPlacement(ReferencePlacement):
@@ -89,26 +88,30 @@ def record_reference_logits(run, engine, prompts: list[str]) -> RecordedReferenc
 
 def free_reference(run, trainer) -> None:
     """Once the log-probs exist, release the reference's weight storage on this rank and measure what is left. The
-    storage itself is released (not just our handles): DeepSpeed's engine, hooks and coordinator keep references to
-    the module object, so waiting for garbage collection would free nothing."""
-    import torch
+    sharding backend frees what its wrapper would keep alive (`release`: DeepSpeed's engine, hooks and coordinator
+    hold the module, so its partitions are emptied in place); then every handle here is dropped and what still holds
+    the module, if anything, is measured (a weak reference: a module nothing holds is gone, its storage with it)."""
+    import weakref
 
-    from dpo_dist.compat.deepspeed import reset_zero3_trace
-
-    ref = run.state.reference
-    engine = trainer.ref_model
+    wrapped = trainer.ref_model
     prompts = list(run.cfg.kl.prompts or run.cfg.verify.prompts)
-    run.state.recorded_reference = record_reference_logits(run, engine, prompts)
-    reset_zero3_trace(engine)
+    run.state.recorded_reference = record_reference_logits(run, wrapped, prompts)
     trainer.ref_model = None
-    if engine is not None and hasattr(engine, "destroy"):
-        engine.empty_partition_cache()
-        engine.destroy()
-    for p in ref.parameters():
-        ds_tensor = getattr(p, "ds_tensor", None)
-        if ds_tensor is not None:
-            ds_tensor.data = torch.empty(0, dtype=ds_tensor.dtype, device=ds_tensor.device)
-        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+    run.sharding.release(run.state.reference, wrapped)
+    alive = weakref.ref(run.state.reference)
+    run.state.reference = wrapped = None
     gc.collect()
-    run.rr.facts[f"rank_{run.ctx.rank}_reference_bytes_after_free"] = weights.local_bytes(ref, run.ctx)
-    run.state.reference = None
+    left = alive()
+    run.rr.facts[f"rank_{run.ctx.rank}_reference_bytes_after_free"] = 0 if left is None else storage_bytes(left)
+
+
+def storage_bytes(model) -> int:
+    """Bytes of storage still behind the parameters this rank holds (each storage once): what freeing left, whatever
+    the tensors' shapes still say."""
+    from dpo_dist.sharding import views
+
+    seen = {}
+    for p in model.parameters():
+        storage = views.held(p).untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())

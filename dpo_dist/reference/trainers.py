@@ -9,6 +9,7 @@ loudly if its signature or role changes). Why: with `ref_model` given, TRL alway
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -24,10 +25,11 @@ class CpuReference(torch.nn.Module):
     """Runs a host-memory reference on CPU for TRL's per-batch reference forward and hands results back on the
     policy's device. Not a DeepSpeed engine: nothing shards, moves or copies it."""
 
-    def __init__(self, model: torch.nn.Module, out_device: torch.device):
+    def __init__(self, model: torch.nn.Module, out_device: torch.device, whole=contextlib.nullcontext):
         super().__init__()
         self.module = model
         self.out_device = out_device
+        self.whole = whole  # the sharding backend's context for an unsharded model (ShardingBackend.whole)
         add_fused_lm_head(model)  # TRL calls the reference with fused_lm_head=True
 
     @torch.no_grad()
@@ -35,9 +37,7 @@ class CpuReference(torch.nn.Module):
         cpu = torch.device("cpu")
         args = [a.to(cpu) if torch.is_tensor(a) else a for a in args]
         kwargs = {k: v.to(cpu) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-        from dpo_dist.compat.transformers import outside_zero3
-
-        with outside_zero3():  # TRL's fused head would treat this whole CPU model as ZeRO-3 partitioned otherwise
+        with self.whole():  # ZeRO-3: TRL's fused head would treat this whole CPU model as partitioned otherwise
             out = self.module(*args, **kwargs)
         for key in ("log_probs", "logits", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"):
             val = getattr(out, key, None)
@@ -51,12 +51,13 @@ class CpuReference(torch.nn.Module):
 class CpuReferenceDPOTrainer(DPOTrainer):
     """DPOTrainer whose reference is a CpuReference (construct with precompute_ref_log_probs=True, ref_model=None)."""
 
-    def __init__(self, *args, cpu_reference: torch.nn.Module, **kwargs):
+    def __init__(self, *args, cpu_reference: torch.nn.Module, whole=contextlib.nullcontext, **kwargs):
         self._cpu_reference = cpu_reference
-        super().__init__(*args, **kwargs)
+        with trl_compat.brings_its_reference():  # under FSDP, TRL would load a reference of its own otherwise
+            super().__init__(*args, **kwargs)
         # TRL built no reference (precompute mode); from here on it forwards ours per micro-batch instead.
         self.precompute_ref_logps = False
-        self.ref_model = CpuReference(cpu_reference, self.accelerator.device)
+        self.ref_model = CpuReference(cpu_reference, self.accelerator.device, whole)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         return dataset  # nothing to precompute: the CPU reference runs online
@@ -72,7 +73,8 @@ class PrecomputedDPOTrainer(DPOTrainer):
         self.precompute_batch_size: int | None = None
         self.step0_noise: list[dict] = []  # per micro-batch of the first step: see tolerances.measure_batching_noise
         self._rows_by_value: dict[tuple[float, float], list[int]] | None = None
-        super().__init__(*args, **kwargs)
+        with trl_compat.brings_its_reference():  # TRL's hash of a sharded (DTensor) reference would gather it
+            super().__init__(*args, **kwargs)
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # TRL keys its cache file on (dataset fingerprint, model hash). Its model hash of a ZeRO-3 model is

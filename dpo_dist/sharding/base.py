@@ -12,6 +12,7 @@ What each parameter holds locally is not asked here: it is a property of the ten
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar
 
 from dpo_dist.config.names import Backend
@@ -57,6 +58,11 @@ class ShardingBackend:
         as this backend shards it; `plan` a dpo_dist.load.fastload plan or None (from_pretrained)."""
         raise NotImplementedError
 
+    def whole(self):
+        """A context in which a model is built whole on this rank, unsharded, whatever this backend does to the models
+        it loads (the cpu placement's host-memory reference); nothing to undo by default."""
+        return contextlib.nullcontext()
+
     # -- static proofs ----------------------------------------------------------------------------------------------
     def audit(self, run) -> bool:
         """Rows about how the loaded models are sharded (FSDP2: the wrap audit); nothing to add by default."""
@@ -67,6 +73,16 @@ class ShardingBackend:
         """What verify.probes.forward_ready needs to make a sharded model ready for forwards (a DeepSpeed config for
         its temporary inference engine; None where the sharded module runs forwards itself)."""
         return None
+
+    # -- release ----------------------------------------------------------------------------------------------------
+    def release(self, module, wrapped) -> None:
+        """Free the weight storage of a frozen reference on this rank once nothing needs it (the precomputed
+        placement, its log-probs cached): the storage itself, not our handles, since what the backend wrapped it in
+        (`wrapped`: what TRL holds) may keep the module alive. Default: an unsharded module's parameters emptied."""
+        import torch
+
+        for p in module.parameters():
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
     # -- trainer ----------------------------------------------------------------------------------------------------
     def check_trainer_reference(self, run, trainer, want_sharded: bool) -> bool:

@@ -54,6 +54,28 @@ class DeepSpeedBackend(ShardingBackend):
         return models.load_causal_lm(path, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.allow_pickle,
                                      plan=plan)
 
+    def whole(self):
+        from dpo_dist.compat.transformers import outside_zero3
+
+        return outside_zero3()  # transformers partitions every model built while a ZeRO-3 config is registered
+
+    def release(self, module, wrapped) -> None:
+        """DeepSpeed's engine, hooks and coordinator keep references to the module: reset the ZeRO-3 trace, destroy
+        the engine, then empty each partition and each parameter."""
+        import torch
+
+        from dpo_dist.compat.deepspeed import reset_zero3_trace
+
+        reset_zero3_trace(wrapped)
+        if wrapped is not None and hasattr(wrapped, "destroy"):
+            wrapped.empty_partition_cache()
+            wrapped.destroy()
+        for p in module.parameters():
+            ds_tensor = getattr(p, "ds_tensor", None)
+            if ds_tensor is not None:
+                ds_tensor.data = torch.empty(0, dtype=ds_tensor.dtype, device=ds_tensor.device)
+        super().release(module, wrapped)
+
     def forward_config(self, state) -> dict[str, Any] | None:
         return state.args.hf_deepspeed_config.config
 

@@ -32,7 +32,7 @@ from dpo_dist.sharding.views import dtensor_view
 
 
 class Fsdp2Backend(ShardingBackend):
-    name = Backend.FSDP2  # runs the sharded reference only, for now (config.sharding.PLACEMENTS_OF; docs/fsdp2.md)
+    name = Backend.FSDP2  # its placements: config.sharding.PLACEMENTS_OF (docs/fsdp2.md: the matrix)
 
     def setup(self, run) -> bool:
         from dpo_dist.compat.accelerate import fsdp_on_cpu
@@ -61,11 +61,20 @@ class Fsdp2Backend(ShardingBackend):
         return load_rank0_broadcast(run, path, role)
 
     def audit(self, run) -> bool:
+        """The policy's wrap; the reference's where the placement loads it like the policy (sharded: zero3,
+        precomputed), and the dtype of any reference module held here (the cpu placement's host copy too)."""
         ok = wrap_audit(run.state.policy, "policy", run.rr)
         ref = run.state.reference
         if ref is None:
             return ok
-        return ok & wrap_audit(ref, "reference", run.rr) & reference_dtype(ref, run.cfg, run.rr)
+        if run.placement.loads_like_policy:
+            ok &= wrap_audit(ref, "reference", run.rr)
+        return ok & reference_dtype(ref, run.cfg, run.rr)
+
+    def release(self, module, wrapped) -> None:
+        """Nothing to free in place: FSDP2 keeps no handle on a module outside it (its state, hooks and shards live on
+        the module), so the module goes once its holders drop it, which the caller verifies (a shard's storage cannot
+        be shrunk in place: the fast loader's reads into it make it non-resizable)."""
 
     def check_trainer_reference(self, run, trainer, want_sharded: bool) -> bool:
         from torch.distributed.fsdp import FSDPModule
