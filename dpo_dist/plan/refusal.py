@@ -64,12 +64,16 @@ def cluster_and_assumption(args: ClusterArgs):
 
 
 def plan_for(cfg: RunConfig, cluster_args: ClusterArgs) -> tuple[Any, Any, dict]:
-    """(plan with alternative, cluster, model config) for this run config."""
+    """(plan with alternative, cluster, model config) for this run config, under its sharding backend."""
+    from dpo_dist.config.backend_memory import backend_memory_of
     from dpo_dist.config.resources import resolve_ds_config
+    from dpo_dist.config.sharding import backend_of
     from dpo_dist.plan import planner, presets
 
     source = presets.resolve_model(cfg.model.path)
-    _, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
+    ds = None  # a backend with typed options (FSDP2) has no DeepSpeed JSON to read
+    if backend_memory_of(backend_of(cfg.sharding.name, cfg.sharding.ds_config)).reads_ds_config:
+        _, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
     cluster = cluster_for(cluster_args)
     plan = planner.check(source.config, cluster, planner.settings_from_run_config(cfg, ds))
     return plan, cluster, source.config
