@@ -516,9 +516,19 @@ def test_init_refuses_an_fsdp2_layout_that_cannot_fit_as_it_does_under_zero():
     assert p.settings.backend == "fsdp2" and p.label == "FSDP2 ckpt ref:zero3" and not p.fits
     line = refusal(p, cluster)
     assert line.startswith("layout FSDP2 ckpt ref:zero3 does not fit 2 node(s) x 8 gpu rank(s): GPU: ")
-    assert "would fit (sharding" in line and line.endswith("--force runs it anyway")
+    assert ("FSDP2 off-all ckpt ref:zero3 would fit (sharding fsdp2, sharding.fsdp2.cpu_offload: true, placement "
+            "zero3)") in line and line.endswith("--force runs it anyway")  # the run's own backend first
     p, cluster, _ = plan_for(cfg(cpu_offload=True), ClusterArgs(nodes=16, gpus_per_node=8, gpu_mem=80 * 10**9,
                                                                  host_mem=2 * 10**12))
     assert p.label == "FSDP2 off-all ckpt ref:zero3" and p.fits and refusal(p, cluster) is None
     p = plan_for(cfg(mixed_precision="no"), nodes)[0]
     assert p.settings.mixed_precision == "no" and "fp32 master weights" not in p.components()
+
+
+def test_init_dry_run_plans_an_fsdp2_run(capsys):
+    from dpo_dist.config.schema import from_dict
+    from dpo_dist.plan.refusal import ClusterArgs, dry_run
+
+    assert dry_run(from_dict({"sharding": {"name": "fsdp2"}}), ClusterArgs(nodes=1, gpus_per_node=2)) == 0
+    out = capsys.readouterr().out
+    assert "sharding fsdp2 (FSDP2), reference placement zero3" in out and "plan: fits" in out

@@ -243,12 +243,15 @@ def plan_all(model_config: dict[str, Any], cluster: Cluster, base: RunSettings |
 def check(model_config: dict[str, Any], cluster: Cluster, settings: RunSettings, *, headroom: float = 0.10,
           shard_bytes: int | None = None) -> Plan:
     """`plan` for the requested layout; when it does not fit, `.alternative` is the recommended layout that does
-    (keeping the run's micro-batch, length and dtype), or None if nothing fits. For `dpo-dist init`."""
+    under the run's backend, else under any (keeping the run's micro-batch, length and dtype), or None if nothing
+    fits. For `dpo-dist init`."""
     p = plan(model_config, cluster, settings, headroom=headroom, shard_bytes=shard_bytes)
     if p.fits:
         return p
     alt = plan_all(model_config, cluster, settings, headroom=headroom, shard_bytes=shard_bytes)
-    choice = alt.recommended_available or alt.recommended
+    # the run's own backend first (a user who chose FSDP2 is shown an FSDP2 layout when one fits)
+    same = next((q for q in alt.plans if q.fits and q.available and q.settings.backend == settings.backend), None)
+    choice = same or alt.recommended_available or alt.recommended
     return replace(p, alternative=choice)
 
 
