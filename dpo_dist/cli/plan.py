@@ -319,7 +319,7 @@ COLORS = {"policy weights": "#1f77b4", "gradients": "#ff7f0e", "fp32 master weig
           "reference weights": "#9467bd", "largest gathered layer": "#d62728", "live parameters": "#ff9896",
           "ZeRO buffers": "#7f7f7f", "activations": "#8c564b", "logits": "#e377c2", "reference forward": "#c5b0d5",
           "gathered while loading": "#d62728", "gathered (init forwards)": "#d62728", "checkpoint pages": "#c7c7c7",
-          "full copies while loading": "#17becf", "runtime": "#aaaaaa"}
+          "full copies while loading": "#17becf", "runtime": "#aaaaaa", "unsharded gradient": "#ff9896"}
 
 
 def plot(ps: PlanSet, path: str) -> None:
