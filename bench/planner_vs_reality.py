@@ -84,7 +84,7 @@ def measure(model: str, out_dir: Path, smoke_steps: int, extra_env: dict[str, st
     argv = [sys.executable, "-m", "dpo_dist", "launch", "--cpu", "--num-processes", "2", "--sharding", sharding,
             "--port", str(free_port()),
             "--", *init_args(model, out_dir, smoke_steps)]
-    log = out_dir.with_suffix(".log")
+    log = out_dir.parent / f"{out_dir.name}.log"  # not with_suffix: "llama-0.5b-smoke1" has a dot
     load_avg = os.getloadavg()[0]  # a shared machine: the seconds mean little without it
     t0 = time.perf_counter()
     with open(log, "w") as fh:
