@@ -168,8 +168,13 @@ def render(res: dict) -> str:
                   "peak " + " / ".join(f"{rd['per_rank'][str(r)]['peak_kb'] / KB:.0f}" for r in range(2))
                   + " MiB (x ideal " + " / ".join(f"{rd['per_rank'][str(r)]['x_ideal']:.3f}" for r in range(2))
                   + f"); idle runtime {idle['per_rank']['0']['peak_kb'] / KB:.0f} MiB"]
+        floors = res.get("floor_runs") or [fl]
+        best = min(f["read"]["load_s"] for f in floors)
+        if len(floors) > 1:
+            lines.append("pread floor per run: " + ", ".join(
+                f"{f['read']['load_s']:.2f} s (load average {f['load_average_1min_at_start']})" for f in floors))
         for label, v in s.items():
-            lines.append(f"- {label}: load {min(v['load_s']) / rd['load_s']:.1f}x the pread floor")
+            lines.append(f"- {label}: fastest load {min(v['load_s']) / best:.1f}x the fastest pread floor")
     return "\n".join(lines) + "\n"
 
 
