@@ -2,16 +2,17 @@
 
 For each checkpoint it runs, exactly as a user would,
 
-    python -m dpo_dist launch --cpu --num-processes 2 --port <free> -- --model DIR --output-dir OUT \
+    python -m dpo_dist launch --cpu --num-processes 2 --sharding zero3 --port <free> -- --model DIR --output-dir OUT \
         --set verify.generation=false --set verify.perplexity=false --set verify.tokenizer_order=false \
         --overwrite [--smoke-steps N]
 
 samples /proc/<pid>/status of the two worker ranks (told apart by RANK in /proc/<pid>/environ) every 0.1 s and keeps
 their VmHWM (the kernel's own high-water mark of the resident set, so sampling cannot miss the peak; it counts mapped
 file pages too), and compares it with `dpo_dist.plan.planner.plan` for the same layout on this machine as a CPU
-cluster: ZeRO-3 policy, reference placement zero3, bf16, micro-batch 4, and as max_length the longest tokenized
-example of the embedded data (what the collator pads to; the configured 1024 would plan activations for tokens never
-seen). Only the phases the run reaches are compared: load + init without smoke steps, every phase with them.
+cluster: ZeRO-3 policy (`--sharding fsdp2`: FSDP2 with its shipped options), reference placement zero3, bf16,
+micro-batch 4, and as max_length the longest tokenized example of the embedded data (what the collator pads to; the
+configured 1024 would plan activations for tokens never seen). Only the phases the run reaches are compared: load +
+init without smoke steps, every phase with them.
 
     python bench/planner_vs_reality.py --model dpo_dist/default/tiny-sft --model /tmp/llama-500m --smoke-steps 0 1
     python bench/make_checkpoint.py --out /tmp/llama-500m --layers 37     # ~0.5B random Llama
@@ -77,11 +78,14 @@ def init_args(model: str, out_dir: Path, smoke_steps: int) -> list[str]:
             str(smoke_steps)]
 
 
-def measure(model: str, out_dir: Path, smoke_steps: int, extra_env: dict[str, str], timeout: float) -> dict:
+def measure(model: str, out_dir: Path, smoke_steps: int, extra_env: dict[str, str], timeout: float,
+            sharding: str = "zero3") -> dict:
     """Run the real 2-process init and return per-rank peaks (bytes), wall time and exit code."""
-    argv = [sys.executable, "-m", "dpo_dist", "launch", "--cpu", "--num-processes", "2", "--port", str(free_port()),
+    argv = [sys.executable, "-m", "dpo_dist", "launch", "--cpu", "--num-processes", "2", "--sharding", sharding,
+            "--port", str(free_port()),
             "--", *init_args(model, out_dir, smoke_steps)]
-    log = out_dir.with_suffix(".log")
+    log = out_dir.parent / f"{out_dir.name}.log"  # not with_suffix: "llama-0.5b-smoke1" has a dot
+    load_avg = os.getloadavg()[0]  # a shared machine: the seconds mean little without it
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **extra_env}, stdout=fh, stderr=subprocess.STDOUT,
@@ -106,6 +110,7 @@ def measure(model: str, out_dir: Path, smoke_steps: int, extra_env: dict[str, st
                 p["max_RssFile"] = max(p.get("max_RssFile", 0), st.get("RssFile", 0))
         time.sleep(0.1)
     return {"returncode": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1), "ranks": peak,
+            "load_average_1min": [round(load_avg, 2), round(os.getloadavg()[0], 2)],
             "log": str(log)}
 
 
@@ -124,13 +129,16 @@ def longest_example(model: str, max_length: int) -> int:
     return min(longest, max_length)
 
 
-def planned(model: str, smoke_steps: int, max_length: int) -> dict:
+def planned(model: str, smoke_steps: int, max_length: int, sharding: str = "zero3") -> dict:
     from dpo_dist.plan import planner
     from dpo_dist.plan.presets import resolve_model
 
     src = resolve_model(model)
     cluster = planner.local_cpu_cluster(2)
-    settings = planner.RunSettings(zero_stage=3, placement="zero3", micro_batch=4, max_length=max_length)
+    from dpo_dist.config.schema import from_dict
+
+    cfg = from_dict({"sharding": {"name": sharding}})  # the shipped sharding's layout (zero3, or fsdp2's defaults)
+    settings = planner.settings_from_run_config(cfg, None, micro_batch=4, max_length=max_length)
     p = planner.plan(src.config, cluster, settings, shard_bytes=src.checkpoint.largest_file_bytes)
     phases = planner.PHASES if smoke_steps else ("load", "init")
     role = p.roles[0]
@@ -201,6 +209,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--gpu-activations", action="store_true",
                     help="instead: on a CUDA GPU, the planner's activation bytes vs torch.cuda allocations")
+    ap.add_argument("--sharding", default="zero3", help="the shipped sharding to run and plan (zero3, fsdp2)")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=1024)
     args = ap.parse_args()
@@ -219,11 +228,12 @@ def main() -> int:
     for model in models:
         max_len = longest_example(model, 1024)
         for n in args.smoke_steps:
-            plan_ = planned(model, n, max_len)
-            tag = f"{Path(model).name}-smoke{n}"
+            plan_ = planned(model, n, max_len, args.sharding)
+            tag = f"{Path(model).name}-{args.sharding}-smoke{n}"
             print(f"[bench] {tag}: running ...", file=sys.stderr, flush=True)
-            meas = measure(model, work / tag, n, extra_env, args.timeout)
-            row = {"model": model, "smoke_steps": n, "env": extra_env, "plan": plan_, "measured": meas}
+            meas = measure(model, work / tag, n, extra_env, args.timeout, args.sharding)
+            row = {"model": model, "sharding": args.sharding, "smoke_steps": n, "env": extra_env, "plan": plan_,
+                   "measured": meas}
             for r in (0, 1):
                 got = meas["ranks"].get(r, {}).get("VmHWM")
                 row[f"ratio_rank{r}"] = round(got / plan_[f"rank{r}"], 3) if got else None
@@ -232,16 +242,17 @@ def main() -> int:
                   f"{row['ratio_rank0']} / {row['ratio_rank1']}", file=sys.stderr, flush=True)
     out = Path(args.out or work / "results.json")
     out.write_text(json.dumps(results, indent=1))
-    print("| model | params | smoke steps | max_length | rank | planned MiB | measured VmHWM MiB | measured / planned "
-          "| run |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | sharding | params | smoke steps | max_length | rank | planned MiB | measured VmHWM MiB | "
+          "measured / planned | run |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in results:
         p, m = row["plan"], row["measured"]
         for r in (0, 1):
             got = m["ranks"].get(r, {}).get("VmHWM", 0)
-            print(f"| {Path(row['model']).name} | {p['params'] / 1e6:.1f}M | {row['smoke_steps']} | {p['max_length']} "
+            print(f"| {Path(row['model']).name} | {row.get('sharding', 'zero3')} | {p['params'] / 1e6:.1f}M "
+                  f"| {row['smoke_steps']} | {p['max_length']} "
                   f"| {r} | {p[f'rank{r}'] / MiB:.0f} | {got / MiB:.0f} | {row[f'ratio_rank{r}']} "
-                  f"| rc {m['returncode']}, {m['wall_s']} s |")
+                  f"| rc {m['returncode']}, {m['wall_s']} s, load avg {m.get('load_average_1min')} |")
     print(f"\nraw: {out}", file=sys.stderr)
     return 0 if all(r["measured"]["returncode"] == 0 for r in results) else 1
 

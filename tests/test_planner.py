@@ -272,7 +272,7 @@ def test_a_layout_that_cannot_fit_is_refused_with_an_alternative_that_fits():
     flags = [p.fits for p in ps.plans]
     assert flags == sorted(flags, reverse=True) and any(flags) and not all(flags)
     assert ps.recommended is ps.plans[0] and ps.recommended.fits
-    assert len(ps.plans) == 50
+    assert len(ps.plans) == 70  # ZeRO: 5 stage x offload, FSDP2: 2 offloads; x checkpointing x 5 placements
     # a fitting layout needs no alternative
     ok = check(PRESETS["llama-3-70b"], cluster, alt.settings)
     assert ok.fits and ok.alternative is None
@@ -361,7 +361,7 @@ def test_cli_json_has_every_component_of_every_strategy():
     assert code == 0
     data = json.loads(out)
     assert data["model"]["params"] == model_stats(PRESETS["llama-3-70b"]).params
-    assert len(data["strategies"]) == 50 and data["recommended"] == data["strategies"][0]["label"]
+    assert len(data["strategies"]) == 70 and data["recommended"] == data["strategies"][0]["label"]
     want = {"policy weights", "gradients", "fp32 master weights", "Adam states", "largest gathered layer",
             "activations", "logits", "checkpoint pages"}
     for st in data["strategies"]:
@@ -405,3 +405,130 @@ def test_cli_checks_the_layout_a_run_yaml_asks_for(tmp_path):
     line = next(x for x in out.splitlines() if x.startswith("your config"))
     assert "ZeRO-3 ref:zero3 does NOT fit" in line and "2048" in out.splitlines()[2]
     assert "instead: ZeRO-3" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP2: the backend's record (config/backend_memory.py) read by the same planner
+
+
+def _fsdp2(**kw) -> RunSettings:
+    return RunSettings(backend="fsdp2", **kw)
+
+
+def test_fsdp2_keeps_an_fp32_master_shard_sharded_states_and_two_units_gathered():
+    """Mixed precision bf16: the trainable parameters' shards are fp32 (no bf16 shard besides them), gradients and
+    Adam states follow them (4 + 8 bytes per sharded parameter, no fp32 copy at step time), the reference is a bf16
+    shard, and what is gathered is the root unit (embeddings + head) and two decoder layers in bf16."""
+    cfg, cluster = PRESETS["llama-3-70b"], Cluster(nodes=2)
+    st = model_stats(cfg)
+    psi, n = st.params, cluster.world
+    comp = {c.name: c for c in plan(cfg, cluster, _fsdp2(micro_batch=1, max_length=2048)).roles[0].components}
+    assert comp["fp32 master weights"].gpu == 4 * -(-psi // n) and comp["policy weights"].gpu == 0
+    assert comp["fp32 master weights"].phases == planner.PHASES  # loaded straight into the fp32 shard
+    assert comp["gradients"].gpu == 4 * -(-psi // n) and comp["Adam states"].gpu == 8 * -(-psi // n)
+    assert "fp32 step gradients" not in comp and "ZeRO buffers" not in comp and "live parameters" not in comp
+    assert comp["reference weights"].gpu == 2 * -(-psi // n)
+    layer = (psi - st.embedding_params - st.lm_head_params) // st.num_layers  # the decoder layers share the rest
+    root = psi - st.num_layers * layer  # the root's own: embeddings, head, final norm (+ the division's remainder)
+    assert abs(root - (st.embedding_params + st.lm_head_params + st.hidden_size)) < st.hidden_size
+    assert comp["largest gathered layer"].gpu == 2 * (root + 2 * layer)
+    assert comp["unsharded gradient"].gpu == (2 + 4) * max(root, layer)
+    # persistent model states per sharded parameter: 16 bytes under both backends (ZeRO-3: 2 + 2 + 4 + 8)
+    z3 = {c.name: c.gpu for c in plan(cfg, cluster, RunSettings(micro_batch=1, max_length=2048)).roles[0].components}
+    states = ("policy weights", "gradients", "fp32 master weights", "Adam states")
+    assert sum(comp[x].gpu for x in states) == sum(z3[x] for x in states)
+
+
+def test_fsdp2_without_mixed_precision_and_with_cpu_offload():
+    cfg, cluster = PRESETS["llama-3-8b"], Cluster(nodes=1)
+    psi = model_stats(cfg).params
+    no_mp = {c.name: c for c in plan(cfg, cluster, _fsdp2(mixed_precision="no")).roles[0].components}
+    assert "fp32 master weights" not in no_mp and no_mp["policy weights"].gpu == 2 * -(-psi // 8)
+    assert no_mp["Adam states"].gpu == 4 * -(-psi // 8)  # states in the parameter's bf16
+    off = plan(cfg, cluster, _fsdp2(offload_optimizer=True, offload_params=True))
+    comp = {c.name: c for c in off.roles[0].components}
+    for name in ("fp32 master weights", "gradients", "Adam states"):  # CPUOffloadPolicy: the policy's states
+        assert comp[name].gpu == 0 and comp[name].host > 0, name
+    assert comp["reference weights"].gpu == 2 * -(-psi // 8)  # never the reference's
+    assert off.settings.sharding_name() == "fsdp2" and off.label == "FSDP2 off-all ref:zero3"
+    with pytest.raises(ValueError, match="fsdp2 offloads none, all"):
+        plan(cfg, cluster, _fsdp2(offload_optimizer=True))
+    with pytest.raises(ValueError, match="sharding stage must be 3"):
+        plan(cfg, cluster, _fsdp2(zero_stage=2))
+    keys = planner.recommended_config(off)[0]["sharding"]
+    assert keys == {"name": "fsdp2", "fsdp2": {"cpu_offload": True}}
+
+
+def test_every_backend_has_a_record_and_the_planner_reads_it_alone(monkeypatch):
+    """Give FSDP2 DeepSpeed's record and it plans exactly as ZeRO-3: the planner reads the record, not the name."""
+    from dpo_dist.config import backend_memory
+    from dpo_dist.config.names import Backend
+
+    assert set(backend_memory.MEMORY) == set(Backend)
+    cfg, cluster = PRESETS["llama-3-8b"], Cluster(nodes=1)
+
+    def counted(backend):
+        p = plan(cfg, cluster, RunSettings(backend=backend, micro_batch=1, max_length=1024))
+        return p.components(), p.gpu_peak, p.host_node_peak
+
+    zero3 = counted("deepspeed")
+    assert counted("fsdp2") != zero3
+    monkeypatch.setitem(backend_memory.MEMORY, Backend.FSDP2, backend_memory.MEMORY[Backend.DEEPSPEED])
+    assert counted("fsdp2") == zero3
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "dpo_dist" / "plan").glob("*.py")), ids=lambda p: p.name)
+def test_the_planner_never_names_a_backend(path):
+    """plan/ asks the backend's record (config/backend_memory.py); it never spells a backend or its shardings (the
+    default backend of RunSettings and TRL's `deepspeed` argument aside)."""
+    text = path.read_text().replace("backend: str = Backend.DEEPSPEED.value", "").replace('pop("deepspeed")', "")
+    assert not re.findall(r"Backend\.|[\"']fsdp2?[\"']|[\"']deepspeed[\"']|Sharding\.FSDP2", text)
+
+
+def test_plan_lists_fsdp2_beside_zero_for_70b_and_405b():
+    for model, nodes in (("llama-3-70b", "2"), ("llama-3.1-405b", "8")):
+        code, out = _cli("--model", model, "--nodes", nodes, "--host-mem", "2TB", "--json")
+        assert code == 0
+        labels = [s["label"] for s in json.loads(out)["strategies"]]
+        assert sum(x.startswith("FSDP2 ") for x in labels) == 20 and sum(x.startswith("ZeRO-") for x in labels) == 50
+        code, out = _cli("--model", model, "--nodes", nodes, "--host-mem", "2TB", "--sharding", "fsdp2", "--json")
+        data = json.loads(out)
+        assert code == 0 and {s["sharding"] for s in data["strategies"]} == {"fsdp2"}
+        assert len(data["strategies"]) == 20 and data["recommended"].startswith("FSDP2")
+    code, out = _cli("--model", "llama-3-70b", "--nodes", "2", "--host-mem", "2TB", "--sharding", "fsdp2")
+    assert code == 0 and "FSDP2 off-all ckpt ref:zero3 [fsdp2]" in out and "ZeRO" not in out.split("fp32g =")[0]
+    assert "  sharding:\n    name: fsdp2\n" in out  # the recommended keys say how to run it
+
+
+def test_init_refuses_an_fsdp2_layout_that_cannot_fit_as_it_does_under_zero():
+    """plan/refusal.py under FSDP2: the plan of the run's own layout (from sharding.fsdp2's options, no DeepSpeed
+    JSON), one line naming a layout that fits; none for a layout that fits."""
+    from dpo_dist.config.schema import from_dict
+    from dpo_dist.plan.refusal import ClusterArgs, plan_for, refusal
+
+    def cfg(**fsdp2):
+        return from_dict({"model": {"path": "llama-3-70b"}, "sharding": {"name": "fsdp2", "fsdp2": fsdp2},
+                          "train": {"per_device_train_batch_size": 1, "max_length": 2048,
+                                    "max_prompt_length": 1024, "gradient_checkpointing": True}})
+
+    nodes = ClusterArgs(nodes=2, gpus_per_node=8, gpu_mem=80 * 10**9, host_mem=2 * 10**12)
+    p, cluster, _ = plan_for(cfg(), nodes)
+    assert p.settings.backend == "fsdp2" and p.label == "FSDP2 ckpt ref:zero3" and not p.fits
+    line = refusal(p, cluster)
+    assert line.startswith("layout FSDP2 ckpt ref:zero3 does not fit 2 node(s) x 8 gpu rank(s): GPU: ")
+    assert ("FSDP2 off-all ckpt ref:zero3 would fit (sharding fsdp2, sharding.fsdp2.cpu_offload: true, placement "
+            "zero3)") in line and line.endswith("--force runs it anyway")  # the run's own backend first
+    p, cluster, _ = plan_for(cfg(cpu_offload=True), ClusterArgs(nodes=16, gpus_per_node=8, gpu_mem=80 * 10**9,
+                                                                 host_mem=2 * 10**12))
+    assert p.label == "FSDP2 off-all ckpt ref:zero3" and p.fits and refusal(p, cluster) is None
+    p = plan_for(cfg(mixed_precision="no"), nodes)[0]
+    assert p.settings.mixed_precision == "no" and "fp32 master weights" not in p.components()
+
+
+def test_init_dry_run_plans_an_fsdp2_run(capsys):
+    from dpo_dist.config.schema import from_dict
+    from dpo_dist.plan.refusal import ClusterArgs, dry_run
+
+    assert dry_run(from_dict({"sharding": {"name": "fsdp2"}}), ClusterArgs(nodes=1, gpus_per_node=2)) == 0
+    out = capsys.readouterr().out
+    assert "sharding fsdp2 (FSDP2), reference placement zero3" in out and "plan: fits" in out

@@ -12,6 +12,7 @@ import sys
 from dataclasses import replace
 from typing import Any
 
+from dpo_dist.config.names import Backend, Sharding
 from dpo_dist.plan.inputs import DTYPE_BYTES, LOGITS_MODES, PLACEMENTS, Cluster, GiB, RunSettings
 from dpo_dist.plan.planner import (
     PlanSet,
@@ -43,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, help="prompt pairs per rank (default 4, or the run YAML's)")
     p.add_argument("--max-length", type=int, help="tokens per sequence (default 1024, or the run YAML's)")
     p.add_argument("--dtype", choices=list(DTYPE_BYTES))
-    p.add_argument("--zero", type=int, choices=[2, 3], help="only this ZeRO stage")
+    p.add_argument("--sharding", choices=list(Sharding.values()), help="only the layouts this shipped sharding runs "
+                   "(fsdp2: FSDP2's, with and without its cpu_offload; default: every backend's)")
+    p.add_argument("--zero", type=int, choices=[2, 3], help="only this DeepSpeed ZeRO stage")
     p.add_argument("--offload", choices=["none", "optimizer", "all"], help="only this offload")
     p.add_argument("--placement", choices=list(PLACEMENTS), help="only this reference placement")
     p.add_argument("--gradient-checkpointing", choices=["on", "off"], help="only with / without it")
@@ -136,8 +139,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, source, ckpt, cluster, base = _inputs(args)
         only: dict[str, Any] = {}
-        if args.zero:
-            only["zero_stage"] = args.zero
+        if args.zero:  # a DeepSpeed flag: ZeRO's stages
+            only.update(zero_stage=args.zero, backend=Backend.DEEPSPEED.value)
+        if args.sharding:
+            only["sharding"] = args.sharding
         if args.offload:
             only.update(offload_optimizer=args.offload != "none", offload_params=args.offload == "all")
         if args.placement:
@@ -267,7 +272,8 @@ def render(ps: PlanSet, top: int = 0) -> str:
         if len(p.roles) > 1:
             ref_b = p.roles[1].components[0].gpu
         vals = (g("policy weights"), g("gradients"), g("fp32 master weights"), g("Adam states"),
-                g("fp32 step gradients", "bf16 param buffer"), ref_b, g("largest gathered layer", "live parameters"),
+                g("fp32 step gradients", "bf16 param buffer"), ref_b,
+                g("largest gathered layer", "live parameters", "unsharded gradient"),
                 g("activations"), g("logits"), max(r.phase_gpu("load") for r in p.roles))
         mark = "yes" if p.fits else "no"
         if p.fits and not p.available:
@@ -277,9 +283,12 @@ def render(ps: PlanSet, top: int = 0) -> str:
                      + f"{_gib(p.gpu_peak):>8}{_gib(p.host_node_peak):>10}  {mark}")
     lines.append("")
     lines.append("fp32g = fp32 gradients of the optimizer step; gather = largest gathered layer + live ZeRO-3 "
-                 "parameters; load = GPU peak while loading; GPU pk = worst phase; off-opt/off-all = optimizer / "
+                 "parameters (FSDP2: the root unit + 2 decoder layers in bf16, and one unit's unsharded gradient); "
+                 "FSDP2's weights are its fp32 master shards (master column) under mixed precision bf16; load = GPU "
+                 "peak while loading; GPU pk = worst phase; off-opt/off-all = optimizer / "
                  "optimizer+parameter offload (those parts sit in host memory); [name] = shipped sharding config, "
-                 "else a custom ds_config; * = fits, but this dpo-dist version does not run that placement yet")
+                 "else a custom ds_config; * = fits, but this dpo-dist version does not run that placement (under "
+                 "that backend) yet")
     if ps.recommended is None:
         best = ps.plans[0]
         lines.append(f"nothing fits. Closest: {best.label} ({best.usage:.0%} of capacity): "
@@ -310,7 +319,7 @@ COLORS = {"policy weights": "#1f77b4", "gradients": "#ff7f0e", "fp32 master weig
           "reference weights": "#9467bd", "largest gathered layer": "#d62728", "live parameters": "#ff9896",
           "ZeRO buffers": "#7f7f7f", "activations": "#8c564b", "logits": "#e377c2", "reference forward": "#c5b0d5",
           "gathered while loading": "#d62728", "gathered (init forwards)": "#d62728", "checkpoint pages": "#c7c7c7",
-          "full copies while loading": "#17becf", "runtime": "#aaaaaa"}
+          "full copies while loading": "#17becf", "runtime": "#aaaaaa", "unsharded gradient": "#ff9896"}
 
 
 def plot(ps: PlanSet, path: str) -> None:

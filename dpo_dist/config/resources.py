@@ -24,8 +24,7 @@ def ds_config_path(name: str) -> Path:
     if name not in SHARDING_NAMES:
         raise ValueError(f"unknown sharding '{name}': choose one of {', '.join(SHARDING_NAMES)}")
     if not uses_deepspeed_json(name):
-        raise ValueError(f"sharding '{name}' has no DeepSpeed JSON (not a DeepSpeed sharding; the memory planner "
-                         "knows DeepSpeed's only)")
+        raise ValueError(f"sharding '{name}' has no DeepSpeed JSON (not a DeepSpeed sharding)")
     return RESOURCES / "ds_configs" / f"{name}.json"
 
 

@@ -100,13 +100,17 @@ def load_cpu_shared(path: Path, dtype: str, trust_remote_code: bool):
 
 
 def shared_memory_kb() -> dict[str, int]:
-    """This process's RSS and PSS (kB) from /proc: PSS splits shared file pages among the processes mapping them."""
+    """This process's RSS and PSS (kB) from /proc (PSS splits shared file pages among the processes mapping them),
+    and its VmHWM so far."""
     out = {}
     try:
         for line in open("/proc/self/smaps_rollup"):
             key, _, rest = line.partition(":")
             if key in ("Rss", "Pss", "Pss_File", "Private_Dirty"):
                 out[key] = int(rest.split()[0])
+        for line in open("/proc/self/status"):  # the peak so far: taken after loading, the load stage's peak
+            if line.startswith("VmHWM:"):
+                out["VmHWM"] = int(line.split()[1])
     except OSError:
         pass
     return out

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpo_dist.config.names import Dtype, Placement, Sharding
+from dpo_dist.config.backend_memory import MEMORY as BACKEND_MEMORY
+from dpo_dist.config.backend_memory import backend_memory_of
+from dpo_dist.config.names import Backend, Dtype, Placement
 from dpo_dist.config.placement_memory import memory_of
 
 GiB = 1 << 30
 DTYPE_BYTES = {d.value: d.bytes for d in Dtype}
 PLACEMENTS = tuple(Placement)  # every placement the planner sizes
 LOGITS_MODES = ("fused", "full")
-
+BACKENDS = tuple(b.value for b in BACKEND_MEMORY)  # every backend the planner sizes
+MIXED_PRECISION = ("bf16", "no")
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,10 @@ class Cluster:
 @dataclass(frozen=True)
 class RunSettings:
     """One layout and the run parameters that size activations. Defaults follow dpo-dist's run config defaults and
-    the shipped DeepSpeed configs (ds_configs/*.json)."""
+    the shipped DeepSpeed configs (ds_configs/*.json). `backend` picks the record (config/backend_memory.py) that
+    says how the policy's states and gathers are laid out; zero_stage is its sharding degree (FSDP2: 3)."""
 
+    backend: str = Backend.DEEPSPEED.value
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False  # ZeRO-3 only
@@ -68,14 +73,16 @@ class RunSettings:
     sub_group_size: int = 1_000_000_000  # DeepSpeed's default
     reduce_bucket_size: int | None = None  # None: hidden_size**2, transformers' "auto"
     checkpoint_mmap_shared: bool = True  # cpu placement: one mmapped copy per node (checkpoint dtype = run dtype)
+    mixed_precision: str = "bf16"  # a backend whose master is the parameter: "bf16" upcasts trainable ones to fp32
 
     @property
     def offload(self) -> str:
         return "all" if self.offload_params else "optimizer" if self.offload_optimizer else "none"
 
     def label(self) -> str:
-        """e.g. 'ZeRO-3 off-opt ckpt ref:zero3' (off-opt: optimizer offload; off-all: optimizer + parameters)."""
-        parts = [f"ZeRO-{self.zero_stage}"]
+        """e.g. 'ZeRO-3 off-opt ckpt ref:zero3', 'FSDP2 ckpt ref:zero3' (off-opt: optimizer offload; off-all:
+        optimizer + parameters)."""
+        parts = [backend_memory_of(self.backend).label.format(stage=self.zero_stage)]
         if self.offload != "none":
             parts.append("off-opt" if self.offload == "optimizer" else "off-all")
         if self.gradient_checkpointing:
@@ -85,17 +92,23 @@ class RunSettings:
         return " ".join(parts) + f" ref:{ref}"
 
     def sharding_name(self) -> str:
-        """The shipped config that runs this layout, or 'custom' (a sharding.ds_config JSON)."""
-        key = (self.zero_stage, self.offload)
-        return {(2, "none"): Sharding.ZERO2.value, (3, "none"): Sharding.ZERO3.value,
-                (3, "all"): Sharding.ZERO3_OFFLOAD.value}.get(key, "custom")
+        """The shipped sharding that runs this layout, or 'custom' (a sharding.ds_config JSON)."""
+        return backend_memory_of(self.backend).shipped.get((self.zero_stage, self.offload), "custom")
 
     def problems(self) -> list[str]:
         out = []
-        if self.zero_stage not in (2, 3):
-            out.append(f"ZeRO stage must be 2 or 3, got {self.zero_stage}")
+        if self.backend not in BACKENDS:
+            return [f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"]
+        bm = backend_memory_of(self.backend)
+        if self.zero_stage not in bm.stages:
+            out.append(f"{self.backend}: sharding stage must be {' or '.join(map(str, bm.stages))}, got "
+                       f"{self.zero_stage}")
         if self.offload_params and (self.zero_stage != 3 or not self.offload_optimizer):
             out.append("parameter offload needs ZeRO-3 with optimizer offload")
+        elif self.offload not in bm.offloads:
+            out.append(f"{self.backend} offloads {', '.join(bm.offloads)}, not {self.offload!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            out.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}")
         if self.placement not in PLACEMENTS:
             out.append(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         if self.dtype not in DTYPE_BYTES:

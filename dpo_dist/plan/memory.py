@@ -11,6 +11,12 @@ sum of the components live in it, and a layout's peak is its worst phase:
   2*w*L (its parameters and full gradient) plus other parameters kept gathered up to stage3_max_live_parameters.
   ZeRO-2: weights w*Psi (replicated), the rest as ZeRO-3 but the step's fp32 gradient covers the whole partition.
   Offloading moves the optimizer part (gradient buffers, fp32 grads, master, Adam) and/or the weights to host memory.
+  FSDP2 (a backend whose master copy is the parameter, config/backend_memory.py): trainable parameters sharded in
+  fp32 (4*T/P, accelerate upcasts them under mixed precision bf16; the frozen rest w/P), gradients and Adam in the
+  parameter's dtype (4*T/P, 8*T/P), no fp32 step copy; gathered: the root unit's own parameters R (embeddings, head,
+  final norm: unsharded from forward to backward) + two decoder layers D (one computing, one prefetched), w*(R+2D),
+  and one unit's full gradient with its fp32 reduce-scatter copy (w+4)*max(R, D). CPU offload moves the policy's
+  shards, gradients and Adam to host memory, not the reference.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dpo_dist.config.backend_memory import backend_memory_of
 from dpo_dist.config.placement_memory import memory_of
 from dpo_dist.plan.inputs import DTYPE_BYTES, Cluster, GiB, RunSettings
 
@@ -119,10 +126,19 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def wrap_units(m: dict[str, Any]) -> tuple[int, int]:
+    """(the root unit's own parameters, one decoder layer's) of a model sharded per decoder layer then at the root:
+    the layers share the parameters outside the embeddings and head equally."""
+    outer = m["embedding_params"] + m["lm_head_params"]
+    layer = max(0, m["params"] - outer) // max(1, m["num_layers"])
+    return m["params"] - layer * m["num_layers"], layer
+
+
 def train_role(m: dict[str, Any], s: RunSettings, c: Cluster, p: int, shard_bytes: int) -> RolePlan:
     w = DTYPE_BYTES[s.dtype]
     psi, big = m["params"], m["largest_layer_params"]
     z3 = s.zero_stage == 3
+    bm = backend_memory_of(s.backend)  # how the backend lays states and gathers out (config/backend_memory.py)
     ref = memory_of(s.placement)  # what the placement puts on this rank (config/placement_memory.py)
     lora = ref.trains_adapters
     trainable = s.lora_rank * m["lora_params_per_rank"] if lora else psi
@@ -138,16 +154,30 @@ def train_role(m: dict[str, Any], s: RunSettings, c: Cluster, p: int, shard_byte
         comps.append(Component(name, gpu=0 if on_host else nbytes, host=nbytes if on_host else 0, phases=phases,
                                note=note))
 
-    base = w * (_ceil_div(psi, p) if z3 else psi)
-    if lora:
-        base += w * (t_part if z3 else trainable)
-    put("policy weights", base, weights_host,
-        note=("ZeRO-3 partition" if z3 else "replicated (ZeRO-2)") + (", offloaded" if weights_host else "")
-        + (f", incl. LoRA r={s.lora_rank}: {trainable:,} trainable" if lora else ""))
-    put("gradients", w * t_part, opt_host, PHASES[2:], "bf16 gradient partition" if w == 2 else "gradient partition")
-    if mixed:
-        put("fp32 master weights", 4 * t_part, opt_host, PHASES[2:])
-    put("Adam states", 8 * t_part, opt_host, PHASES[2:], "exp_avg + exp_avg_sq, fp32")
+    if bm.master == "parameter":  # the sharded parameter is the master copy: upcast where mixed precision is on
+        mw = 4 if mixed and s.mixed_precision != "no" else w
+        frozen = psi - trainable if lora else 0
+        put("policy weights", w * _ceil_div(frozen, p) + (mw * t_part if mw == w else 0), weights_host,
+            note="sharded parameters in the model dtype" + (" (the frozen base)" if lora else "")
+            + (", offloaded" if weights_host else ""))
+        if mw != w:
+            put("fp32 master weights", mw * t_part, weights_host, PHASES,
+                note="the trainable parameters' shards, upcast to fp32 (mixed precision bf16): the master copy")
+        put("gradients", mw * t_part, opt_host, PHASES[2:], "sharded gradients in the parameter's dtype")
+        put("Adam states", 2 * mw * t_part, opt_host, PHASES[2:], "exp_avg + exp_avg_sq in the parameter's dtype")
+        mixed = False  # no fp32 gradient copy at step time: the gradients already are in the master's dtype
+    else:
+        base = w * (_ceil_div(psi, p) if z3 else psi)
+        if lora:
+            base += w * (t_part if z3 else trainable)
+        put("policy weights", base, weights_host,
+            note=("ZeRO-3 partition" if z3 else "replicated (ZeRO-2)") + (", offloaded" if weights_host else "")
+            + (f", incl. LoRA r={s.lora_rank}: {trainable:,} trainable" if lora else ""))
+        put("gradients", w * t_part, opt_host, PHASES[2:],
+            "bf16 gradient partition" if w == 2 else "gradient partition")
+        if mixed:
+            put("fp32 master weights", 4 * t_part, opt_host, PHASES[2:])
+        put("Adam states", 8 * t_part, opt_host, PHASES[2:], "exp_avg + exp_avg_sq, fp32")
     if mixed:
         if opt_host:
             put("fp32 step gradients", 4 * t_part, True, PHASES[2:], "pinned fp32 gradient buffer (offload)")
@@ -162,8 +192,8 @@ def train_role(m: dict[str, Any], s: RunSettings, c: Cluster, p: int, shard_byte
     # reference on training ranks
     if ref.weights == "like_policy":
         note = ref.weights_note or ("ZeRO-3 partition" if z3 else "stage-0 replica under ZeRO-2 (reference.on_zero2)")
-        put("reference weights", w * (_ceil_div(psi, p) if z3 else psi), weights_host and z3, ref.weights_phases,
-            note)
+        put("reference weights", w * (_ceil_div(psi, p) if z3 else psi),
+            weights_host and z3 and bm.offload_moves_reference, ref.weights_phases, note)
     elif ref.weights == "host_mmap":
         nbytes = w * psi
         comps.append(Component("reference weights", host_shared=nbytes if s.checkpoint_mmap_shared else 0,
@@ -172,8 +202,17 @@ def train_role(m: dict[str, Any], s: RunSettings, c: Cluster, p: int, shard_byte
                                note="unsharded in host memory" + (", one mmapped copy per node"
                                                                    if s.checkpoint_mmap_shared else "")))
 
-    # gathered parameters (ZeRO-3) / the largest layer's gradient before bucketing (ZeRO-2)
-    if z3:
+    # gathered parameters (ZeRO-3: modules; FSDP2: wrap units) / the largest layer's gradient before bucketing (ZeRO-2)
+    if bm.gather == "unit":
+        root, layer = wrap_units(m)
+        n = bm.prefetch_units
+        put("largest gathered layer", w * (root + n * layer), False, ("init", "train"),
+            f"all-gather buffers: the root unit's own {root:,} params (embeddings, head) + {n} decoder layers of "
+            f"{layer:,} (one computing, one prefetched)")
+        if not lora:
+            put("unsharded gradient", (w + bm.reduce_bytes) * max(root, layer), False, ("train",),
+                "one unit's full gradient and its fp32 reduce-scatter copy")
+    elif z3:
         live = w * max(0, min(psi, s.max_live_parameters) - big)
         grad_big = 0 if lora else w * big
         put("largest gathered layer", w * big + grad_big, False, ("train",),
@@ -186,7 +225,8 @@ def train_role(m: dict[str, Any], s: RunSettings, c: Cluster, p: int, shard_byte
         put("largest gathered layer", 0 if lora else w * big, False, ("train",),
             "LoRA: the frozen base has no gradients" if lora else "full gradient of the largest layer before "
             "bucketing")
-    put("ZeRO buffers", bucket, False, ("train",), "reduce bucket" + (" x2 (overlap_comm)" if not z3 else ""))
+    if bm.reduce_bucket:
+        put("ZeRO buffers", bucket, False, ("train",), "reduce bucket" + (" x2 (overlap_comm)" if not z3 else ""))
 
     # activations and logits of one micro-batch
     act = tokens * activation_bytes_per_token(m, w, s.gradient_checkpointing)

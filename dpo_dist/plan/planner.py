@@ -19,9 +19,9 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from dpo_dist.config.names import Sharding
+from dpo_dist.config.backend_memory import backend_memory_of
 from dpo_dist.config.placement_memory import memory_of
-from dpo_dist.plan.inputs import DTYPE_BYTES, PLACEMENTS, Cluster, GiB, RunSettings
+from dpo_dist.plan.inputs import BACKENDS, DTYPE_BYTES, PLACEMENTS, Cluster, GiB, RunSettings
 from dpo_dist.plan.memory import PHASES, RolePlan, host_node, reference_role, train_role
 
 # HF sharded checkpoints are written in files of a few GB; a preset has no files, so assume this per file.
@@ -29,7 +29,6 @@ PRESET_SHARD_BYTES = 5 * 10**9
 # Preference order among layouts that fit (lower is better): what each choice costs in speed or in method.
 OFFLOAD_COST = {"none": 0.0, "optimizer": 3.0, "all": 6.0}
 CHECKPOINTING_COST = 2.0
-ZERO3_COST = 1.0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,17 +138,19 @@ def _assemble(m: dict[str, Any], c: Cluster, s: RunSettings, roles: tuple[RolePl
                         f"{(1 - headroom) * c.host_mem / GiB:.1f} GiB usable")
     train = roles[0]
     state_names = {"policy weights", "gradients", "fp32 master weights", "Adam states", "fp32 step gradients",
-                   "largest gathered layer", "live parameters"}
+                   "largest gathered layer", "live parameters", "unsharded gradient"}
     states = max(sum(x.gpu for x in train.components if x.name in state_names and ph in x.phases)
                  for ph in ("train", "step"))
-    score = (OFFLOAD_COST[s.offload] + memory_of(s.placement).cost + (ZERO3_COST if s.zero_stage == 3 else 0)
-             + (CHECKPOINTING_COST if s.gradient_checkpointing else 0))
+    score = (OFFLOAD_COST[s.offload] + memory_of(s.placement).cost + backend_memory_of(s.backend).stage_cost[
+        s.zero_stage] + (CHECKPOINTING_COST if s.gradient_checkpointing else 0))
     from dpo_dist.config.schema import IMPLEMENTED_PLACEMENTS
+    from dpo_dist.config.sharding import PLACEMENTS_OF
 
     return Plan(settings=s, cluster=c, model=m, roles=roles, gpu_peak=gpu_peak, gpu_peak_phase=gpu_phase,
                 gpu_capacity=gpu_cap, host_node_peak=node_peak, host_node_phase=node_phase, host_rank_peak=rank_peak,
                 host_capacity=c.host_mem, fits=not problems, problems=tuple(problems), score=score,
-                available=s.placement in IMPLEMENTED_PLACEMENTS, model_states_gpu=states)
+                available=s.placement in IMPLEMENTED_PLACEMENTS and s.placement in PLACEMENTS_OF[s.backend],
+                model_states_gpu=states)
 
 
 def plan(model_config: dict[str, Any], cluster: Cluster, settings: RunSettings, *, headroom: float = 0.10,
@@ -195,33 +196,40 @@ def _pick_ref_ranks(m: dict[str, Any], c: Cluster, s: RunSettings, headroom: flo
 
 
 def strategies(world: int, base: RunSettings) -> list[RunSettings]:
-    """Every layout dpo-dist can describe: ZeRO-2/3 x offload x checkpointing x reference placement."""
+    """Every layout dpo-dist can describe: per backend (its record: stages and offloads; ZeRO-2/3 x none /
+    optimizer / all, FSDP2 x none / all) x checkpointing x reference placement."""
     out = []
-    for stage, offloads in ((2, ("none", "optimizer")), (3, ("none", "optimizer", "all"))):
-        for off in offloads:
-            for ckpt in (False, True):
-                for placement in PLACEMENTS:
-                    own_ranks = memory_of(placement).own_ranks
-                    if own_ranks and world < 2:
-                        continue
-                    out.append(replace(base, zero_stage=stage, offload_optimizer=off != "none",
-                                       offload_params=off == "all", gradient_checkpointing=ckpt, placement=placement,
-                                       ref_ranks=base.ref_ranks if own_ranks else None))
+    for backend in BACKENDS:
+        bm = backend_memory_of(backend)
+        for stage in bm.stages:
+            for off in bm.offloads:
+                if off == "all" and stage != max(bm.stages):  # the weights are offloaded only where sharded
+                    continue
+                for ckpt in (False, True):
+                    for placement in PLACEMENTS:
+                        own_ranks = memory_of(placement).own_ranks
+                        if own_ranks and world < 2:
+                            continue
+                        out.append(replace(base, backend=backend, zero_stage=stage, offload_optimizer=off != "none",
+                                           offload_params=off == "all", gradient_checkpointing=ckpt,
+                                           placement=placement, ref_ranks=base.ref_ranks if own_ranks else None))
     return out
 
 
 def plan_all(model_config: dict[str, Any], cluster: Cluster, base: RunSettings | None = None, *,
              headroom: float = 0.10, shard_bytes: int | None = None, source: str = "",
              only: dict[str, Any] | None = None) -> PlanSet:
-    """Plan every strategy (optionally only those whose settings match `only`), rank them, recommend one: the
+    """Plan every strategy (optionally only those whose settings match `only`; its key "sharding" matches the
+    shipped sharding that runs a layout), rank them, recommend one: the
     cheapest layout that fits (no offload over offload, no checkpointing over it, ZeRO-2 over ZeRO-3, and reference
-    placements zero3 < precomputed < ranks < cpu < lora), then the same among what this version can run."""
+    placements zero3 < precomputed < ranks < cpu < lora; backends by their record's order: ZeRO-2 < ZeRO-3 <
+    FSDP2), then the same among what this version can run."""
     from dpo_dist.plan.presets import model_stats
 
     base = base or RunSettings()
     plans = []
     for s in strategies(cluster.world, base):
-        if only and any(getattr(s, k) != v for k, v in only.items()):
+        if only and any((s.sharding_name() if k == "sharding" else getattr(s, k)) != v for k, v in only.items()):
             continue
         plans.append(plan(model_config, cluster, s, headroom=headroom, shard_bytes=shard_bytes))
     plans.sort(key=lambda p: (not p.fits, p.score if p.fits else p.usage, p.usage))
@@ -235,18 +243,38 @@ def plan_all(model_config: dict[str, Any], cluster: Cluster, base: RunSettings |
 def check(model_config: dict[str, Any], cluster: Cluster, settings: RunSettings, *, headroom: float = 0.10,
           shard_bytes: int | None = None) -> Plan:
     """`plan` for the requested layout; when it does not fit, `.alternative` is the recommended layout that does
-    (keeping the run's micro-batch, length and dtype), or None if nothing fits. For `dpo-dist init`."""
+    under the run's backend, else under any (keeping the run's micro-batch, length and dtype), or None if nothing
+    fits. For `dpo-dist init`."""
     p = plan(model_config, cluster, settings, headroom=headroom, shard_bytes=shard_bytes)
     if p.fits:
         return p
     alt = plan_all(model_config, cluster, settings, headroom=headroom, shard_bytes=shard_bytes)
-    choice = alt.recommended_available or alt.recommended
+    # the run's own backend first (a user who chose FSDP2 is shown an FSDP2 layout when one fits)
+    same = next((q for q in alt.plans if q.fits and q.available and q.settings.backend == settings.backend), None)
+    choice = same or alt.recommended_available or alt.recommended
     return replace(p, alternative=choice)
 
 
 def settings_from_run_config(cfg, ds_config: dict[str, Any] | None = None, ref_ranks: int | None = None,
                              **overrides: Any) -> RunSettings:
-    """RunSettings of a dpo-dist RunConfig (and its resolved DeepSpeed dict, for stage, offloads and ZeRO-3 knobs)."""
+    """RunSettings of a dpo-dist RunConfig: its backend (config/sharding.backend_of), and the layout from the
+    backend's typed options (sharding.fsdp2: cpu_offload, mixed_precision) or its resolved DeepSpeed dict (stage,
+    offloads and ZeRO-3 knobs)."""
+    from dpo_dist.config.names import Sharding
+    from dpo_dist.config.sharding import backend_of
+
+    backend = backend_of(cfg.sharding.name, cfg.sharding.ds_config)
+    bm = backend_memory_of(backend)
+    common = dict(backend=str(backend), placement=cfg.reference.placement,
+                  micro_batch=cfg.train.per_device_train_batch_size, max_length=cfg.train.max_length,
+                  gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype,
+                  ref_ranks=ref_ranks if ref_ranks is not None or not memory_of(cfg.reference.placement).own_ranks
+                  else cfg.reference.ranks)
+    if bm.options_key:  # the backend's own options: its offload moves everything ("all"), its mixed precision
+        opts = getattr(cfg.sharding, bm.options_key)
+        return RunSettings(**{**common, "zero_stage": max(bm.stages), "offload_optimizer": opts.cpu_offload,
+                              "offload_params": opts.cpu_offload, "mixed_precision": opts.mixed_precision,
+                              **overrides})
     zo = (ds_config or {}).get("zero_optimization", {})
     name = cfg.sharding.name or Sharding.ZERO3
     stage = int(zo.get("stage", 2 if name == Sharding.ZERO2 else 3))
@@ -259,11 +287,7 @@ def settings_from_run_config(cfg, ds_config: dict[str, Any] | None = None, ref_r
         v = zo.get(key, default)
         return int(v) if isinstance(v, (int, float)) else default
 
-    kw = dict(zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par, placement=cfg.reference.placement,
-              micro_batch=cfg.train.per_device_train_batch_size, max_length=cfg.train.max_length,
-              gradient_checkpointing=cfg.train.gradient_checkpointing, dtype=cfg.model.dtype,
-              ref_ranks=ref_ranks if ref_ranks is not None or not memory_of(cfg.reference.placement).own_ranks
-              else cfg.reference.ranks,
+    kw = dict(common, zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par,
               max_live_parameters=num("stage3_max_live_parameters", 1_000_000_000),
               sub_group_size=num("sub_group_size", 1_000_000_000),
               reduce_bucket_size=zo.get("reduce_bucket_size") if isinstance(zo.get("reduce_bucket_size"), int)
@@ -334,7 +358,8 @@ def recommended_config(p: Plan, gradient_accumulation_steps: int = 4) -> tuple[d
         notes.append(f"sharding.ds_config: write that JSON from ds_configs/zero{s.zero_stage}.json with "
                      "zero_optimization.offload_optimizer.device: cpu (no shipped config offloads only the optimizer)")
     else:
-        sharding = {"name": str(getattr(name, "value", name))}
+        sharding = {"name": str(getattr(name, "value", name)),
+                    **backend_memory_of(s.backend).offload_keys.get(s.offload, {})}
     reference: dict[str, Any] = {"placement": str(getattr(s.placement, "value", s.placement))}
     policy_ranks = p.cluster.world
     if memory_of(s.placement).own_ranks and s.ref_ranks:

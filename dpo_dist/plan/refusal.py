@@ -64,12 +64,16 @@ def cluster_and_assumption(args: ClusterArgs):
 
 
 def plan_for(cfg: RunConfig, cluster_args: ClusterArgs) -> tuple[Any, Any, dict]:
-    """(plan with alternative, cluster, model config) for this run config."""
+    """(plan with alternative, cluster, model config) for this run config, under its sharding backend."""
+    from dpo_dist.config.backend_memory import backend_memory_of
     from dpo_dist.config.resources import resolve_ds_config
+    from dpo_dist.config.sharding import backend_of
     from dpo_dist.plan import planner, presets
 
     source = presets.resolve_model(cfg.model.path)
-    _, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
+    ds = None  # a backend with typed options (FSDP2) has no DeepSpeed JSON to read
+    if backend_memory_of(backend_of(cfg.sharding.name, cfg.sharding.ds_config)).reads_ds_config:
+        _, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
     cluster = cluster_for(cluster_args)
     plan = planner.check(source.config, cluster, planner.settings_from_run_config(cfg, ds))
     return plan, cluster, source.config
@@ -81,8 +85,14 @@ def refusal(plan, cluster) -> str | None:
         return None
     where = f"{cluster.nodes} node(s) x {cluster.gpus_per_node} {cluster.device} rank(s)"
     alt = plan.alternative
-    instead = (f"{alt.label} would fit (sharding {alt.settings.sharding_name() or 'custom'}, placement "
-               f"{alt.settings.placement})" if alt is not None else "no layout dpo-dist knows fits this cluster")
+    instead = "no layout dpo-dist knows fits this cluster"
+    if alt is not None:
+        from dpo_dist.config.backend_memory import backend_memory_of
+
+        keys = backend_memory_of(alt.settings.backend).offload_keys.get(alt.settings.offload, {})
+        also = "".join(f", sharding.{k}.{kk}: {str(vv).lower()}" for k, v in keys.items() for kk, vv in v.items())
+        instead = (f"{alt.label} would fit (sharding {alt.settings.sharding_name() or 'custom'}{also}, placement "
+                   f"{alt.settings.placement})")
     return (f"layout {plan.label} does not fit {where}: {'; '.join(plan.problems)}. {instead}; --force runs it "
             "anyway")
 
@@ -94,14 +104,19 @@ def dry_run(cfg: RunConfig, cluster_args: ClusterArgs) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dpo_dist.config.resources import batch_mismatch, resolve_ds_config, zero_stage
+    from dpo_dist.config.backend_memory import backend_memory_of
+    from dpo_dist.config.resources import batch_mismatch, resolve_ds_config
     from dpo_dist.config.schema import resolve_beta
+    from dpo_dist.config.sharding import backend_of
     from dpo_dist.config.trl_args import dpo_config_kwargs
 
     t0 = time.perf_counter()
     plan, cluster, model_conf = plan_for(cfg, cluster_args)
     assumption = cluster_and_assumption(cluster_args)[1]
-    label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
+    backend = backend_memory_of(backend_of(cfg.sharding.name, cfg.sharding.ds_config))
+    label, ds = cfg.sharding.name, {}  # a backend with typed options (FSDP2) has no DeepSpeed JSON
+    if backend.reads_ds_config:
+        label, ds = resolve_ds_config(cfg.sharding.name, cfg.sharding.ds_config)
     problems = []
     # the trainer's world: placement ranks keeps its last reference.ranks processes out of training
     train_world = cluster.world - (cfg.reference.ranks if memory_of(cfg.reference.placement).own_ranks else 0)
@@ -127,7 +142,8 @@ def dry_run(cfg: RunConfig, cluster_args: ClusterArgs) -> int:
     gbatch = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps * train_world
     lines = [
         f"dry run: {type(policy).__name__} with {n / 1e9:.3f}B parameters (built on the meta device, no weights)",
-        f"  sharding {label} (ZeRO-{zero_stage(ds)}), reference placement {cfg.reference.placement}, "
+        f"  sharding {label} ({backend.label.format(stage=plan.settings.zero_stage)}), reference placement"
+        f" {cfg.reference.placement}, "
         f"world {cluster.world} = {cluster.nodes} node(s) x {cluster.gpus_per_node}",
         f"  global batch {cfg.train.per_device_train_batch_size} x {cfg.train.gradient_accumulation_steps} x "
         f"{train_world} = {gbatch}{' (policy ranks only)' if train_world != cluster.world else ''}, "
