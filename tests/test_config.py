@@ -215,3 +215,17 @@ def test_non_utf8_yaml_is_named(tmp_path):
     with pytest.raises(ConfigError) as e:
         load(p)
     assert e.value.problems == ["not UTF-8 text (byte 0xe9 on line 2): save the file as UTF-8"]
+
+
+def test_sharded_is_the_default_placement_under_either_backend():
+    """`sharded` names the reference sharded per layer like the policy (ZeRO-3 partitions, FSDP2 units): read as
+    zero3, on the command line too; other names are still refused."""
+    from dpo_dist.config.schema import from_dict
+
+    for sharding in ("zero3", "fsdp2"):
+        cfg = from_dict({"reference": {"placement": "sharded"}, "sharding": {"name": sharding}})
+        assert cfg.reference.placement == "zero3"
+    cfg = load(None, [parse_override("reference.placement=sharded")])
+    assert cfg.reference.placement == "zero3"
+    with pytest.raises(ConfigError, match="reference.placement"):
+        from_dict({"reference": {"placement": "shard"}})

@@ -36,6 +36,12 @@ class Placement(NameEnum):
     RANKS = "ranks"
 
 
+# another spelling a user may write -> the placement it names. `sharded` says what the default placement is under
+# either backend (the reference sharded per layer across the ranks, as the policy is: ZeRO-3's partitions or FSDP2's
+# per-layer units); `zero3` stays its name in reports and configs, as it was.
+PLACEMENT_ALIASES: dict[str, Placement] = {"sharded": Placement.ZERO3}
+
+
 class Sharding(NameEnum):
     """The shipped shardings (launch/<name>.yaml; the DeepSpeed ones also ds_configs/<name>.json). Each belongs to
     one backend (config/sharding.py)."""

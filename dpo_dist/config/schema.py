@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dpo_dist.config.names import Dtype, Placement, Sharding
+from dpo_dist.config.names import PLACEMENT_ALIASES, Dtype, Placement, Sharding
 
 DEFAULT_PROMPTS = (
     "Explain machine learning in simple terms.",
@@ -79,7 +79,7 @@ class ReferenceConfig:
     """Where the frozen reference comes from and where it lives."""
 
     path: str | None = None  # None = the policy's checkpoint
-    placement: Literal[Placement.values()] = Placement.ZERO3.value
+    placement: Literal[Placement.values()] = Placement.ZERO3.value  # `sharded` is read as zero3 (either backend)
     on_zero2: Literal["replica", "refuse"] = "replica"  # zero3 placement with a ZeRO-2 policy
     lora: LoraSettings = field(default_factory=LoraSettings)
     cache_dir: str | None = None  # precomputed log-probs; None = <train.output_dir>/ref_logps
@@ -464,13 +464,21 @@ def reserved_extra_key(key: str) -> str | None:
 def from_dict(data: dict[str, Any] | None, source: str = "config") -> RunConfig:
     """Build and validate a RunConfig; raise one ConfigError naming every problem."""
     problems: list[str] = []
-    cfg = _build(RunConfig, data or {}, "", problems)
+    cfg = _build(RunConfig, _placement_alias(data or {}), "", problems)
     if not problems:
         cfg = _demo_eval(cfg, data or {})
         _check_values(cfg, problems)
     if problems:
         raise ConfigError(problems, source)
     return cfg
+
+
+def _placement_alias(data: dict[str, Any]) -> dict[str, Any]:
+    """`reference.placement: sharded` is the default placement's name under either backend (config.names)."""
+    ref = data.get("reference")
+    if isinstance(ref, dict) and isinstance(ref.get("placement"), str) and ref["placement"] in PLACEMENT_ALIASES:
+        return {**data, "reference": {**ref, "placement": PLACEMENT_ALIASES[ref["placement"]].value}}
+    return data
 
 
 def _demo_eval(cfg: RunConfig, data: dict[str, Any]) -> RunConfig:
