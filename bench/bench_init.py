@@ -47,7 +47,7 @@ PY = sys.executable
 DEFAULT_CKPT = Path.home() / ".cache" / "dpo-dist" / "bench-llama-0.5b"
 CPU_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-LOAD_MODES = ["idle", "read", "naive", "transformers", "fastload", "fastload-bcast"]
+LOAD_MODES = ["idle", "read", "naive", "transformers", "fastload", "fastload-bcast", "read-cold", "fastload-cold"]
 PLACEMENTS = ["zero3", "cpu", "lora"]
 KB = 1024
 # dpo-dist init before it shipped the fast loader (model.loader), the lean proof engines, the pinned mmap threshold
@@ -153,10 +153,11 @@ def ensure_checkpoint(path: Path) -> Path:
 
 
 # -- group: load ------------------------------------------------------------------------------------------------
-def bench_load(ckpt: Path, runs: int, work: Path) -> dict:
-    raw: dict[str, list[dict]] = {m: [] for m in LOAD_MODES}
+def bench_load(ckpt: Path, runs: int, work: Path, modes: list[str] | None = None) -> dict:
+    modes = modes or LOAD_MODES
+    raw: dict[str, list[dict]] = {m: [] for m in modes}
     for i in range(runs):
-        for mode in LOAD_MODES:  # interleaved, so a noisy minute spreads over every mode
+        for mode in modes:  # interleaved, so a noisy minute spreads over every mode
             out = work / f"load-{mode}-{i}"
             argv = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                     "--master_port", str(free_port()), str(BENCH / "load_driver.py"), mode, "--model", str(ckpt),
@@ -167,7 +168,7 @@ def bench_load(ckpt: Path, runs: int, work: Path) -> dict:
             if code != 0:
                 raise RuntimeError(f"load driver {mode} failed (exit {code}): see {work / f'load-{mode}-{i}.log'}")
             ranks = [json.loads((out / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
-            raw[mode].append({"wall_s": wall, "ranks": ranks})
+            raw[mode].append({"wall_s": wall, "ranks": ranks, "loadavg": os.getloadavg()[0]})
             peak = max(r["vmhwm_kb"]["end"] for r in ranks) / KB
             log(f"load {mode} run {i + 1}/{runs}: load {ranks[0]['seconds']['load']:.2f} s, worst-rank peak "
                 f"{peak:.0f} MiB, wall {wall:.1f} s")
@@ -187,10 +188,15 @@ def bench_load(ckpt: Path, runs: int, work: Path) -> dict:
                                [x["vmhwm_kb"]["end"] / (x["vmhwm_kb"]["torch+deepspeed"] + held) for x in recs]),
                            "end_pss_kb": med([x["end_kb"]["Pss"] for x in recs]),
                            "phases_kb": recs[-1]["vmhwm_kb"]}
-        summary[mode] = {"load_s": med([x["ranks"][0]["seconds"]["load"] for x in rs]),
+        summary[mode] = {"loadavg": [x.get("loadavg") for x in rs],
+                         "own_s": {str(r): med([x["ranks"][r]["seconds"].get("own") for x in rs]) for r in range(2)},
+                         "requests": {str(r): rs[0]["ranks"][r].get("detail", {}).get("requests") for r in range(2)},
+                         "cold": rs[0]["ranks"][0].get("detail", {}).get("cold"),
+                         "load_s": med([x["ranks"][0]["seconds"]["load"] for x in rs]),
                          "load_s_runs": [round(x["ranks"][0]["seconds"]["load"], 3) for x in rs],
                          "wall_s": med([x["wall_s"] for x in rs]), "per_rank": per_rank,
                          "worst_x_ideal": max(v["x_ideal"] for v in per_rank.values()),
+                         "load_s_pairs": [round(x["ranks"][0]["seconds"]["load"], 3) for x in rs],
                          "detail": rs[0]["ranks"][0].get("detail")}
         if mode == "fastload":
             summary[mode]["verified_against_files"] = all(r.get("verified_against_files") for r in rs[0]["ranks"])
@@ -229,14 +235,16 @@ def before_tree(work: Path, commit: str) -> Path:
 
 
 def product_run(ckpt: Path, placement: str, out: Path, log_path: Path, extra_set: list[str],
-                tree: Path | None = None, loader: str | None = None) -> dict:
+                tree: Path | None = None, loader: str | None = None, stage_memory: bool = False) -> dict:
     """`dpo-dist launch --cpu --num-processes 2 -- ...` as a user runs it: the current version, or the one extracted
     at `tree` (run from there); `loader` sets model.loader."""
     init_args = ["--model", str(ckpt), "--output-dir", str(out), "--overwrite", "--placement", placement, "--force",
                  "--set", "verify.generation=false"]  # --force: the memory planner counts a whole training step
     # (optimizer states included) and refuses 0.44B on this 24 GB box; init itself never builds optimizer states
-    if tree is None:  # random weights read as untrained: the proofs that judge trained weights off (keys new in
-        init_args += ["--set", "verify.perplexity=false", "--set", "verify.tokenizer_order=false"]  # issue 23)
+    schema = (tree or ROOT) / "dpo_dist" / "config" / "schema.py"
+    if schema.exists() and "tokenizer_order" in schema.read_text():
+        # random weights read as untrained: the proofs that judge trained weights off (keys new in issue 23)
+        init_args += ["--set", "verify.perplexity=false", "--set", "verify.tokenizer_order=false"]
     for s in extra_set:
         init_args += ["--set", s]
     if loader:
@@ -244,6 +252,13 @@ def product_run(ckpt: Path, placement: str, out: Path, log_path: Path, extra_set
     argv = [PY, "-m", "dpo_dist", "launch", "--cpu", "--num-processes", "2", "--port", str(free_port()), "--",
             *init_args]
     env = {"PYTHONUNBUFFERED": "1"}
+    stage_dir = out.parent / (out.name + "-stages")
+    if stage_memory:  # per-stage memory of each rank (bench/stage_memory/sitecustomize.py; resets VmHWM per stage)
+        import shutil
+
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        env.update(DPO_DIST_STAGE_MEMORY=str(stage_dir),
+                   PYTHONPATH=os.pathsep.join([str(BENCH / "stage_memory"), str(tree or ROOT)]))
     sampler = WorkerSampler()
     t0 = time.perf_counter()
     code = run(argv, env, 600, log_path, sampler, cwd=tree or ROOT)
@@ -269,6 +284,10 @@ def product_run(ckpt: Path, placement: str, out: Path, log_path: Path, extra_set
         res["ranks"][r] = {**sampler.by_rank[r], "policy_bytes": pf.get(f"rank_{r}_policy_bytes", 0),
                            "reference_bytes": pf.get(f"rank_{r}_reference_bytes", 0),
                            "after_load_kb": pf.get(f"rank_{r}_memory_kb", {})}
+        if stage_memory:  # the stages' own peaks; VmHWM was reset per stage, so the whole peak is theirs
+            st = json.loads((stage_dir / f"rank{r}.json").read_text())
+            res["ranks"][r]["stages"] = st["stages"]
+            res["ranks"][r]["vmhwm_kb"] = max(st["peak_kb"], *(x["peak_kb"] for x in st["stages"]))
     return res
 
 
@@ -281,7 +300,8 @@ def product_jobs(placement: str) -> list[str]:
     return ["before", "transformers", "shipped"] if placement == "zero3" else ["before", "shipped"]
 
 
-def bench_product(ckpt: Path, tiny: Path, runs: int, work: Path, extra_set: list[str], before: str) -> dict:
+def bench_product(ckpt: Path, tiny: Path, runs: int, work: Path, extra_set: list[str], before: str,
+                  variants: list[str] | None = None, stage_memory: bool = False) -> dict:
     """Each placement as dpo-dist init ships it and as it was at `before`, plus the embedded 1M-parameter checkpoint
     (placement zero3) for each version's runtime baseline: peaks there differ by placement by < 1%."""
     old = before_tree(work, before)
@@ -291,22 +311,29 @@ def bench_product(ckpt: Path, tiny: Path, runs: int, work: Path, extra_set: list
                 ("baseline@tiny", "zero3", tiny, (False, None))]
         jobs += [(f"{placement} {variant}", placement, ckpt, PRODUCT_VARIANTS[variant]) for placement in PLACEMENTS
                  for variant in product_jobs(placement)]
+        if variants:  # some variants only (the baseline of each version they need is kept)
+            keep = {"baseline@tiny before" if v == "before" else "baseline@tiny" for v in variants}
+            jobs = [j for j in jobs if j[0] in keep or j[0].split(" ", 1)[1] in variants]
         for label, placement, model, (is_before, loader) in jobs:
             slug = label.replace(" ", "-").replace("@", "-")
             res = product_run(model, placement, work / f"prod-{slug}-{i}", work / f"prod-{slug}-{i}.log", extra_set,
-                              tree=old if is_before else None, loader=loader)
+                              tree=old if is_before else None, loader=loader, stage_memory=stage_memory)
             raw.setdefault(label, []).append(res)
             log(f"product {label} run {i + 1}/{runs}: wall {res['wall_s']:.1f} s, load {res['load_s']} s, "
                 f"peaks {[round(v['vmhwm_kb'] / KB) for v in res['ranks'].values()]} MiB, passed "
                 f"{res['passed']}")
     summary: dict = {"before_commit": before}
     for key, label in (("baseline", "baseline@tiny"), ("baseline before", "baseline@tiny before")):
+        if label not in raw:
+            continue
         small = raw[label]
         summary[key] = {"wall_s": med([x["wall_s"] for x in small]), "per_rank": {
             str(r): {"peak_kb": med([x["ranks"][r]["vmhwm_kb"] for x in small]),
                      "pss_peak_kb": med([x["ranks"][r]["pss_max_kb"] for x in small])} for r in range(2)}}
     for placement in PLACEMENTS:
         for variant in product_jobs(placement):
+            if f"{placement} {variant}" not in raw:
+                continue
             big = raw[f"{placement} {variant}"]
             per_rank = {}
             # each variant against the baseline of the same version (shipped: malloc threshold pinned too)
@@ -324,7 +351,13 @@ def bench_product(ckpt: Path, tiny: Path, runs: int, work: Path, extra_set: list
                                     "ideal_kb": base + pol + ref, "ideal_pss_kb": base_pss + pol + ref_pss,
                                     "x_ideal": peak / (base + pol + ref),
                                     "pss_x_ideal": pss / (base_pss + pol + ref_pss),
-                                    "after_load_kb": big[-1]["ranks"][r]["after_load_kb"]}
+                                    "after_load_kb": big[-1]["ranks"][r]["after_load_kb"],
+                                    "peak_runs_kb": [x["ranks"][r]["vmhwm_kb"] for x in big]}
+                if "stages" in big[0]["ranks"][r]:  # per stage: medians over runs of start, own peak, end
+                    per_rank[str(r)]["stages"] = [
+                        {"stage": row["stage"], **{k: med([x["ranks"][r]["stages"][j][k] for x in big])
+                                                   for k in ("start_kb", "peak_kb", "end_kb")}}
+                        for j, row in enumerate(big[0]["ranks"][r]["stages"])]
             summary[f"{placement} {variant}"] = {
                 "loader": big[0]["loader"],
                 "wall_s": med([x["wall_s"] for x in big]), "load_s": med([x["load_s"] for x in big]),
@@ -570,6 +603,38 @@ def render(res: dict) -> str:
         if fr:
             L.append(f"| floor: the whole file read once from page cache, one process | | | | "
                      f"{fr['read_once_s']:.2f} | {fr['read_once_s'] / naive_t:.2f} |")
+        pairs = [(lbl, f, r) for lbl, f, r in (("warm page cache (policy + reference)", "fastload", "read"),
+                                                ("cold: file pages dropped first (policy only)", "fastload-cold",
+                                                 "read-cold")) if f in load and r in load]
+        if pairs:
+            L += ["", "**fastload against the pread floor of the same bytes** (same runs as above; medians; every "
+                  "run's load average in the json). Requests: the read requests of rank 0 / rank 1 (fastload "
+                  "coalesces neighbouring ranges of one file into one request; the floor reads each tensor's share "
+                  "alone). Own seconds: each rank's load before the closing barrier (a rank-0 hotspot would show "
+                  "as rank 0's being longer).", "",
+                  "| page cache | fastload (s) | floor (s) | fastload / floor | requests rank 0 / 1 (count, mean) | "
+                  "floor's requests (count, mean) | own seconds rank 0 / 1 | pages resident after the drop |",
+                  "|---|---|---|---|---|---|---|---|"]
+
+            def req(x):
+                return "—" if not x else f"{x['count']}, {x['mean_bytes'] / 2**20:.2f} MiB"
+
+            for lbl, f, r in pairs:
+                fs, rs_ = load[f], load[r]
+                cold = fs.get("cold") or {}
+                res_b = cold.get("resident_bytes_after")
+                resident = "" if not cold else ("?" if res_b is None else f"{res_b / 2**20:.0f} MiB of "
+                                                f"{cold['file_bytes'] / 2**20:.0f}")
+                own = fs.get("own_s", {})
+                L.append(f"| {lbl} | {fs['load_s']:.2f} | {rs_['load_s']:.2f} | {fs['load_s'] / rs_['load_s']:.2f} | "
+                         f"{req(fs.get('requests', {}).get('0'))} / {req(fs.get('requests', {}).get('1'))} | "
+                         f"{req(rs_.get('requests', {}).get('0'))} | "
+                         f"{own.get('0') or 0:.2f} / {own.get('1') or 0:.2f} | {resident} |")
+            hist = (load["fastload"].get("requests") or {}).get("0")
+            if hist:
+                L.append("")
+                L.append("fastload's request sizes, rank 0, warm: " + ", ".join(
+                    f"{k}: {v}" for k, v in hist["histogram"].items()) + f" (max {hist['max_bytes'] / 2**20:.1f} MiB)")
         if "verified_against_files" in load["fastload"]:
             L.append("")
             L.append(f"fastload's partitions checked against the file's fingerprints (first run, both models, both "
@@ -599,6 +664,8 @@ def render(res: dict) -> str:
                  "shipped": "**shipped** (model.loader auto: fast)"}
         for placement in PLACEMENTS:
             for variant in product_jobs(placement):
+                if f"{placement} {variant}" not in prod:
+                    continue
                 s = prod[f"{placement} {variant}"]
                 pr = s["per_rank"]
                 vs_naive = f"{s['load_s'] / naive_t:.2f}" if naive_t else "—"
@@ -606,7 +673,26 @@ def render(res: dict) -> str:
                          f"| {s['worst_x_ideal']:.2f} | {mib(pr['0']['pss_peak_kb'])} / "
                          f"{mib(pr['1']['pss_peak_kb'])} | {s['worst_pss_x_ideal']:.2f} | {s['load_s']:.2f} | "
                          f"{vs_naive} | {s['fingerprint_s']:.2f} | {s['wall_s']:.1f} |")
+        staged = [(k, v) for k, v in prod.items() if isinstance(v, dict) and "stages" in v.get("per_rank", {})
+                  .get("0", {})]
+        if staged:
+            L += ["", "**Per stage** (`--stage-memory`: each rank's VmHWM reset at each stage's start, so a peak is "
+                  "that stage's own; medians over runs): resident set at the start -> the stage's peak -> the end, "
+                  "MiB, rank 0 / rank 1. **Bold**: the stage that sets the run's peak.", "",
+                  "| run | " + " | ".join(r["stage"] for r in staged[0][1]["per_rank"]["0"]["stages"]) + " |",
+                  "|---|" + "---|" * len(staged[0][1]["per_rank"]["0"]["stages"])]
+            for k, v in staged:
+                cells = []
+                rows0, rows1 = v["per_rank"]["0"]["stages"], v["per_rank"]["1"]["stages"]
+                top = max(range(len(rows0)), key=lambda j: max(rows0[j]["peak_kb"], rows1[j]["peak_kb"]))
+                for j, (a, b) in enumerate(zip(rows0, rows1, strict=True)):
+                    c = (f"{mib(a['start_kb'])} -> {mib(a['peak_kb'])} -> {mib(a['end_kb'])} / "
+                         f"{mib(b['start_kb'])} -> {mib(b['peak_kb'])} -> {mib(b['end_kb'])}")
+                    cells.append(f"**{c}**" if j == top else c)
+                L.append(f"| {k} | " + " | ".join(cells) + " |")
         for key, label in (("baseline before", "before"), ("baseline", "shipped")):
+            if key not in prod:
+                continue
             b = prod[key]["per_rank"]
             L.append(f"| (baseline: embedded 1M checkpoint) | {label} | {mib(b['0']['peak_kb'])} / "
                      f"{mib(b['1']['peak_kb'])} | | {mib(b['0']['pss_peak_kb'])} / {mib(b['1']['pss_peak_kb'])} | | "
@@ -683,6 +769,12 @@ def main() -> None:
                     help=f"the version the product and kl groups compare against (default {BEFORE_COMMIT})")
     ap.add_argument("--product-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra --set for the product runs (e.g. a loader setting)")
+    ap.add_argument("--load-modes", nargs="+", choices=LOAD_MODES, default=None,
+                    help="load group: only these modes (the others are kept from --out)")
+    ap.add_argument("--variants", nargs="+", choices=list(PRODUCT_VARIANTS), default=None,
+                    help="product group: only these variants (the others are kept from --out)")
+    ap.add_argument("--stage-memory", action="store_true",
+                    help="product group: each rank's memory per stage (bench/stage_memory/sitecustomize.py)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dpo-dist-bench"), help="logs and run outputs")
     ap.add_argument("--out", type=Path, default=BENCH / "results.json")
     ap.add_argument("--render", action="store_true", help="only rewrite results.md from results.json")
@@ -717,14 +809,16 @@ def main() -> None:
         return md
 
     if "load" in args.only:
-        res["load"] = bench_load(ckpt, args.runs, args.work)
+        load = bench_load(ckpt, args.runs, args.work, args.load_modes)
+        res["load"] = {**res.get("load", {}), **load} if args.load_modes else load
         res["file_read"] = bench_file_read(ckpt, args.runs)
         save("load")
     if "product" in args.only:
         from dpo_dist.config.resources import DEFAULT_CHECKPOINT
 
-        res["product"] = bench_product(ckpt, DEFAULT_CHECKPOINT, args.runs, args.work, args.product_set,
-                                       args.before_commit)
+        prod = bench_product(ckpt, DEFAULT_CHECKPOINT, args.runs, args.work, args.product_set,
+                             args.before_commit, args.variants, args.stage_memory)
+        res["product"] = {**res.get("product", {}), **prod} if args.variants else prod
         save("product")
     if "fingerprint" in args.only:
         res["fingerprint"] = bench_fingerprint(ckpt, args.runs, not args.no_compile, args.work)

@@ -96,6 +96,24 @@ def test_no_broadcast_init_replaces_the_pinned_zero_init_param():
     assert params(deepspeed.zero.Init._convert_to_deepspeed_param) == ["self", "param"]
 
 
+def test_empty_partition_matches_the_pinned_partition_param():
+    """compat.deepspeed._empty_partition allocates a partition as deepspeed 0.19.8's `_partition_param` does, so that
+    `param.partition()` takes its "already partitioned" branch (free the full tensor, no copy): pinned to that
+    source."""
+    from deepspeed.runtime.zero import partition_parameters
+
+    src = flat_source(partition_parameters)
+    for line in ("if param.ds_tensor is not None and not has_been_updated: ##param already partitioned",
+                 "if param.ds_persist: device = self.local_device",
+                 "partitioned_tensor = torch.empty(partition_size, dtype=param.dtype, device=device)",
+                 "if device == OffloadDeviceEnum.cpu and self.pin_memory: partitioned_tensor = "
+                 "get_accelerator().pin_memory(partitioned_tensor)",
+                 "partitioned_tensor.requires_grad = False param.ds_tensor = partitioned_tensor "
+                 "param.ds_tensor.ds_numel = partition_size param.ds_tensor.status = PartitionedParamStatus.AVAILABLE "
+                 "param.ds_tensor.final_location = final_location param.ds_numel_aligned = tensor_size"):
+        assert line in src, f"deepspeed changed _partition_param: re-check compat.deepspeed._empty_partition ({line})"
+
+
 def test_zero_init_arguments():
     import deepspeed
 

@@ -99,6 +99,14 @@ def driver(out: Path, tied: Path | None) -> None:
                  "fast": weights.model_fingerprints(fast, ctx), "slow": weights.model_fingerprints(slow, ctx)}
     res["missing"] = missing
     res["padding_zero"] = padding_is_zero(fast)
+    # a parameter made after loading (a LoRA adapter) and converted through a loaded parameter's Init, as a
+    # DeepSpeed engine converts new parameters: it keeps its values (the loader skips the copy only while building)
+    extra = torch.nn.Parameter(torch.arange(1, 1001, dtype=torch.bfloat16))
+    next(fast.parameters()).convert_to_zero_parameters([extra])
+    part = extra.ds_tensor.numel()
+    n = max(0, min(part, 1000 - rank * part))
+    res["converted_later_keeps_values"] = bool(torch.equal(
+        extra.ds_tensor[:n], torch.arange(1, 1001, dtype=torch.bfloat16)[rank * part: rank * part + n]))
     if tied is not None:
         hf_t = AutoModelForCausalLM.from_pretrained(str(tied), dtype=torch.bfloat16)
         fast_t = load_partitioned(tied, "bfloat16", ds)
@@ -163,6 +171,7 @@ def check_rank(res: dict) -> None:
     assert not res["missing"] and len(fp["files"]) == len(d["hf"]["params"])
     assert fp["fast"] == fp["files"] == fp["hf"] == fp["slow"]
     assert res["padding_zero"]
+    assert res["converted_later_keeps_values"]
     assert res["logits_equal"], res["logits_max_abs"]
     # one training step: same losses before and after it, same weights after it. The norms are persistent
     # (full copies made by deepspeed.initialize from the partitions): a partition filled too late would differ
@@ -259,3 +268,46 @@ if __name__ == "__main__":
     ap.add_argument("--tied")
     a = ap.parse_args()
     driver(Path(a.driver), Path(a.tied) if a.tied else None)
+
+
+def test_read_many_coalesces_neighbouring_ranges_into_few_requests(tmp_path, monkeypatch):
+    """Reader.read_many fills every destination with exactly the file's bytes (ranges in any order, gaps, a range
+    that ends the file, partial kernel reads), and reads ranges of one file lying within the gap limit of each other
+    as one request: here two ranks' halves of 40 small tensors and one big one, as rank 1 needs them."""
+    from dpo_dist.load import fastload
+    from dpo_dist.load import reader as reader_mod
+    from dpo_dist.load.checkpoint import TensorEntry
+
+    sizes = [256] * 40 + [400_001]  # bf16 elements per tensor; the last, odd, ends the file
+    data = torch.randint(0, 256, (2 * sum(sizes),), dtype=torch.uint8)
+    path = tmp_path / "blob"
+    path.write_bytes(data.numpy().tobytes())
+    entries, start = [], 0
+    for i, n in enumerate(sizes):
+        entries.append(TensorEntry(f"t{i}", str(path), torch.bfloat16, (n,), start, 2 * n))
+        start += 2 * n
+    jobs = []
+    for e in reversed(entries):  # rank 1 of 2: the second half of each tensor
+        part = -(-e.numel // 2)
+        jobs.append((e, part, torch.empty(e.numel - part, dtype=torch.bfloat16)))
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: real(fd, bufs[:1], off) if len(bufs) > 3
+                        else real(fd, bufs, off))  # the kernel may fill fewer buffers than asked
+    reader = fastload.Reader()
+    try:
+        reader.read_many(jobs)
+    finally:
+        reader.close()
+    for e, first, dst in jobs:
+        lo = e.start + 2 * first
+        assert torch.equal(dst.view(torch.uint8), data[lo: lo + dst.numel() * 2]), e.name
+    assert reader.bytes_read == sum(d.numel() * 2 for _, _, d in jobs)
+    assert len(reader.request_sizes) == 1  # one span: every gap is another rank's 256 bytes
+    assert reader.request_sizes[0] == entries[-1].start + entries[-1].nbytes - (entries[0].start + 256)
+    monkeypatch.setattr(reader_mod, "_GAP_BYTES", 100)  # gaps over the limit: one request per range
+    reader = fastload.Reader()
+    try:
+        reader.read_many(jobs)
+    finally:
+        reader.close()
+    assert len(reader.request_sizes) == len(sizes)

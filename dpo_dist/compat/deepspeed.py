@@ -51,11 +51,51 @@ def no_broadcast_init_class():
         time (~0.5 s per 443M-parameter model on 2 CPU ranks) and memory on the receiving ranks (gloo's buffers: peaks
         of 1.2-1.45x ideal measured). Pinned: tests/test_compat.py fails if the original method changes."""
 
+        filling = True  # the loader's own build; `end_filling` turns it off once the model is built
+
         def _zero_init_param(self, param):
+            if not self.filling:  # a later conversion through this instance: an engine converts new parameters
+                # (LoRA adapters) through a loaded parameter's `convert_to_zero_parameters`, bound to this Init;
+                # their values are real and must be broadcast and copied, as the stock Init does
+                return super()._zero_init_param(param)
             self._convert_to_deepspeed_param(param)
+            _empty_partition(self, param)
             param.partition()
 
     return NoBroadcastInit
+
+
+def end_filling(init) -> None:
+    """The loader's model is built: from now on parameters converted through `init` (see NoBroadcastInit) get the
+    stock `_zero_init_param` (broadcast, then a partition copied from their values)."""
+    if hasattr(init, "filling"):
+        init.filling = False
+
+
+def _empty_partition(init, param) -> None:
+    """This rank's partition of `param`, allocated and left uninitialized as deepspeed 0.19.8's `_partition_param`
+    allocates it (device, dtype, size, attributes), before `param.partition()` runs: that then takes its "already
+    partitioned" branch and only frees the full tensor, instead of copying this rank's slice of the freshly built
+    (garbage) tensor into a new partition. The fast loader overwrites every partition from the file anyway; the copy
+    was 55 % of its time (443M model: the copy reads the never-touched full tensor and writes the partition). NVMe
+    and quantized weights are refused by the loader before this runs (fastload._check_init)."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+    tensor_size = init._aligned_size(param)
+    partition_size = tensor_size // init._partition_world_size(param)
+    device = init.local_device if param.ds_persist else init.remote_device
+    part = torch.empty(partition_size, dtype=param.dtype, device=device)
+    if device == OffloadDeviceEnum.cpu and init.pin_memory:
+        part = get_accelerator().pin_memory(part)
+    part.requires_grad = False
+    param.ds_tensor = part
+    part.ds_numel = partition_size
+    part.status = PartitionedParamStatus.AVAILABLE
+    part.final_location = None
+    param.ds_numel_aligned = tensor_size
 
 
 def zero_init(ds_config: dict, dtype, skip_broadcast: bool):

@@ -41,7 +41,6 @@ and quantization are refused rather than guessed.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -55,8 +54,7 @@ from dpo_dist.compat import transformers as hf_compat
 from dpo_dist.config.names import Dtype
 from dpo_dist.load.checkpoint import DTYPES, TensorEntry, tensor_index
 from dpo_dist.load.key_mapping import account
-
-_STAGING_BYTES = 64 << 20  # host buffer for partitions that live on an accelerator
+from dpo_dist.load.reader import Reader
 
 
 class FastLoadRefused(ValueError):
@@ -225,71 +223,16 @@ def pin_malloc_mmap_threshold(nbytes: int = 1 << 20) -> bool:
         return False
 
 
-def _preadv_exact(fd: int, buf: memoryview, offset: int, where: str) -> None:
-    done = 0
-    while done < len(buf):
-        got = os.preadv(fd, [buf[done:]], offset + done)
-        if got <= 0:
-            raise OSError(f"{where}: file ended {len(buf) - done} bytes early (truncated checkpoint?)")
-        done += got
-
-
-def _host_bytes(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous host tensor's memory (no copy)."""
-    return memoryview(t.detach().view(-1).view(torch.uint8).numpy())
-
-
-class _Reader:
-    """Reads byte ranges of the checkpoint files into tensors (host directly, accelerator through a staging buffer)."""
-
-    def __init__(self):
-        self.fds: dict[str, int] = {}
-        self.staging: torch.Tensor | None = None
-        self.bytes_read = 0
-
-    def fd(self, file: str) -> int:
-        if file not in self.fds:
-            self.fds[file] = os.open(file, os.O_RDONLY)
-        return self.fds[file]
-
-    def read(self, entry: TensorEntry, start_elem: int, dst: torch.Tensor) -> None:
-        """Elements [start_elem, start_elem + dst.numel()) of `entry` into the contiguous 1-D tensor `dst`."""
-        n = dst.numel()
-        if n == 0:
-            return
-        item = dst.element_size()
-        offset = entry.start + start_elem * item
-        fd = self.fd(entry.file)
-        if dst.device.type == "cpu":
-            _preadv_exact(fd, _host_bytes(dst), offset, entry.name)
-        else:
-            if self.staging is None:
-                self.staging = torch.empty(_STAGING_BYTES, dtype=torch.uint8,
-                                           pin_memory=torch.cuda.is_available())
-            flat = dst.view(-1).view(torch.uint8)
-            total = n * item
-            for a in range(0, total, _STAGING_BYTES):
-                b = min(total, a + _STAGING_BYTES)
-                _preadv_exact(fd, _host_bytes(self.staging[: b - a]), offset + a, entry.name)
-                flat[a:b].copy_(self.staging[: b - a])
-        self.bytes_read += n * item
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def fill_partitions(model, plan: LoadPlan) -> int:
+def fill_partitions(model, plan: LoadPlan, stats: dict | None = None) -> int:
     """Write every parameter's local ZeRO-3 partition (and any persistent buffer) from the files; returns the bytes
-    read by this rank. No collective."""
+    read by this rank (`stats`, when given, gets the size of every read request). No collective."""
     import deepspeed.comm as dist
 
     params = dict(model.named_parameters())
-    reader = _Reader()
+    reader = Reader()
+    jobs = []
     try:
-        # file order: near-sequential reads
-        for name, e in sorted(plan.entries.items(), key=lambda kv: (kv[1].file, kv[1].start)):
+        for name, e in plan.entries.items():
             p = params[name]
             if getattr(p, "ds_tensor", None) is None:
                 raise FastLoadRefused(f"{name} is not a ZeRO-3 partitioned parameter")
@@ -298,18 +241,21 @@ def fill_partitions(model, plan: LoadPlan) -> int:
                 raise FastLoadRefused(f"{name}: the built model differs from the plan ({p.dtype} {numel} elements)")
             part = part_tensor.numel()
             flat = part_tensor.data.view(-1)
-            with torch.no_grad():
-                reader.read(e, start, flat[:n])
-                if n < part:
+            jobs.append((e, start, flat[:n]))
+            if n < part:
+                with torch.no_grad():
                     flat[n:].zero_()  # padding of the last shard (torch.empty: garbage otherwise)
             hf_compat.mark_loaded(p)  # as transformers' ZeRO-3 loader marks what it loaded
+        reader.read_many(jobs)  # file order, neighbouring ranges as one request
         read_buffers(model, plan, reader)
+        if stats is not None:
+            stats.update(request_sizes=reader.request_sizes)
         return reader.bytes_read
     finally:
         reader.close()
 
 
-def read_buffers(model, plan: LoadPlan, reader: _Reader) -> None:
+def read_buffers(model, plan: LoadPlan, reader: Reader) -> None:
     """Every persistent buffer the files hold, whole on every rank (buffers are never sharded)."""
     for name, e in plan.buffers.items():
         buf = model.get_buffer(name)
@@ -321,7 +267,7 @@ def read_buffers(model, plan: LoadPlan, reader: _Reader) -> None:
 
 
 # The reader and the finish, for other layouts' loaders (dpo_dist.sharding.fsdp2 fills FSDP2 shards the same way).
-Reader = _Reader
+_Reader = Reader
 
 
 def finish(model, plan: LoadPlan) -> None:
@@ -387,16 +333,20 @@ def load_partitioned(path: str | Path, dtype: str | torch.dtype = Dtype.BFLOAT16
         skip_init_broadcast = ds_compat.broadcast_free_init_supported()
     init = ds_compat.zero_init(ds_config, plan.dtype, skip_init_broadcast)
     _check_init(init)
-    with hf_compat.init_contexts(plan.model_class, plan.dtype, init):
-        model = hf_compat.instantiate(plan.model_class, plan.config)
+    try:
+        with hf_compat.init_contexts(plan.model_class, plan.dtype, init):
+            model = hf_compat.instantiate(plan.model_class, plan.config)
+    finally:
+        ds_compat.end_filling(init)  # later conversions through this Init (LoRA adapters) keep their values
     model.tie_weights()
     _check_built(model, plan)
     t2 = time.perf_counter()
-    nbytes = fill_partitions(model, plan)
+    stats: dict = {}
+    nbytes = fill_partitions(model, plan, stats)
     t3 = time.perf_counter()
     _finish(model, plan)
     model.config.name_or_path = str(plan.path)
     if timings is not None:
         timings.update(plan_s=t1 - t0, build_s=t2 - t1, read_s=t3 - t2, finish_s=time.perf_counter() - t3,
-                       bytes_read=nbytes)
+                       bytes_read=nbytes, request_sizes=stats["request_sizes"])
     return model
