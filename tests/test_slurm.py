@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import heavy_imports, help_probe
+from conftest import dpo_dist_cli, heavy_imports, help_probe, run_process
 
 from dpo_dist.config.resources import ds_config_path, launch_config_path
 from dpo_dist.config.schema import load
@@ -46,8 +46,7 @@ def launch_line(text: str) -> str:
 
 
 def cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpo_dist", *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd, env={**os.environ, **(env or {})})
+    return dpo_dist_cli(*args, env=env, cwd=cwd)
 
 
 # -- the generator ------------------------------------------------------------------------------------------------
@@ -179,7 +178,8 @@ def run_fake_job(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, li
     job_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path),
                "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "dpo-dist", "SLURM_JOB_NODELIST": "gpu-a[07-08]",
                "SLURM_CPUS_ON_NODE": "24", "PYTHONPATH": str(ROOT), **env}
-    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=job_env, timeout=60)
+    code, stdout, stderr = run_process(["bash", str(script)], job_env, 60, split_stderr=True)
+    out = subprocess.CompletedProcess(["bash", str(script)], code, stdout, stderr)
     calls_file = tmp_path / "calls.jsonl"
     calls = [json.loads(x) for x in calls_file.read_text().splitlines()] if calls_file.exists() else []
     srun_args = (tmp_path / "srun.args").read_text() if (tmp_path / "srun.args").exists() else ""
