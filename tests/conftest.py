@@ -252,3 +252,30 @@ def heavy_imports(code: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
     code_, out, err = run_process([sys.executable, "-c", probe], {"PYTHONPATH": str(ROOT)}, 180, split_stderr=True)
     assert code_ == 0, err[-3000:]
     return ast.literal_eval(out.strip().splitlines()[-1])
+
+
+def dpo_dist_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+                 cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python -m dpo_dist <args>` in one process through run_process (own session, tree killed on timeout), stdout
+    and stderr apart: for the tests that read a command's exit code and its one-line refusal."""
+    argv = [sys.executable, "-m", "dpo_dist", *args]
+    code, out, err = run_process(argv, {"PYTHONUNBUFFERED": "1", **(env or {})}, timeout, cwd, split_stderr=True)
+    return subprocess.CompletedProcess(argv, code, out, err)
+
+
+def init_single(out: Path, *args: str, env: dict[str, str] | None = None,
+                timeout: float = 600) -> tuple[int, str, dict | None]:
+    """`dpo-dist init` as a world of one writing to `out`: (exit code, output with stderr folded in, report.json or
+    None when none was written)."""
+    code, log = run_cmd([sys.executable, "-m", "dpo_dist", "init", "--output-dir", str(out), *args],
+                        {"PYTHONUNBUFFERED": "1", **(env or {})}, timeout)
+    rep = out / "report.json"
+    return code, log, json.loads(rep.read_text()) if rep.exists() else None
+
+
+def help_probe(argv: list[str]) -> str:
+    """Code for heavy_imports: run `dpo-dist <argv>` (a --help) in-process, its stdout kept in `buf` for the caller's
+    own asserts appended after it."""
+    return ("import contextlib, io\nfrom dpo_dist.cli.main import main\nbuf = io.StringIO()\n"
+            f"with contextlib.redirect_stdout(buf):\n    try:\n        main({argv!r})\n    except SystemExit:\n"
+            "        pass\n")

@@ -6,12 +6,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, dpo_dist_cli
 
 from dpo_dist.verify import manifest
 
@@ -115,9 +113,8 @@ def test_precomputed_trainer_guards_its_cache_write(tmp_path, monkeypatch):
 def test_slurm_job_files_that_cannot_be_written_are_one_line(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    out = subprocess.run([sys.executable, "-m", "dpo_dist", "slurm", "--cpu", "--output-dir", str(tmp_path / "run"),
-                          "--script", str(blocker / "job.sbatch")], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = dpo_dist_cli("slurm", "--cpu", "--output-dir", str(tmp_path / "run"), "--script",
+                       str(blocker / "job.sbatch"), env={"PYTHONPATH": str(ROOT)}, timeout=60)
     assert out.returncode == 2, out.stderr
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("dpo-dist: could not write the job files (")
     assert str(blocker) in out.stderr and "Traceback" not in out.stderr

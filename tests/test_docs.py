@@ -5,11 +5,10 @@ no working notes at the repository root."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+from conftest import dpo_dist_cli
 
 from dpo_dist.config import docs as config_docs
 from dpo_dist.config import schema
@@ -148,8 +147,7 @@ def test_a_new_schema_key_fails_with_how_to_fix(monkeypatch):
 def test_print_config_prints_the_resolved_config(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("train:\n  beta: conservative\nkl:\n  limit: 0.2\n")
-    out = subprocess.run([sys.executable, "-m", "dpo_dist", "init", "--config", str(cfg), "--print-config",
-                          "--set", "train.seed=7"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = dpo_dist_cli("init", "--config", str(cfg), "--print-config", "--set", "train.seed=7", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     assert printed["train"]["beta"] == "conservative" and printed["train"]["seed"] == 7

@@ -4,14 +4,12 @@ every rank ends promptly. Counted in the README ("When it fails")."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, check_row, edited_checkpoint, free_port, launch_init, run_cmd
+from conftest import ROOT, check_row, dpo_dist_cli, edited_checkpoint, free_port, init_single, launch_init
 from safetensors.torch import load_file, save_file
 
 from dpo_dist.cli.main import main
@@ -198,8 +196,7 @@ def test_stale_report_is_removed_with_overwrite_before_anything_runs(tmp_path, c
 
 def test_real_cli_process_bad_input(tmp_path):
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-m", "dpo_dist", "init", "--model", str(tmp_path / "nope"),
-                          "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    out = dpo_dist_cli("init", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o"), timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "does not exist" in out.stderr
     assert time.time() - t0 < 20  # nothing heavy was loaded
 
@@ -230,12 +227,12 @@ def test_disk_full_while_writing_report_leaves_nothing(tmp_path, monkeypatch, ca
 # ---------------------------------------------------------------------------------------------------------------
 # bad input found while loading: a single process, the real init (exit 1, named check, one closing line)
 
-def init_single(tmp_path: Path, *args: str, timeout: float = 120):
-    out = tmp_path / "out"
-    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    code, log = run_cmd([sys.executable, "-m", "dpo_dist", "init", "--output-dir", str(out), *args], env, timeout)
-    rep = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
-    return code, log, rep
+SINGLE_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+              "TOKENIZERS_PARALLELISM": "false"}
+
+
+def init_one(tmp_path: Path, *args: str, timeout: float = 120):
+    return init_single(tmp_path / "out", *args, env=SINGLE_ENV, timeout=timeout)
 
 
 def edit_tokenizer(d: Path, fn) -> None:
@@ -249,7 +246,7 @@ def edit_tokenizer(d: Path, fn) -> None:
 def test_tokenizer_larger_than_embeddings_and_ids_out_of_range(tmp_path):
     d = edited_checkpoint(tmp_path)
     edit_tokenizer(d, lambda t: t.add_special_tokens({"additional_special_tokens": ["<|x1|>", "<|x2|>"]}))
-    code, log, rep = init_single(tmp_path, "--model", str(d))
+    code, log, rep = init_one(tmp_path, "--model", str(d))
     assert code == 1 and rep["passed"] is False
     assert "514 tokens, 512 embedding rows" in check_row(rep, "tokenizer fits embeddings")["value"]
     assert "<|x1|>=512" in check_row(rep, "special token ids in range")["value"]
@@ -266,14 +263,14 @@ def _drop_special(d: Path, key: str) -> None:
 def test_no_eos(tmp_path):
     d = edited_checkpoint(tmp_path)
     _drop_special(d, "eos_token")
-    code, log, rep = init_single(tmp_path, "--model", str(d))
+    code, log, rep = init_one(tmp_path, "--model", str(d))
     assert code == 1 and not check_row(rep, "eos token present")["ok"]
 
 
 def test_no_pad_fails_when_policy_says_fail(tmp_path):
     d = edited_checkpoint(tmp_path)
     _drop_special(d, "pad_token")
-    code, log, rep = init_single(tmp_path, "--model", str(d), "--set", "model.pad_policy=fail")
+    code, log, rep = init_one(tmp_path, "--model", str(d), "--set", "model.pad_policy=fail")
     assert code == 1
     row = check_row(rep, "pad token present")
     assert not row["ok"] and "model.pad_policy: eos" in row["hint"]
@@ -282,7 +279,7 @@ def test_no_pad_fails_when_policy_says_fail(tmp_path):
 def test_reference_with_another_tokenizer(tmp_path):
     ref = edited_checkpoint(tmp_path, "ref")
     edit_tokenizer(ref, lambda t: t.add_tokens(["zzzz"]))
-    code, log, rep = init_single(tmp_path, "--reference", str(ref), "--set", "verify.generation=false")
+    code, log, rep = init_one(tmp_path, "--reference", str(ref), "--set", "verify.generation=false")
     assert code == 1
     row = check_row(rep, "reference tokenizer equal")
     assert not row["ok"] and "vocabularies differ (512 vs 513 tokens)" in row["value"]
@@ -293,7 +290,7 @@ def test_batch_sizes_that_do_not_divide(tmp_path):
     ds["train_batch_size"] = 7
     p = tmp_path / "ds.json"
     p.write_text(json.dumps(ds))
-    code, log, rep = init_single(tmp_path, "--set", f"sharding.ds_config={p}")
+    code, log, rep = init_one(tmp_path, "--set", f"sharding.ds_config={p}")
     assert code == 1
     row = check_row(rep, "batch sizes consistent")
     assert not row["ok"] and "train_batch_size=7 (run config gives 16)" in row["value"]
@@ -302,7 +299,7 @@ def test_batch_sizes_that_do_not_divide(tmp_path):
 def test_dataset_smaller_than_one_global_batch(tmp_path):
     rows = [json.loads(line) for line in (DEFAULT_DIR / "train.jsonl").read_text().splitlines()[:5]]
     p = write_jsonl(tmp_path / "small.jsonl", rows)
-    code, log, rep = init_single(tmp_path, "--set", f"data.train={p}", "--set", "verify.generation=false")
+    code, log, rep = init_one(tmp_path, "--set", f"data.train={p}", "--set", "verify.generation=false")
     assert code == 1
     row = check_row(rep, "train data fills one global batch")
     assert "5 rows < global batch 16" in row["value"]
@@ -312,7 +309,7 @@ def test_long_prompts_are_truncated_keeping_the_end_and_counted(tmp_path):
     rows = [json.loads(line) for line in (DEFAULT_DIR / "train.jsonl").read_text().splitlines()]
     rows[0]["prompt"] = "word " * 300 + "What is the closest star to Earth?"
     p = write_jsonl(tmp_path / "long.jsonl", rows)
-    code, log, rep = init_single(tmp_path, "--set", f"data.train={p}", "--set", "train.max_prompt_length=64",
+    code, log, rep = init_one(tmp_path, "--set", f"data.train={p}", "--set", "train.max_prompt_length=64",
                                  "--set", "verify.generation=false")
     assert code == 0, log[-3000:]
     assert rep["facts"]["truncated_prompts"] == 1
@@ -323,8 +320,7 @@ def test_rendezvous_that_never_completes_names_who_joined(tmp_path):
     env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
     t0 = time.time()
-    code, log = run_cmd([sys.executable, "-m", "dpo_dist", "init", "--output-dir", str(tmp_path / "o"),
-                         "--set", "sharding.timeout_s=10"], env, timeout=90)
+    code, log, _ = init_single(tmp_path / "o", "--set", "sharding.timeout_s=10", env=env, timeout=90)
     assert code == 3
     assert "1/2 clients joined" in log and "rendezvous at 127.0.0.1" in log and "Traceback" not in log
     assert time.time() - t0 < 60
@@ -334,10 +330,9 @@ def test_rendezvous_that_never_completes_names_who_joined(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # distributed faults: 2 real processes under accelerate launch
 
-pytestmark_multi = pytest.mark.multiproc
 
 
-@pytestmark_multi
+@pytest.mark.multiproc
 def test_rank_killed_during_loading_ends_every_rank(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_DIST_TEST_FAULT", "load:1:exit")
     t0 = time.time()
@@ -348,7 +343,7 @@ def test_rank_killed_during_loading_ends_every_rank(tmp_path, monkeypatch):
     assert res.report is None  # nothing that could pass for a finished run
 
 
-@pytestmark_multi
+@pytest.mark.multiproc
 def test_rank_failing_in_a_local_stage_stops_all_ranks_there_and_is_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_DIST_TEST_FAULT", "tokenizer:1")
     res = launch_init(tmp_path / "out", timeout=120)
@@ -360,7 +355,7 @@ def test_rank_failing_in_a_local_stage_stops_all_ranks_there_and_is_reported(tmp
     assert "dpo-dist: tokenizer failed on rank(s) 1: " in res.output
 
 
-@pytestmark_multi
+@pytest.mark.multiproc
 def test_rank_failing_inside_a_collective_stage_ends_the_job_promptly(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_DIST_TEST_FAULT", "load:1")
     t0 = time.time()
@@ -370,7 +365,7 @@ def test_rank_failing_inside_a_collective_stage_ends_the_job_promptly(tmp_path, 
     assert res.report is None
 
 
-@pytestmark_multi
+@pytest.mark.multiproc
 def test_one_rank_copy_perturbed_after_load_is_named_on_every_rank(tmp_path, monkeypatch):
     monkeypatch.setenv("DPO_DIST_TEST_FAULT", "static proofs:1:perturb")
     res = launch_init(tmp_path / "out", timeout=120)
@@ -381,7 +376,7 @@ def test_one_rank_copy_perturbed_after_load_is_named_on_every_rank(tmp_path, mon
     assert "max abs diff 1" in row["value"]
 
 
-@pytestmark_multi
+@pytest.mark.multiproc
 def test_reference_with_other_config_and_weights_names_the_keys_and_tensors(tmp_path):
     ref = edited_checkpoint(tmp_path, "ref")
     conf = json.loads((ref / "config.json").read_text())

@@ -180,7 +180,6 @@ def test_int64_wraparound_against_reference() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu() -> None:
     gen = torch.Generator().manual_seed(8)
     for dtype in (torch.bfloat16, torch.float32, torch.int64, torch.uint8):
@@ -353,7 +352,6 @@ def test_model_fingerprints_name_the_nonfinite_tensor() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_nonfinite_count_matches_cpu() -> None:
     gen = torch.Generator().manual_seed(22)
     for dtype in F.EXPONENT_MASKS:

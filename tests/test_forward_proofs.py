@@ -4,11 +4,8 @@ proof has its own switch and a switched-off proof is a SKIPPED row, and an empty
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
+from conftest import dpo_dist_cli, init_single
 
 from dpo_dist.config.schema import ConfigError, from_dict
 from dpo_dist.plan.forwards import planned_forwards
@@ -16,18 +13,9 @@ from dpo_dist.plan.forwards import planned_forwards
 ENV = {"DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def init(tmp_path, *args: str, timeout: float = 600) -> tuple[int, str, dict]:
-    out = tmp_path / "out"
-    res = subprocess.run([sys.executable, "-m", "dpo_dist", "init", "--output-dir", str(out), "--overwrite", *args],
-                         capture_output=True, text=True, timeout=timeout, env={**ENV, **_passthrough()})
-    rep = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
-    return res.returncode, res.stdout + res.stderr, rep
-
-
-def _passthrough() -> dict[str, str]:
-    import os
-
-    return {k: os.environ[k] for k in ("PYTHONPATH", "DPO_DIST_TEST_CACHE", "HOME") if k in os.environ}
+def init(tmp_path, *args: str) -> tuple[int, str, dict]:
+    code, log, rep = init_single(tmp_path / "out", "--overwrite", *args, env=ENV)
+    return code, log, rep or {}
 
 
 def row(rep: dict, name: str) -> dict:
@@ -48,16 +36,13 @@ def test_empty_reference_text_is_a_config_error_not_an_untrained_checkpoint(tmp_
     with pytest.raises(ConfigError, match="reference_text"):
         from_dict({"verify": {"reference_text": "  "}})
     from_dict({"verify": {"reference_text": "", "perplexity": False}})  # nothing measures it then
-    res = subprocess.run([sys.executable, "-m", "dpo_dist", "init", "--output-dir", str(tmp_path / "o"), "--set",
-                          "verify.reference_text="], capture_output=True, text=True, timeout=120,
-                         env={**ENV, **_passthrough()})
+    res = dpo_dist_cli("init", "--output-dir", str(tmp_path / "o"), "--set", "verify.reference_text=", env=ENV)
     assert res.returncode == 2, res.stdout + res.stderr
     assert "verify.reference_text" in res.stderr and "untrained" not in res.stderr
 
 
 def test_dry_run_prints_the_forward_count_per_proof():
-    res = subprocess.run([sys.executable, "-m", "dpo_dist", "init", "--dry-run", "--set", "verify.max_new_tokens=5"],
-                         capture_output=True, text=True, timeout=300, env={**ENV, **_passthrough()})
+    res = dpo_dist_cli("init", "--dry-run", "--set", "verify.max_new_tokens=5", env=ENV, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "forward proofs: " in res.stdout and "generation: 5" in res.stdout
 

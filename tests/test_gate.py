@@ -10,6 +10,7 @@ import sys
 import time
 
 import torch
+from conftest import dpo_dist_cli
 from safetensors.torch import save_file
 
 from dpo_dist.config.resources import DEFAULT_CHECKPOINT
@@ -19,8 +20,8 @@ CLUSTER = ["--nodes", "1", "--gpus-per-node", "8", "--gpu-mem", "80GB", "--host-
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpo_dist", *args], capture_output=True, text=True, timeout=timeout,
-                          env={"DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    return dpo_dist_cli(*args, env={"DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+                        timeout=timeout)
 
 
 def test_dry_run_of_a_70b_preset_goes_through_construction_in_seconds():

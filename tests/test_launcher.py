@@ -1,12 +1,11 @@
 """Launch commands as data, and the fast --help of every subcommand."""
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
 import yaml
+from conftest import dpo_dist_cli, heavy_imports, help_probe
 
 from dpo_dist.config.resources import ds_config_path, launch_config_path, resolve_ds_config, zero_stage
 from dpo_dist.launch.accelerate import LaunchSpec, build_launch
@@ -61,19 +60,13 @@ def test_ds_config_from_accelerate_environment(monkeypatch):
 
 @pytest.mark.parametrize("sub", [[], ["init"], ["launch"]])
 def test_help_is_fast_and_imports_nothing_heavy(sub):
-    code = (f"import sys\nfrom dpo_dist.cli.main import main\ntry:\n    main({sub!r} + ['--help'])\n"
-            "except SystemExit:\n    pass\nheavy=[m for m in ('torch','deepspeed','trl','transformers') if m in "
-            "sys.modules]\nprint('HEAVY', heavy)")
+    code = help_probe([*sub, "--help"]) + "assert 'usage: dpo-dist' in buf.getvalue(), buf.getvalue()\n"
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "usage: dpo-dist" in out.stdout
-    assert "HEAVY []" in out.stdout
+    assert heavy_imports(code) == []
     assert time.time() - t0 < 5
 
 
 def test_launch_dry_run_prints_the_command():
-    out = subprocess.run([sys.executable, "-m", "dpo_dist", "launch", "--cpu", "--dry-run", "--", "--smoke-steps",
-                          "1"], capture_output=True, text=True, timeout=60)
+    out = dpo_dist_cli("launch", "--cpu", "--dry-run", "--", "--smoke-steps", "1", timeout=60)
     assert out.returncode == 0, out.stderr
     assert "DS_ACCELERATOR=cpu" in out.stdout and "-m dpo_dist init --sharding zero3 --smoke-steps 1" in out.stdout

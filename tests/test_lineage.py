@@ -87,18 +87,11 @@ def test_resumed_loss_with_one_logged_loss_says_it_was_not_checked(tmp_path):
 
 # -- for real: `dpo-dist init` runs (a world of one each), trainer checkpoints, resumes ------------------------------
 def init(out, *args, model=None, lr="2e-3"):
-    import sys
+    from conftest import init_single
 
-    from conftest import run_cmd
-
-    argv = [sys.executable, "-m", "dpo_dist", "init", "--output-dir", str(out), "--set", "verify.generation=false",
-            "--set", f"verify.smoke_learning_rate={lr}", "--set", "train.extra.save_strategy=steps",
-            "--set", "train.save_steps=2", *args]
-    if model is not None:
-        argv += ["--model", str(model)]
-    code, log = run_cmd(argv, {"PYTHONUNBUFFERED": "1"}, 600)
-    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
-    return code, log, report
+    return init_single(out, "--set", "verify.generation=false", "--set", f"verify.smoke_learning_rate={lr}",
+                       "--set", "train.extra.save_strategy=steps", "--set", "train.save_steps=2", *args,
+                       *(["--model", str(model)] if model is not None else []))
 
 
 def another_model_same_shape(dst):

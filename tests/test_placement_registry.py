@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dpo_dist.config import placement_memory
-from dpo_dist.config.names import Placement
+from dpo_dist.config.names import Backend, Placement, Sharding
 from dpo_dist.init.state import InitState
 from dpo_dist.reference.base import ReferencePlacement
 from dpo_dist.reference.registry import STRATEGIES, strategy_for
@@ -38,45 +38,83 @@ def test_an_unknown_placement_is_refused_by_name():
         strategy_for("gpu")
 
 
-def placement_uses(path: Path) -> list[str]:
-    """Where a module names or dispatches on a placement: the enum, a placement's name in any string (f-strings too),
-    an import of a strategy module, a comparison, subscript or `match` on anything called `placement`."""
+def dispatch_uses(path: Path, enums: set[str], names: set[str], attrs: set[str], package: str,
+                  spelled: set[str]) -> list[str]:
+    """Where a module names or dispatches on one of a strategy family (placements, sharding backends): its enum, a
+    member's name in `spelled` strings (f-strings too), an import of a strategy module, a comparison, subscript,
+    `match` or isinstance on anything called one of `attrs`."""
     tree = ast.parse(path.read_text())
-    names = set(Placement.values())
-    strategy_modules = {f"dpo_dist.reference.{n}" for n in names}
+    strategy_modules = {f"{package}.{n}" for n in names}
     found = []
 
-    def mentions_placement(node: ast.AST) -> bool:
-        return any(isinstance(n, ast.Attribute) and n.attr == "placement" or isinstance(n, ast.Name) and
-                   n.id == "placement" for n in ast.walk(node))
+    def mentions(node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Attribute) and n.attr in attrs or isinstance(n, ast.Name) and n.id in attrs
+                   for n in ast.walk(node))
 
     def names_one(node: ast.AST) -> bool:
         return any(isinstance(n, ast.Constant) and n.value in names or isinstance(n, ast.Attribute) and
-                   isinstance(n.value, ast.Name) and n.value.id == "Placement" for n in ast.walk(node))
+                   isinstance(n.value, ast.Name) and n.value.id in enums for n in ast.walk(node))
 
     for node in ast.walk(tree):
         where = f"{path.name}:{getattr(node, 'lineno', '?')}"
-        if isinstance(node, ast.Name) and node.id == "Placement":
-            found.append(f"{where}: names Placement")
-        # 'cpu' is also a device and 'ranks' a count: those two are caught when compared (below), not when spelled
-        if isinstance(node, ast.Constant) and node.value in names - {"cpu", "ranks"}:
+        if isinstance(node, ast.Name) and node.id in enums:
+            found.append(f"{where}: names {node.id}")
+        if isinstance(node, ast.Constant) and node.value in spelled:
             found.append(f"{where}: spells {node.value!r}")
         if isinstance(node, ast.ImportFrom):
-            if node.module in strategy_modules or {a.name for a in node.names} & names:
-                found.append(f"{where}: imports a placement module")
+            if node.module in strategy_modules or node.module == package and {a.name for a in node.names} & names:
+                found.append(f"{where}: imports a strategy module")
         sides = [node.left, *node.comparators] if isinstance(node, ast.Compare) else []
-        if any(mentions_placement(x) for x in sides) and any(names_one(x) for x in sides):
-            found.append(f"{where}: compares a placement")  # `== "lora"`, `in (Placement.ZERO3, ...)`
-        if isinstance(node, ast.Subscript) and mentions_placement(node.slice):
-            found.append(f"{where}: looks a placement up in a table")
-        if isinstance(node, ast.Match) and mentions_placement(node.subject):
-            found.append(f"{where}: matches on a placement")
+        if any(mentions(x) for x in sides) and any(names_one(x) for x in sides):
+            found.append(f"{where}: compares a {'/'.join(sorted(attrs))}")  # `== "lora"`, `in (Placement.ZERO3, ...)`
+        if isinstance(node, ast.Subscript) and mentions(node.slice):
+            found.append(f"{where}: looks a {'/'.join(sorted(attrs))} up in a table")
+        if isinstance(node, ast.Match) and mentions(node.subject):
+            found.append(f"{where}: matches on a {'/'.join(sorted(attrs))}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance" and \
+                node.args and mentions(node.args[0]):
+            found.append(f"{where}: checks a {'/'.join(sorted(attrs))}'s type")
     return found
+
+
+def placement_uses(path: Path) -> list[str]:
+    """Placement dispatch. 'cpu' is also a device and 'ranks' a count: those two are caught when compared, not when
+    spelled."""
+    names = set(Placement.values())
+    return dispatch_uses(path, {"Placement"}, names, {"placement"}, "dpo_dist.reference", names - {"cpu", "ranks"})
+
+
+def backend_uses(path: Path) -> list[str]:
+    """Sharding-backend dispatch: `sharding == "zero3"`, `backend.name == Backend.FSDP2`, isinstance on the
+    backend, a lookup by its name, an import of dpo_dist/sharding/deepspeed.py or fsdp2.py."""
+    names = set(Sharding.values()) | set(Backend.values())
+    return dispatch_uses(path, {"Sharding", "Backend"}, names, {"sharding", "backend"}, "dpo_dist.sharding", names)
 
 
 @pytest.mark.parametrize("path", PLACEMENT_BLIND, ids=lambda p: p.name)
 def test_stages_never_name_or_compare_a_placement(path):
     assert placement_uses(path) == []
+
+
+@pytest.mark.parametrize("path", PLACEMENT_BLIND, ids=lambda p: p.name)
+def test_stages_never_name_or_compare_a_sharding_backend(path):
+    """The stages ask the backend strategy (dpo_dist.sharding) and never switch on its name or type."""
+    assert backend_uses(path) == []
+
+
+def branches_on(path: Path, names: set[str]) -> list[str]:
+    """`if`s (statements and expressions) whose test reads anything called one of `names`."""
+    tree = ast.parse(path.read_text())
+    return [f"{path.name}:{n.lineno}" for n in ast.walk(tree) if isinstance(n, (ast.If, ast.IfExp))
+            and any(isinstance(x, ast.Attribute) and x.attr in names or isinstance(x, ast.Name) and x.id in names
+                    for x in ast.walk(n.test))]
+
+
+@pytest.mark.xfail(strict=True, reason="known gap (issue 24): stages.py and api.py still branch on the ranks "
+                   "placement's shape (ctx.roles / state.remote is not None) instead of asking its strategy")
+@pytest.mark.parametrize("path", [PACKAGE / "init" / "stages.py", PACKAGE / "api.py"], ids=lambda p: p.name)
+def test_stages_never_branch_on_the_ranks_placement_by_its_roles(path):
+    assert branches_on(path, {"roles", "remote"}) == []
 
 
 def test_the_placement_scan_catches_what_a_spelling_check_missed(tmp_path):
@@ -92,6 +130,21 @@ def test_the_placement_scan_catches_what_a_spelling_check_missed(tmp_path):
     kinds = [u.split(": ", 1)[1] for u in placement_uses(src)]
     assert sorted(kinds) == ["compares a placement", "looks a placement up in a table", "matches on a placement",
                              "spells 'lora'"], kinds
+
+
+def test_the_backend_scan_catches_dispatch_however_written(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text(
+        "from dpo_dist.sharding.fsdp2 import Fsdp2Backend\n"
+        "def f(self, cfg):\n"
+        "    a = self.sharding.name == 'fsdp2'\n"
+        "    b = isinstance(self.sharding, Fsdp2Backend)\n"
+        "    c = KWARGS[cfg.sharding.name]\n"
+        "    if str(cfg.sharding.name) in ('zero3', 'zero2'): pass\n")
+    kinds = sorted(u.split(": ", 1)[1] for u in backend_uses(src))
+    assert kinds == ["checks a backend/sharding's type", "compares a backend/sharding", "compares a backend/sharding",
+                     "imports a strategy module", "looks a backend/sharding up in a table", "spells 'fsdp2'",
+                     "spells 'zero2'", "spells 'zero3'"], kinds
 
 
 @pytest.mark.parametrize("path", sorted((PACKAGE / "plan").glob("*.py")), ids=lambda p: p.name)

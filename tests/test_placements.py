@@ -118,7 +118,7 @@ def test_zero3_placement_with_zero2_policy_can_be_refused(tmp_path):
     res = launch_init(tmp_path / "out", "--set", "reference.on_zero2=refuse", sharding="zero2")
     assert res.returncode == 1
     row = check_row(res.report, "sharding fits placement")
-    assert not row["ok"] and row["failed_ranks"] == [0, 1] and "ZeRO-3" in row["hint"]
+    assert not row["ok"] and row["failed_ranks"] == [0, 1] and "reference.on_zero2: replica" in row["hint"]
 
 
 @pytest.mark.parametrize("name,world,k", [("ranks-online", 3, 1), ("ranks-precompute", 4, 2)])

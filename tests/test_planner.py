@@ -6,15 +6,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from dataclasses import replace
 
 import pytest
-from conftest import ROOT, heavy_imports
+from conftest import ROOT, dpo_dist_cli, heavy_imports
 
 from dpo_dist.plan import memory as plan_memory
 from dpo_dist.plan import planner
@@ -391,8 +388,7 @@ def test_help_and_planner_import_are_light():
     assert heavy_imports(help_run) == []
     assert heavy_imports("import dpo_dist.plan.planner, dpo_dist.cli.plan, dpo_dist.plan.presets, "
                          "dpo_dist.plan.memory, dpo_dist.config.placement_memory, dpo_dist.cli.main") == []
-    r = subprocess.run([sys.executable, "-m", "dpo_dist", "plan", "--help"], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    r = dpo_dist_cli("plan", "--help", env={"PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and "--gpu-mem" in r.stdout and "--plot" in r.stdout
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, dpo_dist_cli, free_port
 
 from dpo_dist.cli.main import main
 from dpo_dist.runtime.run_lock import LOCK_NAME, RUN_ID_ENV
@@ -59,9 +59,8 @@ def test_launch_refuses_a_dir_another_run_holds(tmp_path):
     out = tmp_path / "out"
     other = hold(out, "run-B")
     try:
-        r = subprocess.run([sys.executable, "-m", "dpo_dist", "launch", "--cpu", "--port", str(free_port()), "--",
-                            "--output-dir", str(out)], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        r = dpo_dist_cli("launch", "--cpu", "--port", str(free_port()), "--", "--output-dir", str(out),
+                         env={"PYTHONPATH": str(ROOT)})
     finally:
         other.kill()
         other.wait()

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
-from conftest import check_row, run_cmd
+from conftest import check_row, init_single
 from safetensors.torch import load_file, save_file
 
 from dpo_dist.config.resources import DEFAULT_CHECKPOINT
@@ -28,11 +27,9 @@ def test_fewer_layers_and_a_nan_weight_fail_the_static_proofs(tmp_path):
     emb[cfg["vocab_size"] - 1, 7] = float("nan")  # the last token's row: no verify prompt uses it
     tensors["model.embed_tokens.weight"] = emb
     save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
-    out = tmp_path / "out"
-    code, log = run_cmd([sys.executable, "-m", "dpo_dist", "init", "--model", str(ckpt), "--output-dir", str(out),
-                         "--smoke-steps", "0", "--set", "verify.generation=false"], {"PYTHONUNBUFFERED": "1"}, 600)
+    code, log, report = init_single(tmp_path / "out", "--model", str(ckpt), "--smoke-steps", "0", "--set",
+                                    "verify.generation=false")
     assert code == 1, log[-4000:]
-    report = json.loads((out / "report.json").read_text())
     files = check_row(report, "checkpoint files == model tensors (both ways)")
     last = cfg["num_hidden_layers"]
     assert not files["ok"] and f"model.layers.{last}." in files["value"] and "config.json" in files["hint"]
@@ -52,11 +49,8 @@ def test_swapped_token_ids_fail_the_forward_proofs(tmp_path):
     from test_tokenizer_match import swapped
 
     ckpt = swapped(DEFAULT_CHECKPOINT, tmp_path / "swapped", 10, seed=0, spare_answer=True)
-    out = tmp_path / "out"
-    code, log = run_cmd([sys.executable, "-m", "dpo_dist", "init", "--model", str(ckpt), "--output-dir", str(out),
-                         "--smoke-steps", "0"], {"PYTHONUNBUFFERED": "1"}, 600)
+    code, log, report = init_single(tmp_path / "out", "--model", str(ckpt), "--smoke-steps", "0")
     assert code == 1, log[-4000:]
-    report = json.loads((out / "report.json").read_text())
     row = check_row(report, "tokenizer matches the weights")
     assert not row["ok"] and "shuffled" in row["value"] and "tokenizer" in row["hint"]
     assert check_row(report, "perplexity below uniform")["ok"]  # the old bar, passed by the swapped tokenizer

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import dpo_dist_cli, heavy_imports, help_probe, run_process
 
 from dpo_dist.config.resources import ds_config_path, launch_config_path
 from dpo_dist.config.schema import load
@@ -45,8 +46,7 @@ def launch_line(text: str) -> str:
 
 
 def cli(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dpo_dist", *args], capture_output=True, text=True, timeout=120,
-                          cwd=cwd, env={**os.environ, **(env or {})})
+    return dpo_dist_cli(*args, env=env, cwd=cwd)
 
 
 # -- the generator ------------------------------------------------------------------------------------------------
@@ -178,7 +178,8 @@ def run_fake_job(tmp_path: Path, **env) -> tuple[subprocess.CompletedProcess, li
     job_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path),
                "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "dpo-dist", "SLURM_JOB_NODELIST": "gpu-a[07-08]",
                "SLURM_CPUS_ON_NODE": "24", "PYTHONPATH": str(ROOT), **env}
-    out = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=job_env, timeout=60)
+    code, stdout, stderr = run_process(["bash", str(script)], job_env, 60, split_stderr=True)
+    out = subprocess.CompletedProcess(["bash", str(script)], code, stdout, stderr)
     calls_file = tmp_path / "calls.jsonl"
     calls = [json.loads(x) for x in calls_file.read_text().splitlines()] if calls_file.exists() else []
     srun_args = (tmp_path / "srun.args").read_text() if (tmp_path / "srun.args").exists() else ""
@@ -312,14 +313,10 @@ def test_submit_without_sbatch_says_so(tmp_path):
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
-    code = ("import sys\nfrom dpo_dist.cli.main import main\ntry:\n    main(['slurm', '--help'])\nexcept SystemExit:\n"
-            "    pass\nimport dpo_dist.launch.sbatch\nprint('HEAVY', [m for m in ('torch', 'deepspeed', 'trl', "
-            "'transformers')"
-            " if m in sys.modules])")
+    code = help_probe(["slurm", "--help"]) + "import dpo_dist.launch.sbatch\n" + \
+        "assert '--gpus-per-node' in buf.getvalue() and '--submit' in buf.getvalue(), buf.getvalue()\n"
     t0 = time.time()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "--gpus-per-node" in out.stdout and "--submit" in out.stdout and "HEAVY []" in out.stdout
+    assert heavy_imports(code) == []
     assert time.time() - t0 < 5
 
 

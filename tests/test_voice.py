@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import warnings
 
 import pytest
+from conftest import run_process
 
 from dpo_dist.cli.main import main
 from dpo_dist.runtime import console, outcome
@@ -87,6 +89,27 @@ def test_known_warning_goes_to_the_log_only_and_an_unknown_one_shows(tmp_path):
     logged = (tmp_path / "rank0.log").read_text()
     assert "a new warning nobody catalogued" in shown and "all_gather_into_tensor" not in shown
     assert "all_gather_into_tensor" in logged and "a new warning nobody catalogued" in logged
+
+
+def test_a_silent_rank_logs_everything_it_writes(tmp_path):
+    """A rank other than 0, in a real process with console.install: print, a known and an unknown warning, and raw
+    writes to fds 1 and 2 (C++/DeepSpeed output) all land in its log, and none reaches its terminal."""
+    code = (
+        "import os, sys, warnings\n"
+        "from dpo_dist.runtime import console\n"
+        f"console.install({str(tmp_path)!r}, 1)\n"
+        "print('a print from rank 1', flush=True)\n"
+        "warnings.warn_explicit('`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+        "`torch.distributed.all_gather_single` instead.', FutureWarning, '/v/torch/distributed/c10d_logger.py', 1)\n"
+        "warnings.warn_explicit('a warning nobody catalogued', UserWarning, '/v/lib.py', 2)\n"
+        "os.write(1, b'raw fd 1 from C\\n'); os.write(2, b'raw fd 2 from C\\n')\n")
+    rc, shown, shown_err = run_process([sys.executable, "-c", code], {}, 60, split_stderr=True)
+    assert rc == 0, shown + shown_err
+    log = outcome.rank_log(tmp_path, 1).read_text()
+    for text in ("a print from rank 1", "all_gather_into_tensor", "a warning nobody catalogued", "raw fd 1 from C",
+                 "raw fd 2 from C"):
+        assert text in log, (text, log)
+    assert (shown, shown_err) == ("", "")  # rank 1 speaks only to name its own failure
 
 
 def test_failure_records_become_one_line_naming_every_rank_and_keep_the_code(tmp_path):

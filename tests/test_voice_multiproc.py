@@ -58,10 +58,13 @@ def test_passing_run_fits_a_screen_and_every_rank_logs_everything():
     out_lines = screen_lines(stdout)
     assert out_lines[-2].startswith("[dpo-dist] quality gate PASSED; report: "), out_lines[-3:]
     assert out_lines[-1].startswith("[dpo-dist] logs: ") and "rank0.log .. rank1.log" in out_lines[-1]
-    for rank in (0, 1):  # the full output, third-party warnings included, one file per rank
-        log = (out / "logs" / f"rank{rank}.log").read_text()
-        assert "`torch.distributed.reduce_scatter_tensor` is deprecated" in log or \
-            "`torch.distributed.all_gather_into_tensor` is deprecated" in log, log[-2000:]
+    # the full output, one file per rank: rank 0's log holds every line its terminal showed (stages, table, verdict)
+    # and rank 1's exists; that a rank's log also takes what only it wrote (warnings, C-level fd output) whatever
+    # library writes it is tests/test_voice.py::test_a_silent_rank_logs_everything_it_writes
+    logged = set(screen_lines((out / "logs" / "rank0.log").read_text()))
+    rank0 = [ln for ln in out_lines if not ln.startswith("[dpo-dist] launching ")]  # that one is the launcher's
+    assert [ln for ln in rank0 if ln not in logged] == [], sorted(logged)[:40]
+    assert (out / "logs" / "rank1.log").is_file()
     report = json.loads((out / "report.json").read_text())
     assert [row["stage"] for row in report["timeline"]] == list(STAGES)
     assert all(set(row["ranks"]) == {"0", "1"} and all(r["seconds"] >= 0 for r in row["ranks"].values())
