@@ -197,16 +197,27 @@ def load_rank0_broadcast(run, path, role: str):
             except OSError:
                 pass
         full = {}
-    shard(model, role, cfg, ctx)
+    root = run.placement.before_shard(run, model, role)  # lora: the PeftModel (its adapters set by after_fill)
+    shard(model, role, cfg, ctx, outer=root)
     if ctx.rank != 0:
-        model.to_empty(device=ctx.device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        root.to_empty(device=ctx.device)
+    if full:  # under the model's own names (lora: PEFT's `base_layer` names of the checkpoint's tensors)
+        named = {id(p): n for n, p in run.placement.base_view(model).named_parameters()}
+        full = {n: full[named.get(id(t), n)] for n, t in model.state_dict(keep_vars=True).items()
+                if named.get(id(t), n) in full}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                               strict=root is model))
     del full
     with torch.no_grad():
         for _, buf in sorted(model.named_buffers()):
             torch.distributed.broadcast(buf, src=0)
     model.eval()
-    return model
+    run.placement.after_fill(run, root, role)
+    if root is not model:
+        from dpo_dist.compat.torch_fsdp import settle_root
+
+        settle_root(root)
+    return root
 
 
 def load_sharded(run, plan, role: str):
