@@ -360,6 +360,14 @@ def test_fsdp2_unit_state_is_where_unit_settings_reads_it():
                    "torch_fsdp.unit_settings")
 
 
+def test_fsdp2_root_is_chosen_where_settle_root_calls_it():
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    assert callable(FSDPState._lazy_init)  # torch_fsdp.settle_root: what the first forward calls
+    assert "self._lazy_init()" in flat_source(FSDPState._root_pre_forward)
+    assert "self._is_root = True" in flat_source(FSDPState._lazy_init)
+
+
 # -- the guard: private access to the libraries only in compat/ -----------------------------------------------------
 # (module, private name): why it stays outside compat/. Keep this short.
 ALLOWED = {

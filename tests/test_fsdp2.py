@@ -148,11 +148,13 @@ def test_fsdp2_reference_with_dropout_on_fails(tmp_path, monkeypatch):
     assert "train mode" in _failed(res, "reference in eval mode")["value"]
 
 
-@pytest.mark.parametrize("placement", ["lora"])  # ranks: its world check comes first
+@pytest.mark.parametrize("placement", ["ranks"])
 def test_placements_fsdp2_does_not_run_yet_are_refused_by_name_exit_2(tmp_path, placement):
     argv = [sys.executable, "-m", "dpo_dist", "init", "--sharding", "fsdp2", "--placement", placement,
             "--output-dir", str(tmp_path / "out")]
-    code, out = run_cmd(argv, {}, 120)
+    # WORLD_SIZE 2: the ranks placement's split of the processes (checked first) then fits; the preflight refuses the
+    # placement before any process group is started
+    code, out = run_cmd(argv, {"WORLD_SIZE": "2"}, 120)
     lines = [ln for ln in out.splitlines() if ln.startswith("dpo-dist:")]
     assert code == 2 and len(lines) == 1, out[-2000:]
     assert f"reference.placement {placement} does not run under sharding backend fsdp2" in lines[0]
@@ -219,13 +221,13 @@ def test_fsdp2_checkpoint_needing_a_cast_loads_on_rank_0_and_broadcasts_with_one
 
 def test_every_placement_backend_cell_runs_or_is_refused_by_name():
     """The 5 placements x 2 backends matrix (docs/fsdp2.md): every cell either runs (DeepSpeed: all, tests/
-    test_placements.py; FSDP2: the sharded one, above) or is refused before loading, naming both."""
+    test_placements.py; FSDP2: tests/test_fsdp2_placements.py) or is refused before loading, naming both."""
     from dpo_dist.config.names import Placement
     from dpo_dist.config.sharding import PLACEMENTS_OF, placement_refusal
     from dpo_dist.sharding.registry import BACKENDS
 
     assert set(BACKENDS) == set(Backend) == set(PLACEMENTS_OF)
-    runs = {"deepspeed": set(Placement.values()), "fsdp2": {"zero3", "cpu", "precomputed"}}
+    runs = {"deepspeed": set(Placement.values()), "fsdp2": {"zero3", "cpu", "precomputed", "lora"}}
     for backend, sharding in (("deepspeed", "zero3"), ("fsdp2", "fsdp2")):
         for placement in Placement.values():
             cfg = schema.from_dict({"sharding": {"name": sharding}, "reference": {"placement": placement}})

@@ -47,6 +47,28 @@ def _passed(res, placement, ckpt=DEFAULT_CHECKPOINT) -> dict:
 
 
 @pytest.mark.multiproc
+def test_fsdp2_lora_policy_is_the_sharded_base_with_adapters_and_only_they_train(tmp_path):
+    """The policy = the checkpoint + PEFT LoRA adapters, sharded together by FSDP2 (the adapters added on the meta
+    model before fully_shard), the reference = the same base with adapters off: base == files bitwise under the
+    checkpoint's names, initial KL exactly 0 (B = 0), step-0 loss ln 2, then every adapter tensor moved and no base
+    tensor did."""
+    res = launch_init(tmp_path / "out", "--placement", "lora", "--smoke-steps", "1", sharding="fsdp2", timeout=900)
+    rep = _passed(res, "lora")
+    n_base = len(load_file(str(DEFAULT_CHECKPOINT / "model.safetensors")))
+    for name in ("trainer reference = base with adapters off", "only adapters trainable",
+                 "weights: reference base == checkpoint", "no reference parameter moved"):
+        assert check_row(rep, name)["ok"], name
+    files = check_row(rep, "weights: policy == checkpoint files")["value"]
+    assert f"{n_base} tensors match the safetensors files" in files, files
+    assert "adapters on vs off" in check_row(rep, "initial KL < limit")["value"]
+    assert "FSDPPeftModelForCausalLM" in check_row(rep, "trainer reference = base with adapters off")["value"]
+    n_adapters = int(check_row(rep, "only adapters trainable")["value"].split()[0])
+    assert n_adapters > 0
+    assert f"{n_adapters} tensors changed" in check_row(rep, "every policy parameter moved")["value"]
+    assert f"{n_base} reference tensors unchanged" in check_row(rep, "no reference parameter moved")["value"]
+
+
+@pytest.mark.multiproc
 def test_fsdp2_cpu_reference_passes_with_smoke_steps_and_the_kl_monitor(tmp_path):
     """The policy sharded per layer by FSDP2, the reference whole in host memory on every rank (not an FSDP module,
     not a DTensor): bitwise policy == reference == files, the KL monitor's forwards between steps (the CPU reference

@@ -18,3 +18,12 @@ def unit_settings(module) -> dict:
     return {"params": sum(len(x.fsdp_params) for x in groups),
             "reshard_after_forward": g.post_forward_mesh_info is not None,
             "param_dtype": g.mp_policy.param_dtype, "reduce_dtype": g.mp_policy.reduce_dtype}
+
+
+def settle_root(module) -> None:
+    """Make `module` the root of its FSDP2 units now, instead of at its first forward. FSDP2 picks the root lazily, as
+    the first unit to run forward; a PeftModel's generate() calls the inner Hugging Face model directly, which would
+    become the root and the PeftModel's later forwards then fail ("requires running forward through the root module
+    first"). Calls FSDPModule._get_fsdp_state()._lazy_init() (torch 2.13), what the root's first forward calls; can go
+    when FSDP2 lets a caller name the root."""
+    module._get_fsdp_state()._lazy_init()

@@ -45,7 +45,7 @@ def launched_backend() -> Backend | None:
 # by name before anything loads (docs/fsdp2.md: the placement x backend matrix)
 PLACEMENTS_OF: dict[Backend, frozenset[str]] = {
     Backend.DEEPSPEED: frozenset(Placement.values()),
-    Backend.FSDP2: frozenset({Placement.ZERO3, Placement.CPU, Placement.PRECOMPUTED}),
+    Backend.FSDP2: frozenset({Placement.ZERO3, Placement.CPU, Placement.PRECOMPUTED, Placement.LORA}),
 }
 
 

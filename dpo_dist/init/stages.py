@@ -168,7 +168,8 @@ class InitRun:
         ctx.print0("[dpo-dist] fingerprinting weights (each rank its own shard) ...")
         t0 = time.perf_counter()
         nonfinite: dict[str, int] = {}
-        fp_pol = weights.model_fingerprints(s.policy, ctx, "fingerprint policy", nonfinite)
+        base = self.placement.base_view(s.policy)  # lora under FSDP2: the base under the checkpoint's names
+        fp_pol = weights.model_fingerprints(base, ctx, "fingerprint policy", nonfinite)
         s.fp_policy = fp_pol
         rr.facts["fingerprints"] = {"policy": fp_pol}
         ok = weight_checks.check_finite(rr, nonfinite, "policy")
@@ -178,7 +179,7 @@ class InitRun:
         if not self.placement.is_policy_base:  # a reference of its own (lora's is the policy's base)
             rr.facts["fingerprints"]["reference"] = s.fp_reference
         if self.cfg.verify.fingerprint_files:
-            ok &= weight_checks.prove_files(rr, ctx, s.pol_path, s.policy, fp_pol)
+            ok &= weight_checks.prove_files(rr, ctx, s.pol_path, base, fp_pol)
             if s.ref_path != s.pol_path and s.reference is not None:
                 proof = weights.file_proof(s.ref_path, s.reference, ctx)
                 rr.facts["fingerprints"]["reference_files"] = proof.fingerprints

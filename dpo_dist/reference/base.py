@@ -49,6 +49,19 @@ class ReferencePlacement:
         """The reference module on this rank, frozen (None where it is not a module here)."""
         raise NotImplementedError
 
+    def before_shard(self, run, model, role: str):
+        """FSDP2's loader, between the meta build and `fully_shard` (which shards only the parameters a module has
+        when wrapped): the module to shard as the root and return as the loaded model. Default: the model itself."""
+        return model
+
+    def after_fill(self, run, root, role: str) -> None:
+        """FSDP2's loader, after the checkpoint's rows are in the shards: initialize what the files do not hold."""
+
+    def base_view(self, model):
+        """The model's checkpoint parameters under the checkpoint's names (what is read from and proved against the
+        files). Default: the model itself."""
+        return model
+
     def reference_bytes(self, run) -> int:
         ref = run.state.reference
         return 0 if ref is None else weights.local_bytes(ref, run.ctx)

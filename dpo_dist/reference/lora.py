@@ -21,6 +21,25 @@ class LoraPlacement(ReferencePlacement):
     def load(self, run):
         return None  # the policy's own base
 
+    def before_shard(self, run, model, role: str):
+        """FSDP2 shards only the parameters a module has when wrapped: the adapters are added on the meta model, and
+        the PeftModel is the root that is sharded, proved, and trained (accelerate takes an FSDPModule as it is)."""
+        if role != "policy":
+            return model
+        run.state.peft_policy = wrap_lora(run, model)
+        return run.state.peft_policy
+
+    def after_fill(self, run, root, role: str) -> None:
+        if role == "policy":
+            init_adapters(root, run.state.args.seed)
+
+    def base_view(self, model):
+        """Under FSDP2 the policy holds PEFT's names from the start (`...q_proj.base_layer.weight`, the adapters):
+        its base is read from and proved against the files under the checkpoint's names."""
+        if not any("lora_" in n for n, _ in model.named_parameters()):
+            return model  # not wrapped yet (ZeRO: PEFT wraps after the static proofs)
+        return BaseView(model)
+
     def static_checks(self, run, fp_policy):
         """The reference is the policy's base, checked again once PEFT has wrapped it (check_trainer)."""
         return model_checks.policy_trainable(run.state.policy, run.rr), fp_policy
@@ -40,9 +59,9 @@ class LoraPlacement(ReferencePlacement):
         s = run.state
         peft_model = s.peft_policy
         with trl_compat.peft_wrap_returns(peft_model, s.peft_kwargs) as calls:
-            trainer = DPOTrainer(model=s.policy, ref_model=None, peft_config=peft_model.peft_config["default"],
-                                 train_dataset=train_rows, eval_dataset=eval_rows, args=s.args,
-                                 processing_class=s.tok)
+            trainer = DPOTrainer(model=peft_model.get_base_model(), ref_model=None,
+                                 peft_config=peft_model.peft_config["default"], train_dataset=train_rows,
+                                 eval_dataset=eval_rows, args=s.args, processing_class=s.tok)
         if len(calls) != 1:
             raise ValueError(f"TRL's DPOTrainer called get_peft_model {len(calls)} times (expected once): this TRL "
                              "version wraps LoRA models differently; dpo-dist supports trl 1.16")
@@ -95,7 +114,7 @@ def lora_config(cfg):
                       task_type="CAUSAL_LM")
 
 
-def wrap_lora(run):
+def wrap_lora(run, model=None):
     """The policy wrapped with PEFT exactly as TRL's DPOTrainer wraps a model passed with a peft_config (same seed
     before, same adapter dtype rule), done before the forward proofs so that they run, and free their working set,
     before the trainer exists, as for the other placements (bench/README.md)."""
@@ -108,7 +127,43 @@ def wrap_lora(run):
     # ZeRO-3: adapters in the base dtype (TRL: mixed bf16/fp32 persistent parameters break ZeRO-3's all-gather)
     kwargs = {"autocast_adapter_dtype": False} if plugin is not None and plugin.zero_stage == 3 else {}
     run.state.peft_kwargs = kwargs
-    return get_peft_model(run.state.policy, lora_config(run.cfg), **kwargs)
+    return get_peft_model(run.state.policy if model is None else model, lora_config(run.cfg), **kwargs)
+
+
+def init_adapters(peft_model, seed: int) -> None:
+    """The adapters of a model sharded on the meta device and filled from the files (which hold none): LoRA's B = 0
+    (so the policy starts exactly at the base) and A as PEFT initializes it (init_lora_weights=True: kaiming-uniform,
+    a=sqrt(5)), drawn whole from the run's seed in module order on every rank, so all ranks hold rows of the same
+    tensor, each copying its own Shard(0) rows into its local shard (a DTensor's own random init is not used: its
+    draws depend on the mesh and the RNG tracker, not on the seed alone)."""
+    import math
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    from dpo_dist.sharding.views import local_view
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in peft_model.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            for adapter in layer.lora_A:
+                for p, zero in ((layer.lora_A[adapter].weight, False), (layer.lora_B[adapter].weight, True)):
+                    full = torch.zeros(p.shape, dtype=torch.float32)
+                    if not zero:
+                        _kaiming_uniform(full, math.sqrt(5), gen)
+                    view = local_view(p, 0, 1)
+                    view.flat.copy_(full.reshape(-1)[view.start:view.start + view.flat.numel()])
+
+
+def _kaiming_uniform(t, a: float, gen) -> None:
+    """torch.nn.init.kaiming_uniform_(t, a) (PEFT's init of lora_A) drawn from `gen`."""
+    import math
+
+    fan_in = t.shape[1]
+    bound = math.sqrt(3.0) * math.sqrt(2.0 / (1 + a * a)) / math.sqrt(fan_in)
+    t.uniform_(-bound, bound, generator=gen)
 
 
 def base_name(peft_name: str) -> str:
@@ -116,6 +171,29 @@ def base_name(peft_name: str) -> str:
     `X.q_proj.weight`."""
     name = peft_name.removeprefix("base_model.model.")
     return name.replace(".base_layer.", ".")
+
+
+class BaseView:
+    """A PEFT-wrapped model seen as its checkpoint: the base parameters (and state dict) under the checkpoint's names,
+    no adapters; anything else is the Hugging Face model's own (config, class attributes, modules)."""
+
+    def __init__(self, model):
+        get_base = getattr(model, "get_base_model", None)
+        self._model = get_base() if callable(get_base) else model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for n, p in self._model.named_parameters(remove_duplicate=remove_duplicate):
+            if "lora_" not in n:
+                yield base_name(n), p
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+    def state_dict(self, *args, keep_vars: bool = False, **kwargs):
+        return {base_name(n): t for n, t in self._model.state_dict(keep_vars=keep_vars).items() if "lora_" not in n}
 
 
 class FrozenOnly:

@@ -142,7 +142,7 @@ def policy_args(settings, role: str, ctx) -> dict[str, Any]:
     return kw
 
 
-def shard(model, role: str, cfg, ctx) -> None:
+def shard(model, role: str, cfg, ctx, outer=None) -> None:
     """fully_shard every decoder layer, then the root. The policy's trainable parameters are upcast to fp32 first
     under bf16 mixed precision (what accelerate's fsdp2_prepare_model does: FSDP2 wants one stored dtype per unit,
     the optimizer an fp32 master)."""
@@ -164,6 +164,11 @@ def shard(model, role: str, cfg, ctx) -> None:
             continue  # the test hook: this layer stays inside the root's unit
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
+    if outer is not None and outer is not model:
+        # a wrapper the placement made (lora: the PeftModel) is the root the trainer gets (accelerate takes an
+        # FSDPModule as it is), holding no parameter of its own; the Hugging Face model stays a unit of its own,
+        # since the wrapper's generate() calls it directly
+        fully_shard(outer, **kw)
 
 
 def load_rank0_broadcast(run, path, role: str):
@@ -192,16 +197,27 @@ def load_rank0_broadcast(run, path, role: str):
             except OSError:
                 pass
         full = {}
-    shard(model, role, cfg, ctx)
+    root = run.placement.before_shard(run, model, role)  # lora: the PeftModel (its adapters set by after_fill)
+    shard(model, role, cfg, ctx, outer=root)
     if ctx.rank != 0:
-        model.to_empty(device=ctx.device)
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        root.to_empty(device=ctx.device)
+    if full:  # under the model's own names (lora: PEFT's `base_layer` names of the checkpoint's tensors)
+        named = {id(p): n for n, p in run.placement.base_view(model).named_parameters()}
+        full = {n: full[named.get(id(t), n)] for n, t in model.state_dict(keep_vars=True).items()
+                if named.get(id(t), n) in full}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                               strict=root is model))
     del full
     with torch.no_grad():
         for _, buf in sorted(model.named_buffers()):
             torch.distributed.broadcast(buf, src=0)
     model.eval()
-    return model
+    run.placement.after_fill(run, root, role)
+    if root is not model:
+        from dpo_dist.compat.torch_fsdp import settle_root
+
+        settle_root(root)
+    return root
 
 
 def load_sharded(run, plan, role: str):
@@ -213,9 +229,10 @@ def load_sharded(run, plan, role: str):
     cfg, ctx = run.cfg, run.ctx
     with hf_compat.init_contexts(plan.model_class, plan.dtype):  # the meta device
         model = hf_compat.instantiate(plan.model_class, plan.config)
-    shard(model, role, cfg, ctx)
-    model.to_empty(device=ctx.device)
-    params = dict(model.named_parameters())
+    root = run.placement.before_shard(run, model, role)  # lora: the PeftModel, its adapters sharded with the base
+    shard(model, role, cfg, ctx, outer=root)
+    root.to_empty(device=ctx.device)
+    params = dict(run.placement.base_view(model).named_parameters())
     reader = fastload.Reader()
     try:
         for name, e in sorted(plan.entries.items(), key=lambda kv: (kv[1].file, kv[1].start)):
@@ -232,8 +249,13 @@ def load_sharded(run, plan, role: str):
     finally:
         reader.close()
     fastload.finish(model, plan)
+    run.placement.after_fill(run, root, role)  # after finish: initialize_weights would re-initialize adapters
+    if root is not model:
+        from dpo_dist.compat.torch_fsdp import settle_root
+
+        settle_root(root)  # the wrapper, not the model its generate() calls first
     model.config.name_or_path = str(plan.path)
-    return model
+    return root
 
 
 # Test hook (tests/test_fsdp2.py): "<policy|reference>:<layer index>" leaves that decoder layer unwrapped, so the wrap
