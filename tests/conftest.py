@@ -29,6 +29,7 @@ except Exception:  # pragma: no cover
 # shared): starting the longest files first keeps one worker from being left with a long file at the end. Order only
 # changes the wall time, never a result; a file not listed runs after these, in collection order.
 LONGEST_FIRST = ("test_fsdp2.py", "test_fsdp2_train.py", "test_fsdp2_placements.py", "test_placements.py",
+                 "test_placements_ranks.py",
                  "test_train.py", "test_deep_numerics.py", "test_faults.py", "test_kl_monitor.py",
                  "test_adversary_launch.py", "test_slurm_cluster.py", "test_adversary_checks.py",
                  "test_init_multiproc.py", "test_liveness.py", "test_silent_passes.py", "test_deep_numerics_matrix.py")
