@@ -94,7 +94,8 @@ def test_config_transformers_weights_is_followed_first(tmp_path):
 # ---------------------------------------------------------------------------------------------------- #37
 
 def test_unset_eval_is_no_eval_set_except_for_the_demo(tmp_path):
-    from dpo_dist.config.schema import load, parse_override
+    from dpo_dist.config.schema import load
+    from dpo_dist.config.yaml_text import parse_override
 
     def cfg(*sets: str):
         return load(None, [parse_override(s) for s in sets]).data
@@ -178,7 +179,7 @@ def test_every_trl_loss_type_is_known_to_the_step0_check():
 
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    from dpo_dist.config.schema import TRL_LOSS_TYPES
+    from dpo_dist.config.value_checks import TRL_LOSS_TYPES
     from dpo_dist.verify.tolerances import STEP0_LOSS, STEP0_UNKNOWN
 
     src = inspect.getsource(DPOTrainer._compute_loss)
@@ -208,7 +209,8 @@ def test_train_extra_cannot_override_or_misspell(sets, cause, tmp_path, capsys):
 
 def test_report_to_and_workers_stay_settable():
     """Logging and input workers touch no proof: train.extra may set them (dpo-dist's values are only defaults)."""
-    from dpo_dist.config.schema import load, parse_override
+    from dpo_dist.config.schema import load
+    from dpo_dist.config.yaml_text import parse_override
 
     cfg = load(None, [parse_override("train.extra.report_to=wandb"),
                       parse_override("train.extra.dataloader_num_workers=2")])
@@ -401,7 +403,8 @@ def test_step0_tolerance_scales_with_the_loss_and_skips_where_no_bound_is_derive
 
 
 def test_pad_to_multiple_of_is_reserved_under_the_ranks_placement():
-    from dpo_dist.config.schema import ConfigError, load, parse_override
+    from dpo_dist.config.schema import ConfigError, load
+    from dpo_dist.config.yaml_text import parse_override
 
     sets = ["reference.placement=ranks", "reference.pad_to_multiple_of=64", "train.extra.pad_to_multiple_of=8"]
     with pytest.raises(ConfigError, match="'train.extra.pad_to_multiple_of' is set by dpo-dist itself"):

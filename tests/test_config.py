@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from dpo_dist.config.schema import ConfigError, RunConfig, load, merge_overrides, parse_override
+from dpo_dist.config.schema import ConfigError, RunConfig, load
+from dpo_dist.config.yaml_text import merge_overrides, parse_override
 
 
 def write(tmp_path, text):
@@ -119,7 +120,7 @@ def _float_fields(cls, prefix=""):
 
 
 def test_every_float_field_has_a_range():
-    from dpo_dist.config.schema import FLOAT_RANGES
+    from dpo_dist.config.value_checks import FLOAT_RANGES
 
     assert sorted(_float_fields(RunConfig)) == sorted(FLOAT_RANGES)
 

@@ -12,7 +12,8 @@ from conftest import check_row, launch_init
 from safetensors.torch import load_file, save_file
 
 from dpo_dist.config.resources import DEFAULT_CHECKPOINT
-from dpo_dist.config.schema import ConfigError, load, parse_override, resolve_beta
+from dpo_dist.config.schema import ConfigError, load, resolve_beta
+from dpo_dist.config.yaml_text import parse_override
 from dpo_dist.train.kl_monitor import BETA_STATE, AdaptiveBeta
 
 

@@ -7,7 +7,8 @@ import pytest
 from conftest import check_row, launch_init
 
 from dpo_dist.config.resources import DEFAULT_CHECKPOINT
-from dpo_dist.config.schema import load, parse_override
+from dpo_dist.config.schema import load
+from dpo_dist.config.yaml_text import parse_override
 from dpo_dist.init.stages import InitRun
 from dpo_dist.runtime.distributed import DistContext
 

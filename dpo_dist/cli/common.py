@@ -21,7 +21,7 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def overrides(args: argparse.Namespace):
-    from dpo_dist.config.schema import parse_override
+    from dpo_dist.config.yaml_text import parse_override
 
     pairs = [parse_override(o) for o in args.overrides]
     named = {"model": "model.path", "reference": "reference.path", "sharding": "sharding.name",

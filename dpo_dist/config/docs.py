@@ -1,9 +1,9 @@
 """The config reference, generated from the typed config tree: `python -m dpo_dist.config.docs > docs/config.md`.
 
-Types and defaults are read from the dataclasses in `schema.py`, float ranges from its `FLOAT_RANGES`; what a key
-means (and the range of a non-float key, which `schema._check_values` enforces in code) is kept here, keyed by dotted
-path, so schema.py stays the config's code and this module its words. tests/test_docs.py fails when a schema key
-has no meaning here, when a meaning names a key the schema no longer has, or when docs/config.md is not what this
+Types and defaults are read from the dataclasses in `schema.py`, float ranges from `value_checks.FLOAT_RANGES`; what
+a key means (and the range of a non-float key, which `value_checks.check_values` enforces in code) is kept here, keyed
+by dotted path, so schema.py stays the config's code and this module its words. tests/test_docs.py fails when a schema
+key has no meaning here, when a meaning names a key the schema no longer has, or when docs/config.md is not what this
 module prints.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from dpo_dist.config import schema
+from dpo_dist.config import schema, value_checks
 
 REGENERATE = "python -m dpo_dist.config.docs > docs/config.md"
 
@@ -118,7 +118,7 @@ MEANINGS: dict[str, str] = {
     "overwrite": "replace a report another run left in the output dir (`--overwrite`)",
 }
 
-# Ranges of keys that are not floats (floats: schema.FLOAT_RANGES), as schema._check_values enforces them.
+# Ranges of keys that are not floats (floats: value_checks.FLOAT_RANGES), as value_checks.check_values enforces them.
 RANGES: dict[str, str] = {
     "reference.lora.r": ">= 1",
     "reference.lora.alpha": "> 0",
@@ -190,8 +190,8 @@ def allowed(key: str, tp: Any) -> str:
     choices = literal_values(tp)
     if choices:
         parts.append("one of " + ", ".join(f"`{c}`" for c in choices))
-    if key in schema.FLOAT_RANGES:
-        lo, lo_in, hi, hi_in = schema.FLOAT_RANGES[key]
+    if key in value_checks.FLOAT_RANGES:
+        lo, lo_in, hi, hi_in = value_checks.FLOAT_RANGES[key]
         if hi is None:
             parts.append(f"{'>=' if lo_in else '>'} {lo:g}")
         else:

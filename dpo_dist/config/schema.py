@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from dpo_dist.config.errors import ConfigError
 from dpo_dist.config.names import PLACEMENT_ALIASES, Dtype, Placement, Sharding
+from dpo_dist.config.value_checks import BETA_PRESETS, BETA_REASONS, check_values
+from dpo_dist.config.yaml_text import merge_overrides, read_yaml
 
 DEFAULT_PROMPTS = (
     "Explain machine learning in simple terms.",
@@ -33,20 +34,7 @@ DEFAULT_REFERENCE_TEXT = (
 
 SHARDING_NAMES = Sharding.values()
 PLACEMENTS = Placement.values()
-IMPLEMENTED_PLACEMENTS = Placement.values()
-
-
-class ConfigError(ValueError):
-    """Every problem found in a config, reported at once."""
-
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = list(problems)
-        self.source = source
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) in {source}:\n{lines}")
-
-    def one_line(self) -> str:
-        return f"invalid {self.source}: " + "; ".join(self.problems)
+IMPLEMENTED_PLACEMENTS = Placement.values()  # the planner marks a layout whose placement is not among these
 
 
 @dataclass(frozen=True)
@@ -152,14 +140,6 @@ class DataConfig:
     eval: str | None = None
     train_split: str = "train"
     eval_split: str = "test"  # eval may name the same source as train: then this split of it
-
-
-BETA_PRESETS = {"conservative": 0.25, "standard": 0.1, "aggressive": 0.05}
-BETA_REASONS = {
-    "conservative": "0.2-0.3 keeps the policy close to the reference: for a strong SFT model or noisy preferences",
-    "standard": "the usual DPO value",
-    "aggressive": "lets the policy move further from the reference: for clean preferences and short runs",
-}
 
 
 @dataclass(frozen=True)
@@ -329,145 +309,13 @@ def _non_finite(value: Any, where: str, seen: set[int] | None = None) -> tuple[s
     return None
 
 
-# Every float field's allowed interval: (low, low included, high, high included); None = unbounded on that side.
-FLOAT_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
-    "train.beta": (0.0, False, None, False),
-    "train.learning_rate": (0.0, False, None, False),
-    "train.num_train_epochs": (0.0, False, None, False),
-    "train.warmup_ratio": (0.0, True, 1.0, False),
-    "verify.kl_max": (0.0, False, 1.0, False),
-    "verify.smoke_learning_rate": (0.0, False, None, False),
-    "verify.loss_tolerance": (0.0, False, None, False),
-    "verify.cross_device_loss_tolerance": (0.0, False, None, False),
-    "kl.limit": (0.0, False, None, False),
-    "kl.warn_fraction": (0.0, False, 1.0, True),
-    "kl.beta_min": (0.0, False, None, False),
-    "kl.beta_max": (0.0, False, None, False),
-    "kl.lr_scale_min": (0.0, True, 1.0, True),
-    "reference.lora.dropout": (0.0, True, 1.0, False),
-}
-
-
-def _interval(lo: float | None, lo_in: bool, hi: float | None, hi_in: bool) -> str:
-    if hi is None:
-        return f"{'>=' if lo_in else '>'} {lo:g}"
-    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
-
-
-def _float_range_problems(cfg: RunConfig) -> list[str]:
-    out = []
-    for dotted, (lo, lo_in, hi, hi_in) in FLOAT_RANGES.items():
-        node: Any = cfg
-        for part in dotted.split("."):
-            node = getattr(node, part)
-        if not isinstance(node, float):  # a beta preset name
-            continue
-        low_ok = lo is None or (node >= lo if lo_in else node > lo)
-        high_ok = hi is None or (node <= hi if hi_in else node < hi)
-        if not (low_ok and high_ok):
-            extra = f" or one of {', '.join(BETA_PRESETS)}" if dotted == "train.beta" else ""
-            out.append(f"'{dotted}' must be {_interval(lo, lo_in, hi, hi_in)}{extra}, got {node:g}")
-    return out
-
-
-def _check_values(cfg: RunConfig, problems: list[str]) -> None:
-    t, v, k = cfg.train, cfg.verify, cfg.kl
-    problems.extend(_float_range_problems(cfg))
-    if k.every_steps < 1:
-        problems.append(f"'kl.every_steps' must be >= 1, got {k.every_steps}")
-    if k.beta_min >= k.beta_max:
-        problems.append(f"'kl.beta_min' ({k.beta_min:g}) must be < 'kl.beta_max' ({k.beta_max:g})")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "max_length", "max_prompt_length", "logging_steps", "save_steps"):
-        if getattr(t, name) < 1:
-            problems.append(f"'train.{name}' must be >= 1, got {getattr(t, name)}")
-    for name in ("eval_steps", "save_total_limit"):
-        if getattr(t, name) is not None and getattr(t, name) < 1:
-            problems.append(f"'train.{name}' must be >= 1 or null, got {getattr(t, name)}")
-    if t.max_steps == 0 or t.max_steps < -1:
-        problems.append(f"'train.max_steps' must be > 0, or -1 for num_train_epochs, got {t.max_steps}")
-    if t.eval_strategy in ("steps", "epoch") and not cfg.data.eval:
-        problems.append(f"'train.eval_strategy: {t.eval_strategy}' needs an eval set: set data.eval, or 'auto'/'no'")
-    if t.max_prompt_length >= t.max_length:
-        problems.append(
-            f"'train.max_prompt_length' ({t.max_prompt_length}) must be < 'train.max_length' ({t.max_length}): "
-            "no room would be left for the completion"
-        )
-    if v.kl_chunk < 1 or v.max_new_tokens < 1 or v.smoke_steps < 0 or v.rows_per_forward < 1:
-        problems.append("'verify.kl_chunk', 'verify.max_new_tokens' and 'verify.rows_per_forward' must be >= 1, "
-                        "'verify.smoke_steps' >= 0")
-    if not v.reference_text.strip() and v.perplexity:
-        problems.append("'verify.reference_text' is empty: it must hold an answer to the first verify prompt (its "
-                        "perplexity is measured), or set 'verify.perplexity: false'")
-    lo = cfg.reference.lora
-    if lo.r < 1 or lo.alpha <= 0 or not lo.target_modules:
-        problems.append("'reference.lora' needs r >= 1, alpha > 0 and at least one target module")
-    if not v.prompts:
-        problems.append("'verify.prompts' must hold at least one prompt")
-    if cfg.sharding.ds_config and cfg.sharding.name == Sharding.FSDP2:
-        problems.append("'sharding.ds_config' is a DeepSpeed JSON but 'sharding.name' is fsdp2: drop one of them")
-    if cfg.sharding.timeout_s < 10:
-        problems.append(f"'sharding.timeout_s' must be >= 10 seconds, got {cfg.sharding.timeout_s}")
-    if cfg.reference.ranks < 1 or (cfg.reference.pad_to_multiple_of or 1) < 1:
-        problems.append(f"'reference.ranks' and 'reference.pad_to_multiple_of' must be >= 1, got "
-                        f"{cfg.reference.ranks} and {cfg.reference.pad_to_multiple_of}")
-    if cfg.reference.placement not in IMPLEMENTED_PLACEMENTS:
-        problems.append(
-            f"'reference.placement: {cfg.reference.placement}' is not available in this version "
-            f"(available: {', '.join(IMPLEMENTED_PLACEMENTS)})"
-        )
-    if "pad_to_multiple_of" in t.extra and cfg.reference.placement == Placement.RANKS and \
-            cfg.reference.batch_requests and cfg.reference.pad_to_multiple_of:
-        problems.append("'train.extra.pad_to_multiple_of' is set by dpo-dist itself under reference.placement ranks "
-                        "(reference.pad_to_multiple_of): remove it from train.extra")
-    for key in sorted(t.extra):
-        owner = reserved_extra_key(key)
-        if owner:
-            problems.append(f"'train.extra.{key}' is set by dpo-dist itself ({owner}): remove it from train.extra")
-    loss = t.extra.get("loss_type")
-    for lt in (loss if isinstance(loss, list) else [loss] if loss is not None else []):
-        if lt not in TRL_LOSS_TYPES:
-            close = difflib.get_close_matches(str(lt), TRL_LOSS_TYPES, n=2)
-            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-            problems.append(f"'train.extra.loss_type' {lt!r} is not a loss type of TRL 1.16: {hint}choose from "
-                            f"{', '.join(TRL_LOSS_TYPES)}")
-
-
-# DPOConfig arguments dpo-dist sets itself (config.trl_args.dpo_config_kwargs), and the key that controls each: an
-# entry in train.extra would override it silently (issue 21, #55/#56). report_to and dataloader_num_workers are only
-# defaults there (logging and input workers touch no proof), so train.extra may set them.
-RESERVED_EXTRA = {
-    "data_seed": "train.seed", "bf16": "model.dtype", "fp16": "model.dtype",
-    "deepspeed": "sharding.name or sharding.ds_config", "ddp_timeout": "sharding.timeout_s",
-    "use_cpu": "the launch: dpo-dist launch --cpu, or DS_ACCELERATOR=cpu",
-    "disable_dropout": "always true: dropout would make policy and reference differ at step 0",
-    "precompute_ref_log_probs": "reference.placement: precomputed",
-    "max_prompt_length": "train.max_prompt_length", "resume_from_checkpoint": "train.resume_from",
-    "warmup_steps": "train.warmup_ratio (dpo-dist passes it as warmup_steps, which transformers 5 reads as a ratio)",
-}
-# TRL 1.16 DPOTrainer._compute_loss's loss types (verify.tolerances.STEP0_LOSS gives each one's step-0 value)
-TRL_LOSS_TYPES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
-
-
-def reserved_extra_key(key: str) -> str | None:
-    """What controls a DPOConfig argument dpo-dist sets itself, or None if train.extra may set it."""
-    if key in RESERVED_EXTRA:
-        return RESERVED_EXTRA[key]
-    if key == "output_dir":
-        return "train.output_dir or --output-dir"
-    if key in {f.name for f in dataclasses.fields(TrainConfig)} - {"extra"}:
-        return f"train.{key}"
-    return None
-
-
 def from_dict(data: dict[str, Any] | None, source: str = "config") -> RunConfig:
     """Build and validate a RunConfig; raise one ConfigError naming every problem."""
     problems: list[str] = []
     cfg = _build(RunConfig, _placement_alias(data or {}), "", problems)
     if not problems:
         cfg = _demo_eval(cfg, data or {})
-        _check_values(cfg, problems)
+        check_values(cfg, problems, {f.name for f in dataclasses.fields(TrainConfig)})
     if problems:
         raise ConfigError(problems, source)
     return cfg
@@ -489,114 +337,6 @@ def _demo_eval(cfg: RunConfig, data: dict[str, Any]) -> RunConfig:
     if unset and cfg.model.path == "default" and cfg.data.train == "default":
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval="default"))
     return cfg
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b=value` -> (['a', 'b'], yaml-parsed value)."""
-    if "=" not in item:
-        raise ConfigError([f"override '{item}' must look like section.key=value"], "command line")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError([f"override '{item}': the value is not valid YAML ({_yaml_cause(e)}): close the "
-                           "bracket or brace, or quote a value meant as text"], "command line") from None
-    return key.strip().split("."), value
-
-
-def _yaml_cause(e: yaml.YAMLError) -> str:
-    problem = getattr(e, "problem", None)
-    return problem if problem else str(e).splitlines()[0]
-
-
-def _duplicates(node: yaml.Node, prefix: str, out: list[str], seen_nodes: set[int] | None = None) -> None:
-    """Keys given twice in one mapping, with both lines: PyYAML keeps the later value silently (two `train:` sections
-    would drop the first one's settings). Each node once: an alias is the node it names, so nested aliases (a
-    "billion laughs" file) would otherwise be walked exponentially often (#10)."""
-    seen_nodes = set() if seen_nodes is None else seen_nodes
-    if id(node) in seen_nodes:
-        return
-    seen_nodes.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` overrides on purpose
-                continue
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                out.append(f"duplicate key '{prefix}{key}' (lines {seen[key]} and {line}): keep one, the later one "
-                           "would silently win")
-            else:
-                seen[key] = line
-            _duplicates(value_node, f"{prefix}{key}.", out, seen_nodes)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _duplicates(item, f"{prefix}{i}.", out, seen_nodes)
-
-
-MAX_YAML_VALUES = 100_000  # a run config holds hundreds; every later copy of it (to_dict, the report) walks them all
-
-
-def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
-    """How many values the document holds once every alias is copied out (what to_dict and the report would walk),
-    counted in linear time: an alias is its node, counted once and reused."""
-    if id(node) in memo:
-        return memo[id(node)]
-    memo[id(node)] = 1  # a recursive alias counts once
-    children = [n for kv in node.value for n in kv] if isinstance(node, yaml.MappingNode) else \
-        node.value if isinstance(node, yaml.SequenceNode) else []
-    memo[id(node)] = 1 + sum(_expanded_size(c, memo) for c in children)
-    return memo[id(node)]
-
-
-def read_yaml(p: Path, source: str) -> Any:
-    """Parse a YAML file strictly: UTF-8 text, valid YAML, no key given twice in one mapping."""
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = e.object[: e.start].count(b"\n") + 1
-        raise ConfigError([f"not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}): save the file as UTF-8"],
-                          source) from None
-    except OSError as e:
-        raise ConfigError([f"cannot read it ({e.strerror or e}): check its permissions"], source) from None
-    loader = None
-    try:
-        loader = yaml.SafeLoader(text)  # inside the try: its reader refuses control characters right here (#9)
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        dups: list[str] = []
-        _duplicates(node, "", dups)
-        if dups:
-            raise ConfigError(dups, source)
-        size = _expanded_size(node, {})
-        if size > MAX_YAML_VALUES:
-            raise ConfigError([f"expands to {size:,} values through aliases (*name), more than {MAX_YAML_VALUES:,}: "
-                               "a run config is never that large (an alias bomb?): write the values out"], source)
-        return loader.construct_document(node)
-    except yaml.reader.ReaderError as e:
-        line = text[: e.position].count("\n") + 1
-        raise ConfigError([f"not a YAML text file: {e.reason} #x{e.character:04x} on line {line}: remove it, or pass "
-                           "the run YAML, not another file"], source) from None
-    except yaml.YAMLError as e:
-        raise ConfigError([f"not valid YAML: {str(e).splitlines()[0]}"], source) from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-
-
-def merge_overrides(data: dict[str, Any], overrides: list[tuple[list[str], Any]]) -> dict[str, Any]:
-    """Apply dotted overrides on a nested dict (CLI wins over YAML)."""
-    out = yaml.safe_load(yaml.safe_dump(data)) if data else {}
-    for keys, value in overrides:
-        node = out
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
-        node[keys[-1]] = value
-    return out
 
 
 def load(path: str | Path | None, overrides: list[tuple[list[str], Any]] | None = None) -> RunConfig:
