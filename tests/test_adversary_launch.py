@@ -202,9 +202,13 @@ def test_a_stopped_local_main_during_tokenization_ends_the_wait_naming_it(tmp_pa
 def test_ctrl_c_during_a_launch_ends_on_one_line_with_exit_130(tmp_path):
     import signal
 
+    def as_a_terminal():  # Ctrl-C deliverable as in a user's shell, whatever the test runner's worker inherited
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     argv = launch_argv("--port", str(free_port()), init=("--output-dir", str(tmp_path / "out")))
     proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **ENV}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=as_a_terminal)
     seen = []
     try:
         for ln in proc.stdout:  # the first stage done: the ranks are running
