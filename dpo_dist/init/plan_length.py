@@ -50,15 +50,44 @@ def _longest_rows(ds) -> list[dict]:
     return ds.select(keep).to_list()
 
 
+class MeasureError(RuntimeError):
+    """The child could not measure the data's length (its exception's type name is the message)."""
+
+
+def longest_row_tokens_in_subprocess(cfg) -> tuple[int, str]:
+    """longest_row_tokens in a short child process: the libraries it imports (datasets, pyarrow: ~100 MiB per process)
+    never enter a rank before the models load (issue 23.3), as the data check's child does (init.preflight)."""
+    import json
+    import subprocess
+    import sys
+
+    from dpo_dist.config.schema import to_dict
+
+    code = ("import json, sys\nfrom dpo_dist.config.schema import from_dict\n"
+            "from dpo_dist.init.plan_length import longest_row_tokens\n"
+            "try:\n    print(json.dumps(longest_row_tokens(from_dict(json.load(sys.stdin)))))\n"
+            "except Exception as e:\n    print(json.dumps({'error': type(e).__name__}))\n")
+    res = subprocess.run([sys.executable, "-c", code], input=json.dumps(to_dict(cfg), default=str), text=True,
+                         capture_output=True)
+    lines = res.stdout.strip().splitlines()
+    if res.returncode != 0 or not lines:  # the child itself broke: measure here instead (correct, only heavier)
+        return longest_row_tokens(cfg)
+    out = json.loads(lines[-1])
+    if isinstance(out, dict):
+        raise MeasureError(out["error"])
+    return int(out[0]), str(out[1])
+
+
 def replan_at_data_length(cfg, cluster_args, problem: str) -> tuple[str | None, str]:
     """The refusal of the plan at the data's longest row (None: it fits there), and a line saying which length."""
     from dpo_dist.plan.refusal import plan_for, refusal
 
     try:
-        length, how = longest_row_tokens(cfg)
+        length, how = longest_row_tokens_in_subprocess(cfg)
     except Exception as e:  # no tokenizer or data to measure (a config-only checkpoint): the refusal stands
+        cause = str(e) if isinstance(e, MeasureError) else type(e).__name__
         return f"{problem} (planned at train.max_length {cfg.train.max_length}; the data's length could not be " \
-               f"measured: {type(e).__name__})", ""
+               f"measured: {cause})", ""
     if length >= cfg.train.max_length:
         return f"{problem} (planned at train.max_length {cfg.train.max_length}: the data's longest row has " \
                f"{length}+ tokens)", ""
