@@ -58,17 +58,12 @@ def longest_row_tokens_in_subprocess(cfg) -> tuple[int, str]:
     """longest_row_tokens in a short child process: the libraries it imports (datasets, pyarrow: ~100 MiB per process)
     never enter a rank before the models load (issue 23.3), as the data check's child does (init.preflight)."""
     import json
-    import subprocess
-    import sys
 
-    from dpo_dist.config.schema import to_dict
+    from dpo_dist.init.config_child import run_with_config
 
-    code = ("import json, sys\nfrom dpo_dist.config.schema import from_dict\n"
-            "from dpo_dist.init.plan_length import longest_row_tokens\n"
-            "try:\n    print(json.dumps(longest_row_tokens(from_dict(json.load(sys.stdin)))))\n"
-            "except Exception as e:\n    print(json.dumps({'error': type(e).__name__}))\n")
-    res = subprocess.run([sys.executable, "-c", code], input=json.dumps(to_dict(cfg), default=str), text=True,
-                         capture_output=True)
+    res = run_with_config("from dpo_dist.init.plan_length import longest_row_tokens\n"
+                          "try:\n    print(json.dumps(longest_row_tokens(cfg)))\n"
+                          "except Exception as e:\n    print(json.dumps({'error': type(e).__name__}))\n", cfg)
     lines = res.stdout.strip().splitlines()
     if res.returncode != 0 or not lines:  # the child itself broke: measure here instead (correct, only heavier)
         return longest_row_tokens(cfg)

@@ -138,18 +138,11 @@ def check_data(cfg: RunConfig) -> None:
 
 def check_data_in_subprocess(cfg: RunConfig) -> None:
     """check_data in a short child process: the libraries it imports (+83 MiB per process) never enter this rank."""
-    import json
-    import subprocess
-    import sys
+    from dpo_dist.init.config_child import run_with_config
 
-    from dpo_dist.config.schema import to_dict
-
-    code = ("import json, sys\nfrom dpo_dist.config.schema import from_dict\n"
-            "from dpo_dist.init.preflight import PreflightError, check_data\n"
-            "try:\n    check_data(from_dict(json.load(sys.stdin)))\n"
-            "except PreflightError as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
-    res = subprocess.run([sys.executable, "-c", code], input=json.dumps(to_dict(cfg), default=str), text=True,
-                         capture_output=True)
+    res = run_with_config("from dpo_dist.init.preflight import PreflightError, check_data\n"
+                          "try:\n    check_data(cfg)\n"
+                          "except PreflightError as e:\n    print(e, file=sys.stderr); sys.exit(2)\n", cfg)
     if res.returncode == 2:
         raise PreflightError(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "data check failed")
     if res.returncode != 0:  # the child itself broke: validate here instead (correct, only heavier)
